@@ -1,0 +1,9 @@
+"""dist-gacc: fine-tune text classifiers with exact gradient accumulation on Accelerate + Hydra."""
+
+from .resolvers import register as _register_resolvers
+
+_register_resolvers()
+
+from .run import main, run  # noqa: E402
+
+__all__ = ["main", "run"]

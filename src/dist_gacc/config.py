@@ -1,0 +1,217 @@
+"""Typed, validated slices of the Hydra config.
+
+Hydra composes the config and, in struct mode, rejects unknown keys. This module checks values
+(ranges, choices, files) before any work starts and hands each builder a plain dataclass, so the
+training loop never touches a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+PRECISIONS = ("no", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
+DATASETS = ("rotten_tomatoes", "chinese_reviews", "csv", "hub")
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def _int(key: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    return value
+
+
+def _float(key: str, value: Any, low: float, high: float | None = None, *, low_open=False,
+           allow_none=False) -> float | None:
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{key} must be a number {bound}" + (" or null" if allow_none else "")
+                          + f", got {value!r}")
+    return float(value)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {'|'.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None
+    eval_batch_size: int = 64
+    log_every: int = 10
+    f1_average: str = "auto"
+    num_workers: int = 0
+    dist_timeout_s: int = 1800
+
+    def __post_init__(self):
+        p = "trainer."
+        _int(p + "micro_batch_size", self.micro_batch_size, 1)
+        _int(p + "grad_accum_steps", self.grad_accum_steps, 1)
+        _int(p + "epochs", self.epochs, 1)
+        _int(p + "max_steps", self.max_steps, 1, allow_none=True)
+        # YAML 1.1 reads a bare `no` as false; accept it as "no".
+        if self.mixed_precision is False:
+            object.__setattr__(self, "mixed_precision", "no")
+        _choice(p + "mixed_precision", self.mixed_precision, PRECISIONS)
+        _float(p + "max_grad_norm", self.max_grad_norm, 0.0, low_open=True, allow_none=True)
+        _int(p + "eval_every", self.eval_every, 1, allow_none=True)
+        _int(p + "eval_batch_size", self.eval_batch_size, 1)
+        _int(p + "log_every", self.log_every, 1)
+        _choice(p + "f1_average", self.f1_average, F1_AVERAGES)
+        _int(p + "num_workers", self.num_workers, 0)
+        _int(p + "dist_timeout_s", self.dist_timeout_s, 1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.1
+
+    def __post_init__(self):
+        _float("optim.lr", self.lr, 0.0, low_open=True)
+        _float("optim.weight_decay", self.weight_decay, 0.0)
+        _choice("optim.scheduler", self.scheduler, SCHEDULERS)
+        _float("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "rotten_tomatoes"
+    max_length: int = 128
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # data=csv
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    # data=hub
+    hub_name: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    test_split: str | None = None
+
+    def __post_init__(self):
+        _choice("data.name", self.name, DATASETS)
+        _int("data.max_length", self.max_length, 8)
+        _float("data.validation_fraction", self.validation_fraction, 0.0, 0.5)
+        _float("data.test_fraction", self.test_fraction, 0.0, 0.5)
+        _int("data.max_train_samples", self.max_train_samples, 1, allow_none=True)
+        _int("data.max_eval_samples", self.max_eval_samples, 1, allow_none=True)
+        if self.name == "csv":
+            if not self.train_file:
+                raise ConfigError("data.train_file is required with data=csv")
+            for key in ("train_file", "validation_file", "test_file"):
+                path = getattr(self, key)
+                if path is None:
+                    continue
+                if not os.path.isfile(path):
+                    raise ConfigError(f"data.{key}: file not found: {path}")
+                if not path.endswith(DATA_FILE_SUFFIXES):
+                    raise ConfigError(f"data.{key}: {path} must end with one of {DATA_FILE_SUFFIXES}")
+        if self.name == "hub" and not self.hub_name:
+            raise ConfigError("data.hub_name is required with data=hub (a `datasets` Hub name)")
+        if self.name in ("csv", "hub"):
+            for key in ("text_column", "label_column"):
+                if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                    raise ConfigError(f"data.{key} must be a column name, got {getattr(self, key)!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str | None = None
+    dropout: float = 0.1
+    from_scratch: dict | None = None
+
+    def __post_init__(self):
+        _float("model.dropout", self.dropout, 0.0, 1.0)
+        if self.name_or_path is None and not self.from_scratch:
+            raise ConfigError("model.name_or_path is null and model.from_scratch is empty: "
+                              "give a pretrained name/folder or use model=tiny")
+        if self.name_or_path is not None:
+            if not isinstance(self.name_or_path, str) or not self.name_or_path:
+                raise ConfigError(f"model.name_or_path must be a name or folder, got {self.name_or_path!r}")
+            looks_local = self.name_or_path.startswith((".", "/", "~")) or os.path.exists(self.name_or_path)
+            if looks_local and not os.path.isdir(os.path.expanduser(self.name_or_path)):
+                raise ConfigError(f"model.name_or_path: folder not found: {self.name_or_path}")
+        if self.name_or_path is None:
+            for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "intermediate_size"):
+                _int(f"model.from_scratch.{key}", self.from_scratch.get(key), 1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    trainer: TrainerConfig
+    optim: OptimConfig
+    seed: int
+    output_dir: str
+
+
+def _slice(cls, cfg: DictConfig, key: str):
+    node = cfg.get(key)
+    if node is None:
+        raise ConfigError(f"config group {key!r} is missing")
+    for name in node:  # `???` values: report the key rather than OmegaConf's traceback
+        if OmegaConf.is_missing(node, name):
+            raise ConfigError(f"{key}.{name} is required (set it with {key}.{name}=...)")
+    values = OmegaConf.to_container(node, resolve=True)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {key}: {', '.join(unknown)}")
+    return cls(**values)
+
+
+def load_config(cfg: DictConfig) -> RunConfig:
+    """Validate the composed config and return typed slices. Raises ConfigError naming the key."""
+    return RunConfig(
+        data=_slice(DataConfig, cfg, "data"),
+        model=_slice(ModelConfig, cfg, "model"),
+        trainer=_slice(TrainerConfig, cfg, "trainer"),
+        optim=_slice(OptimConfig, cfg, "optim"),
+        seed=_int("seed", cfg.get("seed"), 0),
+        output_dir=str(cfg.output_dir),
+    )
+
+
+def check_machine(trainer: TrainerConfig) -> None:
+    """Refuse settings this machine cannot honour (Accelerate would silently fall back)."""
+    import torch
+
+    if trainer.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.mixed_precision=fp16 needs a CUDA GPU; on this machine Accelerate would silently "
+            "train in fp32. Use trainer.mixed_precision=bf16 (works on CPU) or no."
+        )

