@@ -170,14 +170,21 @@ def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, 
     out = {}
     rest = pool
     if test_fraction > 0 and keep_test is None:
-        parts = rest.train_test_split(test_size=test_fraction, stratify_by_column=LABEL, seed=seed)
+        parts = _split(rest, test_fraction, seed, "data.test_fraction")
         rest, out["test"] = parts["train"], parts["test"]
-    parts = rest.train_test_split(test_size=val_fraction / (1 - test_fraction if keep_test is None else 1),
-                                  stratify_by_column=LABEL, seed=seed)
+    parts = _split(rest, val_fraction / (1 - test_fraction if keep_test is None else 1), seed,
+                   "data.validation_fraction")
     out["train"], out["validation"] = parts["train"], parts["test"]
     if keep_test is not None:
         out["test"] = keep_test
     return DatasetDict({k: out[k] for k in ("train", "validation", "test") if k in out})
+
+
+def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
+    try:
+        return ds.train_test_split(test_size=fraction, stratify_by_column=LABEL, seed=seed)
+    except ValueError as err:  # e.g. fewer held-out rows than classes
+        raise DataError(f"cannot split {len(ds)} training rows with {key}={fraction:g}: {err}") from err
 
 
 def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:

@@ -33,6 +33,7 @@ class LoopState:
     examples_seen: int = 0       # real training examples, all processes
     eval_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # mean loss of each update's window
+    lrs: list[float] = field(default_factory=list)     # LR in effect after each update
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
 
 
@@ -96,9 +97,10 @@ def _after_update(state: LoopState, totals: list[float], bar, scheduler, s: Loop
     state.optimizer_steps += 1
     state.examples_seen += int(count)
     state.losses.append(loss_sum / count)
+    state.lrs.append(scheduler.get_last_lr()[0])
     bar.update(1)
     if state.optimizer_steps % s.log_every == 0 or state.optimizer_steps == s.total_updates:
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{state.lrs[-1]:.3g}")
 
 
 def _record_eval(state: LoopState, evaluate_fn) -> None:

