@@ -52,10 +52,11 @@ def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 30
 
 
 def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300):
-    """Run a test helper script under `accelerate launch` with real CPU ranks."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-           str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), *args]
+    """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks."""
+    cmd = [sys.executable, str(script), *args] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -11,8 +11,12 @@ once per window together with the loss sum (which also gives the logged loss).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
 
 
 def real_examples(dataset_len: int, micro_batch_size: int, batch_index: int, world_size: int,
@@ -28,22 +32,59 @@ def real_examples(dataset_len: int, micro_batch_size: int, batch_index: int, wor
     return max(0, min(micro_batch_size, dataset_len - start))
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, real: int) -> torch.Tensor:
-    """Sum of per-example cross-entropy over the first `real` rows (fp32, whatever the autocast)."""
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
-    return losses[:real].sum()
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row, in fp32 whatever the autocast."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int,
-                  grad_accum_steps: int) -> torch.Tensor:
+def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int, grad_accum_steps: int,
+                  rescale: bool = True) -> torch.Tensor:
     """Make the accumulated gradients exact; return [loss sum, real examples] over all processes.
 
     Call once per window, after the last backward and before clipping and the optimizer step.
+    Each micro-batch backpropagated its loss sum, which Accelerate divided by N and DDP averaged
+    over W processes; multiplying by N*W/count turns that into the mean over the window's examples.
     """
     totals = torch.stack([loss_sum.float(), loss_sum.new_tensor(float(count))])
     totals = accelerator.reduce(totals, reduction="sum")  # the one extra collective per update
-    scale = grad_accum_steps * accelerator.num_processes / totals[1]
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    # Rescaling commutes with the fp16 GradScaler's factor, so this is correct before unscaling too.
-    torch._foreach_mul_(grads, scale)
+    if rescale:
+        scale = grad_accum_steps * accelerator.num_processes / totals[1]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # Rescaling commutes with the fp16 GradScaler's factor, so it is right before unscaling too.
+        torch._foreach_mul_(grads, scale)
     return totals
+
+
+BATCHNORM_WHY = (
+    "BatchNorm normalises each forward pass with the mean and variance of that micro-batch "
+    "({micro} examples per process), not of the effective batch of {effective}: accumulation adds up "
+    "gradients after the fact, but no forward pass ever sees the other micro-batches, and the running "
+    "statistics are updated {n} times per optimizer update from micro-batch statistics."
+)
+
+
+def apply_batchnorm_policy(model: torch.nn.Module, policy: str, micro: int, n: int, effective: int,
+                           warn: Callable[[str], None]) -> list[str]:
+    """Act on BatchNorm layers when accumulating (n > 1): warn, refuse, or freeze their statistics.
+
+    Returns the names of the BatchNorm modules found.
+    """
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or n == 1:
+        return [name for name, _ in norms]
+    why = BATCHNORM_WHY.format(micro=micro, effective=effective, n=n)
+    names = ", ".join(name for name, _ in norms)
+    if policy == "error":
+        raise ConfigError(f"trainer.batchnorm=error: the model has BatchNorm layers ({names}) and "
+                          f"grad_accum_steps={n}. {why} Use trainer.batchnorm=freeze to keep their running "
+                          "statistics fixed, or warn to go on.")
+    if policy == "freeze":
+        for _, module in norms:
+            # Normalise with the stored running statistics and never update them; the affine
+            # weights still train. A pre-hook survives the model.train() calls around evaluation.
+            module.register_forward_pre_hook(lambda mod, args: mod.eval())
+        warn(f"trainer.batchnorm=freeze: running statistics of {names} are fixed during training. {why}")
+    else:
+        warn(f"the model has BatchNorm layers ({names}) and grad_accum_steps={n}. {why} "
+             "Set trainer.batchnorm=freeze to keep their running statistics fixed, or error to refuse.")
+    return [name for name, _ in norms]

@@ -19,6 +19,9 @@ from .errors import ConfigError
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
+BATCHNORM_POLICIES = ("warn", "error", "freeze")
+NORMALISATIONS = ("exact", "naive")
+LR_SCALINGS = ("none", "linear", "sqrt")
 DATASETS = ("rotten_tomatoes", "chinese_reviews", "csv", "hub")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
@@ -53,8 +56,10 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    micro_batch_size: int = 32
+    micro_batch_size: int | str = 32  # or "auto": the largest that fits, probing down from auto_micro_batch_cap
     grad_accum_steps: int = 1
+    effective_batch_size: int | None = None  # if set, grad_accum_steps is derived from it
+    auto_micro_batch_cap: int = 64
     epochs: int = 1
     max_steps: int | None = None
     mixed_precision: str = "no"
@@ -65,11 +70,18 @@ class TrainerConfig:
     f1_average: str = "auto"
     num_workers: int = 0
     dist_timeout_s: int = 1800
+    batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
+    loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
 
     def __post_init__(self):
         p = "trainer."
-        _int(p + "micro_batch_size", self.micro_batch_size, 1)
+        if self.micro_batch_size != "auto":
+            _int(p + "micro_batch_size", self.micro_batch_size, 1)
         _int(p + "grad_accum_steps", self.grad_accum_steps, 1)
+        _int(p + "effective_batch_size", self.effective_batch_size, 1, allow_none=True)
+        _int(p + "auto_micro_batch_cap", self.auto_micro_batch_cap, 1)
+        _choice(p + "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
+        _choice(p + "loss_normalisation", self.loss_normalisation, NORMALISATIONS)
         _int(p + "epochs", self.epochs, 1)
         _int(p + "max_steps", self.max_steps, 1, allow_none=True)
         # YAML 1.1 reads a bare `no` as false; accept it as "no".
@@ -91,9 +103,16 @@ class OptimConfig:
     weight_decay: float = 0.01
     scheduler: str = "linear"
     warmup_ratio: float = 0.1
+    lr_scaling: str = "none"                 # none | linear | sqrt, relative to reference_batch_size
+    reference_batch_size: int | None = None  # the effective batch at which `lr` was tuned
 
     def __post_init__(self):
         _float("optim.lr", self.lr, 0.0, low_open=True)
+        _choice("optim.lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _int("optim.reference_batch_size", self.reference_batch_size, 1, allow_none=True)
+        if self.lr_scaling != "none" and self.reference_batch_size is None:
+            raise ConfigError(f"optim.lr_scaling={self.lr_scaling} needs optim.reference_batch_size "
+                              "(the effective batch size at which optim.lr was tuned)")
         _float("optim.weight_decay", self.weight_decay, 0.0)
         _choice("optim.scheduler", self.scheduler, SCHEDULERS)
         _float("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
@@ -204,6 +223,35 @@ def load_config(cfg: DictConfig) -> RunConfig:
         seed=_int("seed", cfg.get("seed"), 0),
         output_dir=str(cfg.output_dir),
     )
+
+
+def batch_plan(trainer: TrainerConfig, world_size: int, micro_batch_size: int) -> tuple[int, int]:
+    """(grad_accum_steps, effective batch) for this world size and micro-batch.
+
+    The effective batch is `effective_batch_size` if set, else micro (the cap, for `auto`) x N x world;
+    N is derived so that micro x N x world equals it, or the run stops here naming the numbers.
+    """
+    if trainer.effective_batch_size is not None:
+        effective = trainer.effective_batch_size
+    else:
+        nominal = trainer.auto_micro_batch_cap if trainer.micro_batch_size == "auto" else micro_batch_size
+        effective = nominal * trainer.grad_accum_steps * world_size
+    per_window = micro_batch_size * world_size
+    if effective % per_window:
+        raise ConfigError(
+            f"trainer.effective_batch_size={effective} is not divisible by trainer.micro_batch_size="
+            f"{micro_batch_size} x world size {world_size} = {per_window}; choose an effective batch "
+            "that is a multiple of micro-batch x processes"
+        )
+    return effective // per_window, effective
+
+
+def scaled_lr(optim: OptimConfig, effective_batch_size: int) -> float:
+    """The LR in effect: optim.lr, scaled linearly or by the square root of effective/reference."""
+    if optim.lr_scaling == "none":
+        return optim.lr
+    ratio = effective_batch_size / optim.reference_batch_size
+    return optim.lr * (ratio if optim.lr_scaling == "linear" else ratio ** 0.5)
 
 
 def check_machine(trainer: TrainerConfig) -> None:

@@ -211,12 +211,22 @@ def tokenize(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
     return encoded.rename_column(LABEL, "labels")
 
 
-def build_loaders(encoded: DatasetDict, tokenizer, micro_batch_size: int, eval_batch_size: int,
-                  num_workers: int, pin_memory: bool) -> dict[str, DataLoader]:
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if pin_memory else None)
-    common = dict(collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory)
-    loaders = {"train": DataLoader(encoded["train"], batch_size=micro_batch_size, shuffle=True, **common)}
-    for split in ("validation", "test"):
-        if split in encoded:
-            loaders[split] = DataLoader(encoded[split], batch_size=eval_batch_size, shuffle=False, **common)
-    return loaders
+def _collator(tokenizer, pin_memory: bool):
+    # Pad each batch to its longest row (to a multiple of 8 on GPUs, for tensor cores).
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if pin_memory else None)
+
+
+def train_loader(encoded_train: Dataset, tokenizer, micro_batch_size: int, num_workers: int,
+                 pin_memory: bool) -> DataLoader:
+    """Shuffled micro-batches (Accelerate swaps in its seeded sampler when the loader is prepared)."""
+    return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=True,
+                      collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
+                      pin_memory=pin_memory)
+
+
+def eval_loaders(encoded: DatasetDict, tokenizer, batch_size: int, num_workers: int,
+                 pin_memory: bool) -> dict[str, DataLoader]:
+    return {split: DataLoader(encoded[split], batch_size=batch_size, shuffle=False,
+                              collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
+                              pin_memory=pin_memory)
+            for split in ("validation", "test") if split in encoded}

@@ -9,9 +9,11 @@ from typing import Callable
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from tqdm.auto import tqdm
 
-from .accumulation import finish_window, real_examples, summed_loss
+from .accumulation import finish_window, per_example_loss, real_examples
+from .errors import UserError
 
 log = get_logger(__name__)
 
@@ -24,10 +26,20 @@ class LoopSettings:
     max_grad_norm: float | None
     eval_every: int | None  # updates; None = at the end of each epoch
     log_every: int
+    exact: bool = True      # False: Accelerate's plain loss/N, kept only to show what it gets wrong
+
+
+@dataclass
+class LoopHooks:
+    """Instrumentation points (tests use them to inspect gradients and to inject faults)."""
+    before_forward: Callable[[int, int], None] | None = None  # (micro_batch_size, optimizer_steps)
+    after_backward: Callable[[torch.nn.Module, bool], None] | None = None  # (model, sync_gradients)
 
 
 @dataclass
 class LoopState:
+    micro_batch_size: int
+    grad_accum_steps: int
     optimizer_steps: int = 0
     epoch: int = 0
     examples_seen: int = 0       # real training examples, all processes
@@ -35,6 +47,15 @@ class LoopState:
     losses: list[float] = field(default_factory=list)  # mean loss of each update's window
     lrs: list[float] = field(default_factory=list)     # LR in effect after each update
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    batch_size_changes: list[dict] = field(default_factory=list)  # out-of-memory fallbacks
+
+
+class WindowOutOfMemory(Exception):
+    """Some rank ran out of memory in window `window` of the current epoch; all ranks know it."""
+
+    def __init__(self, window: int):
+        super().__init__(f"out of memory in window {window}")
+        self.window = window
 
 
 def updates_per_epoch(batches_per_rank: int, grad_accum_steps: int) -> int:
@@ -42,76 +63,213 @@ def updates_per_epoch(batches_per_rank: int, grad_accum_steps: int) -> int:
     return math.ceil(batches_per_rank / grad_accum_steps)
 
 
-def train(*, accelerator, model, optimizer, scheduler, train_loader, train_examples: int,
-          settings: LoopSettings, evaluate_fn: Callable[[], dict],
-          after_backward: Callable | None = None) -> LoopState:
-    """Run optimizer updates until `settings.total_updates`, evaluating on schedule.
+def smaller_micro_batch(micro_batch_size: int) -> int:
+    """The largest divisor of the micro-batch that is at most half of it (keeps micro x N fixed)."""
+    return max(d for d in range(1, micro_batch_size // 2 + 1) if micro_batch_size % d == 0)
 
-    `evaluate_fn()` returns validation metrics (the same on every rank). `after_backward(model, sync)`
-    is a hook for tests and instrumentation, called after each micro-batch's backward.
-    """
-    s, state = settings, LoopState()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=s.total_updates, desc="updates", disable=not accelerator.is_main_process)
-    model.train()
-    while state.optimizer_steps < s.total_updates:
-        train_loader.set_epoch(state.epoch)  # one seeded permutation per epoch, the same on all ranks
-        window_loss, window_count = torch.zeros((), device=accelerator.device), 0
-        for batch_index, batch in enumerate(train_loader):
-            real = real_examples(train_examples, s.micro_batch_size, batch_index, world, rank)
-            # accumulate() skips DDP's all-reduce except on the window's last micro-batch (or the
-            # epoch's last batch, so a short final window still ends) and sets sync_gradients there.
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                loss_sum = summed_loss(model(**batch).logits, labels, real)
-                accelerator.backward(loss_sum)
-                window_loss += loss_sum.detach()
-                window_count += real
-                if after_backward is not None:
-                    after_backward(model, accelerator.sync_gradients)
-                if accelerator.sync_gradients:
-                    totals = finish_window(accelerator, model, window_loss, window_count, s.grad_accum_steps)
-                    if s.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no LR step
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                _after_update(state, totals.tolist(), bar, scheduler, s)  # the one host read per update
-                window_loss, window_count = torch.zeros((), device=accelerator.device), 0
-                if s.eval_every and (state.optimizer_steps % s.eval_every == 0
-                                     or state.optimizer_steps == s.total_updates):
-                    _record_eval(state, evaluate_fn)
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or should_reduce_batch_size(err)
+
+
+def train(**kwargs) -> LoopState:
+    """Run optimizer updates until `settings.total_updates`; see `Loop` for the arguments."""
+    return Loop(**kwargs).run()
+
+
+@dataclass
+class Loop:
+    """`make_loader(micro_batch_size)` returns a prepared training DataLoader (called again with a
+    smaller size after an out-of-memory error); `evaluate_fn()` returns validation metrics, the
+    same on every rank."""
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    make_loader: Callable[[int], object]
+    train_examples: int
+    settings: LoopSettings
+    evaluate_fn: Callable[[], dict]
+    hooks: LoopHooks | None = None
+
+    def __post_init__(self):
+        self.hooks = self.hooks or LoopHooks()
+
+    def run(self) -> LoopState:
+        s = self.settings
+        self.state = state = LoopState(s.micro_batch_size, s.grad_accum_steps)
+        self.bar = tqdm(total=s.total_updates, desc="updates", disable=not self.accelerator.is_main_process)
+        loader, start_window = self.make_loader(state.micro_batch_size), 0
+        self.model.train()
+        while state.optimizer_steps < s.total_updates:
+            try:
+                self.epoch(loader, start_window)
+            except WindowOutOfMemory as oom:
+                loader, start_window = self.fall_back(loader), oom.window  # redo that window, smaller
+                continue
+            state.epoch, start_window = state.epoch + 1, 0
+            if not s.eval_every:
+                self.record_eval()
+        self.bar.close()
+        return state
+
+    def epoch(self, loader, start_window: int) -> None:
+        """Train epoch `state.epoch` from window `start_window` to its end or to the last update."""
+        acc, state, s = self.accelerator, self.state, self.settings
+        n, batches_per_rank = state.grad_accum_steps, len(loader)
+        loader.set_epoch(state.epoch)  # one seeded permutation per epoch, the same on all ranks
+        if start_window:
+            loader = acc.skip_first_batches(loader, start_window * n)
+            loader.set_epoch(state.epoch)
+        self.window_loss, self.window_count = torch.zeros((), device=acc.device), 0
+        for batch_index, batch in enumerate(loader, start=start_window * n):
+            real = real_examples(self.train_examples, state.micro_batch_size, batch_index,
+                                 acc.num_processes, acc.process_index)
+            last_of_window = batch_index % n == n - 1 or batch_index == batches_per_rank - 1
+            try:
+                # accumulate() skips DDP's all-reduce except on the window's last micro-batch (or the
+                # epoch's last, so a short final window still ends) and sets sync_gradients there.
+                with acc.accumulate(self.model):
+                    self.micro_step(batch, real, last_of_window)
+                    if acc.sync_gradients:
+                        totals = self.update()
+            except WindowOutOfMemory:
+                self.finish_ddp_iteration(batch)
+                loader.end()  # abandoning this pass over the data
+                raise WindowOutOfMemory(batch_index // n) from None
+            if acc.sync_gradients:
+                self.after_update(totals.tolist())  # the one host read per update
                 if state.optimizer_steps >= s.total_updates:
-                    break
-        state.epoch += 1
-        if not s.eval_every:
-            _record_eval(state, evaluate_fn)
-    bar.close()
-    return state
+                    loader.end()
+                    return
 
+    def micro_step(self, batch, real: int, last_of_window: bool) -> None:
+        acc, s, hooks = self.accelerator, self.settings, self.hooks
+        labels = batch.pop("labels")
+        oom, self.armed = False, None
+        try:
+            if hooks.before_forward is not None:
+                hooks.before_forward(self.state.micro_batch_size, self.state.optimizer_steps)
+            losses = per_example_loss(self.model(**batch).logits, labels)
+            if last_of_window:
+                self.armed = losses  # a synchronising forward: DDP now expects this backward
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            oom = True
+        self.agree_on_memory(oom, last_of_window)
+        real_sum = losses[:real].sum()
+        # exact: the sum of real per-example losses, normalised once per window in update();
+        # naive: the micro-batch mean (repeats included), which Accelerate then divides by N.
+        try:
+            acc.backward(real_sum if s.exact else losses.mean())
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            if acc.num_processes > 1 and last_of_window:
+                raise UserError(
+                    f"out of memory in the synchronising backward pass on rank {acc.process_index} at "
+                    f"micro-batch {self.state.micro_batch_size}: the other ranks are already exchanging "
+                    "gradients, so the window cannot be redone. Restart with trainer.micro_batch_size="
+                    f"{smaller_micro_batch(self.state.micro_batch_size)} (same effective batch)."
+                ) from err
+            self.agree_on_memory(True, last_of_window)
+        self.armed = None
+        self.window_loss += real_sum.detach()
+        self.window_count += real
+        if hooks.after_backward is not None:
+            hooks.after_backward(self.model, acc.sync_gradients)
 
-def _after_update(state: LoopState, totals: list[float], bar, scheduler, s: LoopSettings) -> None:
-    loss_sum, count = totals
-    state.optimizer_steps += 1
-    state.examples_seen += int(count)
-    state.losses.append(loss_sum / count)
-    state.lrs.append(scheduler.get_last_lr()[0])
-    bar.update(1)
-    if state.optimizer_steps % s.log_every == 0 or state.optimizer_steps == s.total_updates:
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{state.lrs[-1]:.3g}")
+    def agree_on_memory(self, oom: bool, last_of_window: bool) -> None:
+        """All ranks learn whether any ran out of memory in this window, before gradients are exchanged.
 
+        A rank that runs out of memory comes here at once; the others come after the forward pass
+        of the window's last micro-batch, before its backward (forward passes hold no collective:
+        broadcast_buffers=False). So every rank joins exactly one such all-reduce per window.
+        """
+        if self.accelerator.num_processes > 1 and (oom or last_of_window):
+            flag = torch.tensor(float(oom), device=self.accelerator.device)
+            oom = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        if oom:
+            raise WindowOutOfMemory(-1)
 
-def _record_eval(state: LoopState, evaluate_fn) -> None:
-    started = time.perf_counter()
-    metrics = evaluate_fn()
-    state.eval_seconds += time.perf_counter() - started
-    done = [h["optimizer_step"] for h in state.history]
-    since = state.losses[(done[-1] if done else 0):]
-    entry = {"optimizer_step": state.optimizer_steps, "epoch": state.epoch,
-             "train_loss": sum(since) / max(len(since), 1), "f1": metrics["f1"],
-             "accuracy": metrics["accuracy"]}
-    state.history.append(entry)
-    log.info("update %d: train loss %.4f | validation f1 %.4f accuracy %.4f", entry["optimizer_step"],
-             entry["train_loss"], entry["f1"], entry["accuracy"])
+    def finish_ddp_iteration(self, batch) -> None:
+        """Close DDP's iteration on every rank before the window is redone.
+
+        A rank whose last forward pass synchronised has DDP waiting for its backward (the next
+        forward would fail); the ranks that ran out of memory have none. Each rank runs one backward
+        of a zero loss (the pending graph, or a one-row forward), so all join the same gradient
+        all-reduce; the gradients are discarded afterwards.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        if self.armed is not None:
+            zero = self.armed.sum() * 0
+        else:
+            clear_device_cache(garbage_collection=True)
+            zero = self.model(**{k: v[:1] for k, v in batch.items()}).logits.float().sum() * 0
+        zero.backward()
+        self.armed = None
+
+    def update(self) -> torch.Tensor:
+        acc, s = self.accelerator, self.settings
+        totals = finish_window(acc, self.model, self.window_loss, self.window_count,
+                               self.state.grad_accum_steps, rescale=s.exact)
+        if s.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update: no LR step either
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window_loss, self.window_count = torch.zeros((), device=acc.device), 0
+        return totals
+
+    def after_update(self, totals: list[float]) -> None:
+        state, s = self.state, self.settings
+        loss_sum, count = totals
+        state.optimizer_steps += 1
+        state.examples_seen += int(count)
+        state.losses.append(loss_sum / count)
+        state.lrs.append(self.scheduler.get_last_lr()[0])
+        self.bar.update(1)
+        if state.optimizer_steps % s.log_every == 0 or state.optimizer_steps == s.total_updates:
+            self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{state.lrs[-1]:.3g}")
+        if s.eval_every and (state.optimizer_steps % s.eval_every == 0
+                             or state.optimizer_steps == s.total_updates):
+            self.record_eval()
+
+    def fall_back(self, loader):
+        """Drop the window's partial gradients; halve the micro-batch and double N (same effective batch)."""
+        acc, state = self.accelerator, self.state
+        if state.micro_batch_size == 1:
+            raise UserError("out of memory at trainer.micro_batch_size=1: the model does not fit; "
+                            "try trainer.mixed_precision=bf16, a shorter data.max_length or a smaller model")
+        # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step, and a rank can
+        # run out of memory mid-window.
+        self.model.zero_grad(set_to_none=True)
+        clear_device_cache(garbage_collection=True)
+        micro = smaller_micro_batch(state.micro_batch_size)
+        change = {"optimizer_step": state.optimizer_steps, "epoch": state.epoch,
+                  "from": [state.micro_batch_size, state.grad_accum_steps],
+                  "to": [micro, state.grad_accum_steps * state.micro_batch_size // micro]}
+        state.micro_batch_size, state.grad_accum_steps = change["to"]
+        state.batch_size_changes.append(change)
+        acc.gradient_accumulation_steps = state.grad_accum_steps
+        acc.step = 0  # accumulate()'s micro-batch counter: the redone window starts afresh
+        log.warning("out of memory at update %d: micro-batch %d x N %d -> %d x %d (effective batch "
+                    "unchanged); redoing the window", state.optimizer_steps + 1, *change["from"], *change["to"])
+        return self.make_loader(state.micro_batch_size)
+
+    def record_eval(self) -> None:
+        state = self.state
+        started = time.perf_counter()
+        metrics = self.evaluate_fn()
+        state.eval_seconds += time.perf_counter() - started
+        previous = state.history[-1]["optimizer_step"] if state.history else 0
+        since = state.losses[previous:]
+        entry = {"optimizer_step": state.optimizer_steps, "epoch": state.epoch,
+                 "train_loss": sum(since) / max(len(since), 1), "f1": metrics["f1"],
+                 "accuracy": metrics["accuracy"]}
+        state.history.append(entry)
+        log.info("update %d: train loss %.4f | validation f1 %.4f accuracy %.4f", entry["optimizer_step"],
+                 entry["train_loss"], entry["f1"], entry["accuracy"])

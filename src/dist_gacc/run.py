@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import datasets
 import pandas as pd
+import torch
 import transformers
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
+                        InitProcessGroupKwargs)
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from . import data, metrics, models, optim
-from .config import RunConfig, check_machine, load_config
+from .accumulation import apply_batchnorm_policy
+from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import UserError
-from .loop import LoopSettings, train, updates_per_epoch
+from .loop import LoopHooks, LoopSettings, is_out_of_memory, smaller_micro_batch, train
 
 log = get_logger(__name__)
 
@@ -27,28 +32,57 @@ log = get_logger(__name__)
 def build_accelerator(rc: RunConfig) -> Accelerator:
     t = rc.trainer
     return Accelerator(
-        gradient_accumulation_steps=t.grad_accum_steps,
         mixed_precision=t.mixed_precision,
         # Accelerate's prepared scheduler steps once per process per update unless told otherwise;
         # the loop steps it itself, once per real optimizer update.
         step_scheduler_with_optimizer=False,
         # One seeded permutation per epoch, sharded by batch: 1 and 2 processes see the same windows.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=rc.seed),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s)),
+            # No collective in forward passes, so a rank that runs out of memory mid-window can still
+            # meet the others at the window's agreement point (loop.Loop.agree_on_memory). Buffers of
+            # the supported encoders are constants; BatchNorm statistics stay per rank (rank 0 saved).
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
         project_dir=rc.output_dir,
     )
 
 
-def run(cfg: DictConfig, *, after_backward=None) -> dict:
-    """Train and evaluate as `cfg` says; returns the metrics written to metrics.json."""
-    wall_start = time.perf_counter()
+@dataclass
+class Job:
+    """Everything built from the config, ready for the loop."""
+    rc: RunConfig
+    accelerator: Accelerator
+    splits: datasets.DatasetDict
+    encoded: datasets.DatasetDict
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    eval_loaders: dict
+    metric: object
+    label_names: list[str]
+    settings: LoopSettings
+    effective_batch_size: int
+    lr: float
+
+    def make_loader(self, micro_batch_size: int):
+        t = self.rc.trainer
+        loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
+                                   pin_memory=self.accelerator.device.type == "cuda")
+        return self.accelerator.prepare(loader)
+
+
+def build(cfg: DictConfig, hooks: LoopHooks | None = None) -> Job:
+    """Validate the config and build data, model, optimizer and schedule. Raises UserError on bad input."""
     rc = load_config(cfg)  # every value checked before any work
     check_machine(rc.trainer)
     accelerator = build_accelerator(rc)
     if not accelerator.is_main_process:  # only the main process prints
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
-    t = rc.trainer
+    t, world = rc.trainer, accelerator.num_processes
     set_seed(rc.seed)
 
     # Data and model. Every rank builds the same tokenizer and the same initial weights.
@@ -59,47 +93,95 @@ def run(cfg: DictConfig, *, after_backward=None) -> dict:
     with accelerator.main_process_first():
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length)
         metric = metrics.load_metric()
-    loaders = data.build_loaders(encoded, tokenizer, t.micro_batch_size, t.eval_batch_size,
-                                 t.num_workers, pin_memory=accelerator.device.type == "cuda")
 
-    # Schedule sized in optimizer updates, from the per-rank batch count after sharding.
-    train_loader = accelerator.prepare(loaders["train"])
-    total_updates = t.max_steps or t.epochs * updates_per_epoch(len(train_loader), t.grad_accum_steps)
-    lr = rc.optim.lr
+    # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
+    micro = t.micro_batch_size
+    if micro == "auto":
+        micro = probe_micro_batch_size(accelerator, model, t.auto_micro_batch_cap, rc.data.max_length,
+                                       len(tokenizer), hooks or LoopHooks())
+    grad_accum_steps, effective = batch_plan(t, world, micro)
+    accelerator.gradient_accumulation_steps = grad_accum_steps
+    apply_batchnorm_policy(model, t.batchnorm, micro, grad_accum_steps, effective,
+                           lambda msg: log.warning(msg, main_process_only=True))
+    lr = scaled_lr(rc.optim, effective)
+
+    # The schedule counts optimizer updates. A window covers `effective` examples of the epoch's
+    # permutation whatever the split, so an epoch is ceil(examples / effective) updates.
+    total_updates = t.max_steps or t.epochs * math.ceil(len(splits["train"]) / effective)
     optimizer = optim.build_optimizer(model, rc.optim, lr, fused=accelerator.device.type == "cuda")
     scheduler = optim.build_scheduler(optimizer, rc.optim, total_updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    eval_loaders = {k: accelerator.prepare(v) for k, v in loaders.items() if k != "train"}
+    eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
+        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda").items()}
 
-    world = accelerator.num_processes
-    effective = t.micro_batch_size * t.grad_accum_steps * world
+    settings = LoopSettings(micro, grad_accum_steps, total_updates, t.max_grad_norm, t.eval_every,
+                            t.log_every, exact=t.loss_normalisation == "exact")
     log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d",
-             world, t.micro_batch_size, t.grad_accum_steps, world, effective, main_process_only=True)
-    log.info("lr in effect %.3g (schedule %s, warmup %d of %d updates; starts at %.3g) | precision %s | "
-             "device %s | train/validation examples %d/%d", lr, rc.optim.scheduler,
+             world, micro, grad_accum_steps, world, effective)
+    scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
+               f"{rc.optim.reference_batch_size}" if rc.optim.lr_scaling != "none" else "")
+    log.info("lr in effect %.3g%s (schedule %s, warmup %d of %d updates; starts at %.3g) | precision %s | "
+             "device %s | train/validation examples %d/%d", lr, scaling, rc.optim.scheduler,
              optim.warmup_updates(rc.optim, total_updates), total_updates, scheduler.get_last_lr()[0],
              t.mixed_precision, accelerator.device, len(splits["train"]), len(splits["validation"]))
+    return Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders,
+               metric, label_names, settings, effective, lr)
 
-    average = metrics.resolve_average(t.f1_average, len(label_names))
+
+def probe_micro_batch_size(accelerator, model, cap: int, max_length: int, vocab_size: int,
+                           hooks: LoopHooks) -> int:
+    """The largest micro-batch (from `cap`, dividing down) whose worst case fits on every rank.
+
+    Worst case: every row at max_length tokens, forward and backward. Accelerate's
+    find_executable_batch_size retries a whole function per size on one process; here all ranks
+    must agree on one size, so each try ends in an all-reduce of the failure flag.
+    """
+    model.to(accelerator.device).train()
+    micro = cap
+    while True:
+        failed = 0.0
+        try:
+            if hooks.before_forward is not None:
+                hooks.before_forward(micro, 0)
+            ids = torch.randint(0, vocab_size, (micro, max_length), device=accelerator.device)
+            with accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            logits.float().sum().backward()
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            failed = 1.0
+        model.zero_grad(set_to_none=True)
+        failed = accelerator.reduce(torch.tensor(failed, device=accelerator.device), reduction="sum").item()
+        if not failed:
+            log.info("trainer.micro_batch_size=auto: %d fits (cap %d)", micro, cap)
+            return micro
+        if micro == 1:
+            raise UserError("trainer.micro_batch_size=auto: even 1 example does not fit in memory")
+        micro = smaller_micro_batch(micro)
+
+
+def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
+    """Train and evaluate as `cfg` says; returns the metrics written to metrics.json."""
+    wall_start = time.perf_counter()
+    job = build(cfg, hooks)
+    acc, t = job.accelerator, job.rc.trainer
+    average = metrics.resolve_average(t.f1_average, len(job.label_names))
     latest: dict = {}  # predictions of the newest validation pass, for validation_predictions.csv
 
     def evaluate_split(split: str) -> dict:
-        preds, refs = metrics.predict(model, eval_loaders[split], accelerator)
+        preds, refs = metrics.predict(job.model, job.eval_loaders[split], acc)
         if split == "validation":
             latest["predictions"] = preds
-        return metrics.score(metric, preds, refs, average)
+        return metrics.score(job.metric, preds, refs, average)
 
     loop_start = time.perf_counter()
-    state = train(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-        train_loader=train_loader, train_examples=len(splits["train"]),
-        settings=LoopSettings(t.micro_batch_size, t.grad_accum_steps, total_updates, t.max_grad_norm,
-                              t.eval_every, t.log_every),
-        evaluate_fn=lambda: evaluate_split("validation"), after_backward=after_backward,
-    )
+    state = train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+                  make_loader=job.make_loader, train_examples=len(job.splits["train"]),
+                  settings=job.settings, evaluate_fn=lambda: evaluate_split("validation"), hooks=hooks)
     train_seconds = time.perf_counter() - loop_start - state.eval_seconds
     final = state.history[-1]  # the loop always evaluates after its last update
-    test = evaluate_split("test") if "test" in eval_loaders else None
+    test = evaluate_split("test") if "test" in job.eval_loaders else None
 
     result = {
         "eval": {"f1": final["f1"], "accuracy": final["accuracy"], "average": average,
@@ -110,46 +192,51 @@ def run(cfg: DictConfig, *, after_backward=None) -> dict:
         "lr_after_update": state.lrs,
         "optimizer_steps": state.optimizer_steps,
         "epochs": state.epoch,
-        "world_size": world,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accum_steps": t.grad_accum_steps,
-        "effective_batch_size": effective,
-        "lr": lr,
-        "final_lr": scheduler.get_last_lr()[0],
+        "world_size": acc.num_processes,
+        "micro_batch_size": job.settings.micro_batch_size,
+        "grad_accum_steps": job.settings.grad_accum_steps,
+        "final_micro_batch_size": state.micro_batch_size,
+        "final_grad_accum_steps": state.grad_accum_steps,
+        "batch_size_changes": state.batch_size_changes,
+        "effective_batch_size": job.effective_batch_size,
+        "lr": job.lr,
+        "lr_scaling": job.rc.optim.lr_scaling,
+        "final_lr": job.scheduler.get_last_lr()[0],
         "mixed_precision": t.mixed_precision,
+        "loss_normalisation": t.loss_normalisation,
         "train_examples_seen": state.examples_seen,
         "train_samples_per_second": state.examples_seen / max(train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - wall_start,
-        "label_names": label_names,
+        "label_names": job.label_names,
     }
-    save_outputs(accelerator, rc.output_dir, cfg, result, model, tokenizer, splits["validation"],
-                 latest["predictions"])
+    save_outputs(job, cfg, result, latest["predictions"])
     log.info("done: %d updates | validation f1 %.4f accuracy %.4f | %.1f samples/s | %.0f s | %s",
              state.optimizer_steps, final["f1"], final["accuracy"], result["train_samples_per_second"],
-             result["wall_seconds"], rc.output_dir)
+             result["wall_seconds"], job.rc.output_dir)
     return result
 
 
-def save_outputs(accelerator, output_dir, cfg, result, model, tokenizer, validation, predictions) -> None:
+def save_outputs(job: Job, cfg: DictConfig, result: dict, predictions) -> None:
     """Rank 0 writes config, metrics.json, predictions and model/; the others wait."""
-    accelerator.wait_for_everyone()
+    acc, output_dir = job.accelerator, job.rc.output_dir
+    acc.wait_for_everyone()
     model_dir = os.path.join(output_dir, "model")
-    accelerator.unwrap_model(model).save_pretrained(
-        model_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+    acc.unwrap_model(job.model).save_pretrained(
+        model_dir, is_main_process=acc.is_main_process, save_function=acc.save,
+        state_dict=acc.get_state_dict(job.model),
     )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(model_dir)
+    if acc.is_main_process:
+        job.tokenizer.save_pretrained(model_dir)
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        label_names = result["label_names"]
+        names, validation = job.label_names, job.splits["validation"]
         pd.DataFrame({
             "text": validation["text"],
-            "label": [label_names[i] for i in validation["label"]],
-            "prediction": [label_names[i] for i in predictions],
+            "label": [names[i] for i in validation["label"]],
+            "prediction": [names[i] for i in predictions],
         }).to_csv(os.path.join(output_dir, "validation_predictions.csv"), index=False)
         write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
-    accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,0 +1,108 @@
+"""Check a configured split (micro x N x processes) against one big batch per update.
+
+Trains a few updates the way the config says (dropout off), then replays the same windows on the
+main process as plain full batches of their real examples with a fresh copy of the initial model,
+and compares the parameters group by group.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from accelerate.data_loader import SeedableRandomSampler
+from accelerate.utils import broadcast_object_list
+from omegaconf import DictConfig, open_dict
+from transformers import DataCollatorWithPadding
+
+from . import optim
+from .loop import train
+from .run import build
+
+
+def parameter_group(name: str) -> str:
+    """'bert.encoder.layer.3.attention.self.query.weight' -> 'bert.encoder.layer.3'."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def windows(num_examples: int, effective: int, updates: int, seed: int) -> list[list[int]]:
+    """The example indices of each update's window: consecutive slices of each epoch's permutation."""
+    per_epoch = math.ceil(num_examples / effective)
+    sampler = SeedableRandomSampler(range(num_examples), data_seed=seed)  # the sampler training used
+    out = []
+    for epoch in range(math.ceil(updates / per_epoch)):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        out += [order[i:i + effective] for i in range(0, num_examples, effective)]
+    return out[:updates]
+
+
+def reference_updates(job, initial_state: dict, window_indices: list[list[int]]) -> dict:
+    """One process, one batch per window, mean loss over its examples: the definition of the update."""
+    acc, rc = job.accelerator, job.rc
+    model = copy.deepcopy(acc.unwrap_model(job.model, keep_fp32_wrapper=False))
+    model.load_state_dict(initial_state)
+    model.train()
+    optimizer = optim.build_optimizer(model, rc.optim, job.lr)
+    scheduler = optim.build_scheduler(optimizer, rc.optim, job.settings.total_updates)
+    collate = DataCollatorWithPadding(job.tokenizer)
+    train_set = job.encoded["train"]
+    for indices in window_indices:
+        batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in indices]).items()}
+        labels = batch.pop("labels")
+        with acc.autocast():
+            logits = model(**batch).logits
+        F.cross_entropy(logits.float(), labels).backward()
+        if rc.trainer.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), rc.trainer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def verify(cfg: DictConfig) -> bool:
+    """Print the per-group difference table and PASS/FAIL on the main process; same verdict on all ranks."""
+    with open_dict(cfg):
+        cfg.model.dropout = 0.0  # dropout would make the two computations differ by design
+        cfg.trainer.max_steps = cfg.verify.updates
+    tolerance = float(cfg.verify.tolerance)
+    job = build(cfg)
+    acc = job.accelerator
+    initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}
+    train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+          make_loader=job.make_loader, train_examples=len(job.splits["train"]), settings=job.settings,
+          evaluate_fn=lambda: {"f1": float("nan"), "accuracy": float("nan")})
+    trained = {k: v.detach() for k, v in acc.unwrap_model(job.model).state_dict().items()}
+
+    verdict = [None]
+    if acc.is_main_process:
+        window_indices = windows(len(job.splits["train"]), job.effective_batch_size,
+                                 job.settings.total_updates, job.rc.seed)
+        reference = reference_updates(job, initial, window_indices)
+        diffs: dict[str, float] = defaultdict(float)
+        for name, value in reference.items():
+            if value.is_floating_point():
+                diff = (trained[name].float() - value.float()).abs().max().item()
+                diffs[parameter_group(name)] = max(diffs[parameter_group(name)], diff)
+        worst = max(diffs.values())
+        s = job.settings
+        print(f"\nsplit: micro-batch {s.micro_batch_size} x N {s.grad_accum_steps} x processes "
+              f"{acc.num_processes} = effective {job.effective_batch_size}; {s.total_updates} updates; "
+              f"windows of {', '.join(str(len(w)) for w in window_indices)} examples; "
+              f"normalisation {job.rc.trainer.loss_normalisation}; precision {job.rc.trainer.mixed_precision}")
+        width = max(len(g) for g in diffs)
+        print(f"{'parameter group':<{width}}  max |difference|")
+        for group, diff in diffs.items():
+            print(f"{group:<{width}}  {diff:.3e}")
+        verdict[0] = worst <= tolerance
+        print(f"max {worst:.3e} vs tolerance {tolerance:.1e}: {'PASS' if verdict[0] else 'FAIL'}")
+    broadcast_object_list(verdict, from_process=0)
+    return bool(verdict[0])
