@@ -115,3 +115,23 @@ def test_lr_in_effect_is_written_to_metrics(tmp_run, rule, expected):
     m = read_metrics(tmp_run)
     assert m["effective_batch_size"] == 60 and m["lr"] == pytest.approx(expected, rel=1e-6)
     assert "lr in effect" in (tmp_run / "train.log").read_text()
+
+
+VERIFY = ROOT / "scripts" / "verify_equivalence.py"
+
+
+@pytest.mark.slow
+def test_verify_equivalence_passes_on_two_processes(tmp_run):
+    proc = launch(tmp_run, *RAGGED, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=3",
+                  "verify.updates=2", processes=2, script=VERIFY)
+    assert "windows of 24, 13 examples" in proc.stdout
+    assert "bert.encoder.layer.0" in proc.stdout and "classifier" in proc.stdout
+    assert proc.stdout.strip().endswith("PASS")
+
+
+@pytest.mark.slow
+def test_verify_equivalence_fails_for_naive_normalisation(tmp_run):
+    proc = launch(tmp_run, *RAGGED, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
+                  "trainer.loss_normalisation=naive", script=VERIFY, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "windows of 12, 12, 12, 1 examples" in proc.stdout and proc.stdout.strip().endswith("FAIL")

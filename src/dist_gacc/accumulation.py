@@ -33,8 +33,9 @@ def real_examples(dataset_len: int, micro_batch_size: int, batch_index: int, wor
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row, in fp32 whatever the autocast."""
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+    """Cross-entropy of each row, in fp32 at least whatever the autocast (fp64 stays fp64)."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                           reduction="none")
 
 
 def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int, grad_accum_steps: int,
@@ -45,7 +46,7 @@ def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int, grad_a
     Each micro-batch backpropagated its loss sum, which Accelerate divided by N and DDP averaged
     over W processes; multiplying by N*W/count turns that into the mean over the window's examples.
     """
-    totals = torch.stack([loss_sum.float(), loss_sum.new_tensor(float(count))])
+    totals = torch.stack([loss_sum, loss_sum.new_tensor(float(count))])
     totals = accelerator.reduce(totals, reduction="sum")  # the one extra collective per update
     if rescale:
         scale = grad_accum_steps * accelerator.num_processes / totals[1]
@@ -53,6 +54,10 @@ def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int, grad_a
         # Rescaling commutes with the fp16 GradScaler's factor, so it is right before unscaling too.
         torch._foreach_mul_(grads, scale)
     return totals
+
+
+def _use_running_statistics(module, args) -> None:  # a forward pre-hook must return None
+    module.eval()
 
 
 BATCHNORM_WHY = (
@@ -82,7 +87,7 @@ def apply_batchnorm_policy(model: torch.nn.Module, policy: str, micro: int, n: i
         for _, module in norms:
             # Normalise with the stored running statistics and never update them; the affine
             # weights still train. A pre-hook survives the model.train() calls around evaluation.
-            module.register_forward_pre_hook(lambda mod, args: mod.eval())
+            module.register_forward_pre_hook(_use_running_statistics)
         warn(f"trainer.batchnorm=freeze: running statistics of {names} are fixed during training. {why}")
     else:
         warn(f"the model has BatchNorm layers ({names}) and grad_accum_steps={n}. {why} "

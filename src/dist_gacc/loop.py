@@ -27,6 +27,7 @@ class LoopSettings:
     eval_every: int | None  # updates; None = at the end of each epoch
     log_every: int
     exact: bool = True      # False: Accelerate's plain loss/N, kept only to show what it gets wrong
+    evaluate: bool = True   # False: no evaluation at all (scripts/verify_equivalence.py)
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Loop:
                 loader, start_window = self.fall_back(loader), oom.window  # redo that window, smaller
                 continue
             state.epoch, start_window = state.epoch + 1, 0
-            if not s.eval_every:
+            if s.evaluate and not s.eval_every:
                 self.record_eval()
         self.bar.close()
         return state
@@ -121,7 +122,7 @@ class Loop:
         if start_window:
             loader = acc.skip_first_batches(loader, start_window * n)
             loader.set_epoch(state.epoch)
-        self.window_loss, self.window_count = torch.zeros((), device=acc.device), 0
+        self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
         for batch_index, batch in enumerate(loader, start=start_window * n):
             real = real_examples(self.train_examples, state.micro_batch_size, batch_index,
                                  acc.num_processes, acc.process_index)
@@ -175,7 +176,7 @@ class Loop:
                 ) from err
             self.agree_on_memory(True, last_of_window)
         self.armed = None
-        self.window_loss += real_sum.detach()
+        self.window_loss = self.window_loss + real_sum.detach()
         self.window_count += real
         if hooks.after_backward is not None:
             hooks.after_backward(self.model, acc.sync_gradients)
@@ -221,7 +222,7 @@ class Loop:
         if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update: no LR step either
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.window_loss, self.window_count = torch.zeros((), device=acc.device), 0
+        self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
         return totals
 
     def after_update(self, totals: list[float]) -> None:
@@ -234,7 +235,7 @@ class Loop:
         self.bar.update(1)
         if state.optimizer_steps % s.log_every == 0 or state.optimizer_steps == s.total_updates:
             self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{state.lrs[-1]:.3g}")
-        if s.eval_every and (state.optimizer_steps % s.eval_every == 0
+        if s.evaluate and s.eval_every and (state.optimizer_steps % s.eval_every == 0
                              or state.optimizer_steps == s.total_updates):
             self.record_eval()
 

@@ -74,8 +74,11 @@ class Job:
         return self.accelerator.prepare(loader)
 
 
-def build(cfg: DictConfig, hooks: LoopHooks | None = None) -> Job:
-    """Validate the config and build data, model, optimizer and schedule. Raises UserError on bad input."""
+def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | None = None) -> Job:
+    """Validate the config and build data, model, optimizer and schedule. Raises UserError on bad input.
+
+    `dtype` casts the model's parameters (scripts/verify_equivalence.py checks the math in float64).
+    """
     rc = load_config(cfg)  # every value checked before any work
     check_machine(rc.trainer)
     accelerator = build_accelerator(rc)
@@ -90,6 +93,8 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None) -> Job:
     label_names = splits["train"].features["label"].names
     tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], rc.data.max_length)
     model = models.build_model(rc.model, label_names, tokenizer)
+    if dtype is not None:
+        model = model.to(dtype)
     with accelerator.main_process_first():
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length)
         metric = metrics.load_metric()

@@ -2,12 +2,16 @@
 
 Trains a few updates the way the config says (dropout off), then replays the same windows on the
 main process as plain full batches of their real examples with a fresh copy of the initial model,
-and compares the parameters group by group.
+and compares the parameters group by group. Without mixed precision both run in float64, so
+rounding can neither hide a wrong normalisation nor fake one: Adam moves each parameter by about
+the LR whatever the gradient's scale, so in fp32 a mis-weighted window differs by barely more than
+rounding noise.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -59,7 +63,7 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
         labels = batch.pop("labels")
         with acc.autocast():
             logits = model(**batch).logits
-        F.cross_entropy(logits.float(), labels).backward()
+        F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels).backward()
         if rc.trainer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.trainer.max_grad_norm)
         optimizer.step()
@@ -74,12 +78,13 @@ def verify(cfg: DictConfig) -> bool:
         cfg.model.dropout = 0.0  # dropout would make the two computations differ by design
         cfg.trainer.max_steps = cfg.verify.updates
     tolerance = float(cfg.verify.tolerance)
-    job = build(cfg)
+    job = build(cfg, dtype=torch.float64 if cfg.trainer.mixed_precision == "no" else None)
+    job.settings = dataclasses.replace(job.settings, evaluate=False)
     acc = job.accelerator
     initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}
     train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
           make_loader=job.make_loader, train_examples=len(job.splits["train"]), settings=job.settings,
-          evaluate_fn=lambda: {"f1": float("nan"), "accuracy": float("nan")})
+          evaluate_fn=None)
     trained = {k: v.detach() for k, v in acc.unwrap_model(job.model).state_dict().items()}
 
     verdict = [None]
@@ -97,7 +102,8 @@ def verify(cfg: DictConfig) -> bool:
         print(f"\nsplit: micro-batch {s.micro_batch_size} x N {s.grad_accum_steps} x processes "
               f"{acc.num_processes} = effective {job.effective_batch_size}; {s.total_updates} updates; "
               f"windows of {', '.join(str(len(w)) for w in window_indices)} examples; "
-              f"normalisation {job.rc.trainer.loss_normalisation}; precision {job.rc.trainer.mixed_precision}")
+              f"normalisation {job.rc.trainer.loss_normalisation}; "
+              f"{'float64' if job.rc.trainer.mixed_precision == 'no' else job.rc.trainer.mixed_precision}")
         width = max(len(g) for g in diffs)
         print(f"{'parameter group':<{width}}  max |difference|")
         for group, diff in diffs.items():
