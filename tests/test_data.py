@@ -118,3 +118,17 @@ def test_jsonl_and_hub_errors(tmp_path):
     assert len(splits["train"]) + len(splits["validation"]) == 30
     with pytest.raises(DataError, match="data.hub_name='no-such/dataset-xyz': cannot load"):
         load_splits(DataConfig(name="hub", hub_name="no-such/dataset-xyz"), seed=0)
+
+
+def test_non_utf8_file_names_line(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\nfine,1\ncaf\xe9 cr\xe8me,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv: not UTF-8 text: line 3"):
+        load_splits(DataConfig(name="csv", train_file=str(path)), seed=0)
+
+
+def test_empty_validation_file_is_named(tmp_path):
+    train = _csv(tmp_path / "t.csv", ["text,label"] + [f"row {i},{i % 2}" for i in range(10)])
+    dev = _csv(tmp_path / "d.csv", ["text,label"])
+    with pytest.raises(DataError, match=r"(validation split is empty|d\.csv)"):
+        load_splits(DataConfig(name="csv", train_file=train, validation_file=dev), seed=0)

@@ -69,9 +69,9 @@ def test_effective_batch_gives_same_updates_on_1_and_2_processes(eff16_runs):
 @pytest.mark.slow
 def test_oom_midway_on_one_rank_keeps_every_update(tmp_path, eff16_runs):
     run_dir = tmp_path / "oom"
-    launch_script(ROOT / "tests" / "dist" / "oom_run.py", str(run_dir), "midway", *EFF16)
+    launch_script(ROOT / "tests" / "dist" / "faults.py", str(run_dir), "midway", *EFF16)
     m = read_metrics(run_dir)
-    assert m["batch_size_changes"] == [{"optimizer_step": 2, "epoch": 0, "from": [4, 2], "to": [2, 4]}]
+    assert m["batch_size_changes"] == [{"update": 2, "epoch": 0, "from": [4, 2], "to": [2, 4]}]
     assert (m["final_micro_batch_size"], m["final_grad_accum_steps"]) == (2, 4)
     assert m["optimizer_steps"] == 8 and m["effective_batch_size"] == 16
     assert max_abs_diff(load_params(run_dir), load_params(eff16_runs[2])) <= 1e-5
@@ -82,7 +82,7 @@ def test_oom_midway_on_one_rank_keeps_every_update(tmp_path, eff16_runs):
 def test_auto_micro_batch_probes_down_and_keeps_the_effective_batch(tmp_path, eff16_runs):
     run_dir = tmp_path / "auto"
     overrides = [o for o in EFF16 if not o.startswith("trainer.micro_batch_size")]
-    launch_script(ROOT / "tests" / "dist" / "oom_run.py", str(run_dir), "auto", *overrides,
+    launch_script(ROOT / "tests" / "dist" / "faults.py", str(run_dir), "auto", *overrides,
                   "trainer.micro_batch_size=auto", "trainer.auto_micro_batch_cap=16", processes=1)
     m = read_metrics(run_dir)
     assert (m["micro_batch_size"], m["grad_accum_steps"], m["effective_batch_size"]) == (4, 4, 16)

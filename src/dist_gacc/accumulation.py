@@ -39,14 +39,15 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def finish_window(accelerator, model, loss_sum: torch.Tensor, count: int, grad_accum_steps: int,
-                  rescale: bool = True) -> torch.Tensor:
-    """Make the accumulated gradients exact; return [loss sum, real examples] over all processes.
+                  rescale: bool = True, stop: bool = False) -> torch.Tensor:
+    """Make the accumulated gradients exact; return [loss sum, real examples, stop votes] summed
+    over all processes (the stop votes ride along in the same all-reduce).
 
     Call once per window, after the last backward and before clipping and the optimizer step.
     Each micro-batch backpropagated its loss sum, which Accelerate divided by N and DDP averaged
     over W processes; multiplying by N*W/count turns that into the mean over the window's examples.
     """
-    totals = torch.stack([loss_sum, loss_sum.new_tensor(float(count))])
+    totals = torch.stack([loss_sum, loss_sum.new_tensor(float(count)), loss_sum.new_tensor(float(stop))])
     totals = accelerator.reduce(totals, reduction="sum")  # the one extra collective per update
     if rescale:
         scale = grad_accum_steps * accelerator.num_processes / totals[1]

@@ -70,6 +70,9 @@ class TrainerConfig:
     f1_average: str = "auto"
     num_workers: int = 0
     dist_timeout_s: int = 1800
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
     batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
     loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
 
@@ -80,6 +83,9 @@ class TrainerConfig:
         _int(p + "grad_accum_steps", self.grad_accum_steps, 1)
         _int(p + "effective_batch_size", self.effective_batch_size, 1, allow_none=True)
         _int(p + "auto_micro_batch_cap", self.auto_micro_batch_cap, 1)
+        _int(p + "checkpoint_every", self.checkpoint_every, 1, allow_none=True)
+        _int(p + "keep_checkpoints", self.keep_checkpoints, 1)
+        _int(p + "max_bad_steps", self.max_bad_steps, 1)
         _choice(p + "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
         _choice(p + "loss_normalisation", self.loss_normalisation, NORMALISATIONS)
         _int(p + "epochs", self.epochs, 1)
@@ -196,6 +202,8 @@ class RunConfig:
     optim: OptimConfig
     seed: int
     output_dir: str
+    resume: str | None = None
+    resume_force: bool = False
 
 
 def _slice(cls, cfg: DictConfig, key: str):
@@ -222,6 +230,8 @@ def load_config(cfg: DictConfig) -> RunConfig:
         optim=_slice(OptimConfig, cfg, "optim"),
         seed=_int("seed", cfg.get("seed"), 0),
         output_dir=str(cfg.output_dir),
+        resume=None if cfg.get("resume") in (None, "", "none") else str(cfg.get("resume")),
+        resume_force=bool(cfg.get("resume_force", False)),
     )
 
 

@@ -12,6 +12,7 @@ import os
 
 import datasets
 import pandas as pd
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -83,10 +84,27 @@ def _read_file(path: str) -> Dataset:
     builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     suffix = os.path.splitext(path)[1]
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if suffix != ".parquet":
+        _check_utf8(path)
     try:
         return datasets.load_dataset(builder[suffix], data_files=path, split="train", **kwargs)
     except Exception as err:  # the datasets error chain is long; name the file first
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+
+
+def _check_utf8(path: str) -> None:
+    """Name the line of the first byte that is not UTF-8 (the datasets error does not)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: line {line}, byte {err.start} "
+                        f"({raw[err.start:err.start + 1]!r}); re-save the file as UTF-8") from None
 
 
 def _checked_columns(ds: Dataset, where: str, text_column: str, label_column: str) -> tuple[list, list]:
@@ -216,17 +234,24 @@ def _collator(tokenizer, pin_memory: bool):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if pin_memory else None)
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    # Each new DataLoader iterator draws a seed from its generator. With the global one, starting
+    # an iterator (as a resumed run does mid-epoch) would shift the dropout random stream, and a
+    # resumed run would no longer reproduce the uninterrupted one.
+    return torch.Generator().manual_seed(seed)
+
+
 def train_loader(encoded_train: Dataset, tokenizer, micro_batch_size: int, num_workers: int,
-                 pin_memory: bool) -> DataLoader:
+                 pin_memory: bool, seed: int) -> DataLoader:
     """Shuffled micro-batches (Accelerate swaps in its seeded sampler when the loader is prepared)."""
     return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=True,
                       collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, generator=_own_generator(seed))
 
 
 def eval_loaders(encoded: DatasetDict, tokenizer, batch_size: int, num_workers: int,
-                 pin_memory: bool) -> dict[str, DataLoader]:
+                 pin_memory: bool, seed: int) -> dict[str, DataLoader]:
     return {split: DataLoader(encoded[split], batch_size=batch_size, shuffle=False,
                               collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
-                              pin_memory=pin_memory)
+                              pin_memory=pin_memory, generator=_own_generator(seed))
             for split in ("validation", "test") if split in encoded}

@@ -11,3 +11,13 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+# Exit codes of scripts/train.py (documented in README).
+EXIT_BAD_INPUT = 2      # config, data or checkpoint rejected before training
+EXIT_TRAINING_FAILED = 3
+EXIT_PREEMPTED = 75     # stop signal: checkpoint saved; rerun with resume=auto (EX_TEMPFAIL)

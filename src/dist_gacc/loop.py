@@ -13,7 +13,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from tqdm.auto import tqdm
 
 from .accumulation import finish_window, per_example_loss, real_examples
-from .errors import UserError
+from .errors import TrainingError, UserError
 
 log = get_logger(__name__)
 
@@ -28,26 +28,35 @@ class LoopSettings:
     log_every: int
     exact: bool = True      # False: Accelerate's plain loss/N, kept only to show what it gets wrong
     evaluate: bool = True   # False: no evaluation at all (scripts/verify_equivalence.py)
+    max_bad_steps: int = 5  # consecutive non-finite updates before giving up
+    fp16: bool = False      # the GradScaler handles inf gradients itself
 
 
 @dataclass
 class LoopHooks:
     """Instrumentation points (tests use them to inspect gradients and to inject faults)."""
-    before_forward: Callable[[int, int], None] | None = None  # (micro_batch_size, optimizer_steps)
+    before_forward: Callable[[int, int], None] | None = None  # (micro_batch_size, updates done)
+    after_forward: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # (per-example losses, updates)
     after_backward: Callable[[torch.nn.Module, bool], None] | None = None  # (model, sync_gradients)
+    before_checkpoint_rename: Callable[[str], None] | None = None  # (temporary folder)
 
 
 @dataclass
 class LoopState:
+    """Everything the loop counts; saved in every checkpoint, so a resumed run continues it."""
     micro_batch_size: int
     grad_accum_steps: int
-    optimizer_steps: int = 0
+    updates: int = 0             # windows done, including skipped ones: the loop's clock
+    optimizer_steps: int = 0     # updates that changed the parameters
+    skipped_updates: int = 0     # non-finite loss or gradient
+    bad_in_row: int = 0
     epoch: int = 0
     examples_seen: int = 0       # real training examples, all processes
     eval_seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)  # mean loss of each update's window
-    lrs: list[float] = field(default_factory=list)     # LR in effect after each update
-    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    losses: list[float] = field(default_factory=list)      # mean loss of each update's window
+    lrs: list[float] = field(default_factory=list)         # LR in effect after each update
+    grad_norms: list[float] = field(default_factory=list)  # before clipping
+    history: list[dict] = field(default_factory=list)      # one entry per evaluation
     batch_size_changes: list[dict] = field(default_factory=list)  # out-of-memory fallbacks
 
 
@@ -59,9 +68,12 @@ class WindowOutOfMemory(Exception):
         self.window = window
 
 
-def updates_per_epoch(batches_per_rank: int, grad_accum_steps: int) -> int:
-    # The last window of an epoch may be short; it is still an update.
-    return math.ceil(batches_per_rank / grad_accum_steps)
+class Preempted(Exception):
+    """A stop signal arrived; the checkpoint at `path` holds the last finished update."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
 
 
 def smaller_micro_batch(micro_batch_size: int) -> int:
@@ -74,7 +86,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def train(**kwargs) -> LoopState:
-    """Run optimizer updates until `settings.total_updates`; see `Loop` for the arguments."""
+    """Run updates until `settings.total_updates`; see `Loop` for the arguments."""
     return Loop(**kwargs).run()
 
 
@@ -82,7 +94,8 @@ def train(**kwargs) -> LoopState:
 class Loop:
     """`make_loader(micro_batch_size)` returns a prepared training DataLoader (called again with a
     smaller size after an out-of-memory error); `evaluate_fn()` returns validation metrics, the
-    same on every rank."""
+    same on every rank. `state` and `position` ({"epoch", "window"}) continue a resumed run;
+    `checkpointer` saves at window boundaries; `stop_requested()` is true once a stop signal came."""
     accelerator: object
     model: torch.nn.Module
     optimizer: object
@@ -90,27 +103,40 @@ class Loop:
     make_loader: Callable[[int], object]
     train_examples: int
     settings: LoopSettings
-    evaluate_fn: Callable[[], dict]
+    evaluate_fn: Callable[[], dict] | None
     hooks: LoopHooks | None = None
+    state: LoopState | None = None
+    position: dict | None = None
+    checkpointer: object | None = None
+    stop_requested: Callable[[], bool] = lambda: False
 
     def __post_init__(self):
         self.hooks = self.hooks or LoopHooks()
+        s = self.settings
+        self.state = self.state or LoopState(s.micro_batch_size, s.grad_accum_steps)
+        self.accelerator.gradient_accumulation_steps = self.state.grad_accum_steps
 
     def run(self) -> LoopState:
-        s = self.settings
-        self.state = state = LoopState(s.micro_batch_size, s.grad_accum_steps)
-        self.bar = tqdm(total=s.total_updates, desc="updates", disable=not self.accelerator.is_main_process)
-        loader, start_window = self.make_loader(state.micro_batch_size), 0
+        s, state = self.settings, self.state
+        self.bar = tqdm(total=s.total_updates, initial=state.updates, desc="updates",
+                        disable=not self.accelerator.is_main_process)
+        loader = self.make_loader(state.micro_batch_size)
+        start_window = (self.position or {}).get("window", 0)
         self.model.train()
-        while state.optimizer_steps < s.total_updates:
+        while state.updates < s.total_updates:
             try:
                 self.epoch(loader, start_window)
             except WindowOutOfMemory as oom:
                 loader, start_window = self.fall_back(loader), oom.window  # redo that window, smaller
                 continue
+            if state.updates >= s.total_updates and self.window_in_epoch < self.windows_per_epoch:
+                break  # stopped mid-epoch at the last update
             state.epoch, start_window = state.epoch + 1, 0
             if s.evaluate and not s.eval_every:
                 self.record_eval()
+            self.save_checkpoint(window=0, reason="epoch end")
+        if s.evaluate and not s.eval_every and (not state.history or state.history[-1]["update"] != state.updates):
+            self.record_eval()
         self.bar.close()
         return state
 
@@ -118,8 +144,10 @@ class Loop:
         """Train epoch `state.epoch` from window `start_window` to its end or to the last update."""
         acc, state, s = self.accelerator, self.state, self.settings
         n, batches_per_rank = state.grad_accum_steps, len(loader)
+        self.windows_per_epoch = math.ceil(batches_per_rank / n)
+        self.window_in_epoch = start_window
         loader.set_epoch(state.epoch)  # one seeded permutation per epoch, the same on all ranks
-        if start_window:
+        if start_window:  # resume, or redo after out-of-memory: skip the windows already done
             loader = acc.skip_first_batches(loader, start_window * n)
             loader.set_epoch(state.epoch)
         self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
@@ -133,14 +161,15 @@ class Loop:
                 with acc.accumulate(self.model):
                     self.micro_step(batch, real, last_of_window)
                     if acc.sync_gradients:
-                        totals = self.update()
+                        numbers = self.update()
             except WindowOutOfMemory:
                 self.finish_ddp_iteration(batch)
                 loader.end()  # abandoning this pass over the data
                 raise WindowOutOfMemory(batch_index // n) from None
             if acc.sync_gradients:
-                self.after_update(totals.tolist())  # the one host read per update
-                if state.optimizer_steps >= s.total_updates:
+                self.window_in_epoch = batch_index // n + 1
+                self.after_update(numbers)
+                if state.updates >= s.total_updates:
                     loader.end()
                     return
 
@@ -150,8 +179,10 @@ class Loop:
         oom, self.armed = False, None
         try:
             if hooks.before_forward is not None:
-                hooks.before_forward(self.state.micro_batch_size, self.state.optimizer_steps)
+                hooks.before_forward(self.state.micro_batch_size, self.state.updates)
             losses = per_example_loss(self.model(**batch).logits, labels)
+            if hooks.after_forward is not None:
+                losses = hooks.after_forward(losses, self.state.updates)
             if last_of_window:
                 self.armed = losses  # a synchronising forward: DDP now expects this backward
         except RuntimeError as err:
@@ -212,32 +243,60 @@ class Loop:
         zero.backward()
         self.armed = None
 
-    def update(self) -> torch.Tensor:
-        acc, s = self.accelerator, self.settings
-        totals = finish_window(acc, self.model, self.window_loss, self.window_count,
-                               self.state.grad_accum_steps, rescale=s.exact)
-        if s.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update: no LR step either
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
-        return totals
+    def update(self) -> list[float]:
+        """Normalise, check, clip and step. Returns [loss sum, examples, stop votes, grad norm]."""
+        acc, s, state = self.accelerator, self.settings, self.state
+        totals = finish_window(acc, self.model, self.window_loss, self.window_count, state.grad_accum_steps,
+                               rescale=s.exact, stop=self.stop_requested())
+        # The norm of the all-reduced gradients: every rank sees the same number.
+        norm = acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm or math.inf)
+        numbers = torch.cat([totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the one host read
+        loss_ok, grad_ok = math.isfinite(numbers[0]), math.isfinite(numbers[3])
+        if loss_ok and (grad_ok or s.fp16):  # fp16: the GradScaler skips inf gradients itself
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:  # a skipped fp16 step does not advance the schedule
+                self.scheduler.step()
+                state.optimizer_steps += 1
+            state.bad_in_row = 0
+        else:
+            state.skipped_updates += 1
+            state.bad_in_row += 1
+            log.warning("update %d skipped on every rank: non-finite %s (%d in a row)", state.updates + 1,
+                        "loss" if not loss_ok else "gradient", state.bad_in_row)
+        # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step (see fall_back).
+        self.model.zero_grad(set_to_none=True)
+        self.window_loss, self.window_count = 0, 0
+        return numbers
 
-    def after_update(self, totals: list[float]) -> None:
+    def after_update(self, numbers: list[float]) -> None:
         state, s = self.state, self.settings
-        loss_sum, count = totals
-        state.optimizer_steps += 1
+        loss_sum, count, stop_votes, norm = numbers
+        state.updates += 1
         state.examples_seen += int(count)
         state.losses.append(loss_sum / count)
+        state.grad_norms.append(norm)
         state.lrs.append(self.scheduler.get_last_lr()[0])
+        if state.bad_in_row >= s.max_bad_steps:
+            raise TrainingError(f"{state.bad_in_row} updates in a row had a non-finite loss or gradient "
+                                f"(trainer.max_bad_steps={s.max_bad_steps}); last good parameters are in the "
+                                "newest checkpoint. Lower optim.lr or check the data.")
         self.bar.update(1)
-        if state.optimizer_steps % s.log_every == 0 or state.optimizer_steps == s.total_updates:
+        if state.updates % s.log_every == 0 or state.updates == s.total_updates:
             self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{state.lrs[-1]:.3g}")
-        if s.evaluate and s.eval_every and (state.optimizer_steps % s.eval_every == 0
-                             or state.optimizer_steps == s.total_updates):
+        if s.evaluate and s.eval_every and (state.updates % s.eval_every == 0 or state.updates == s.total_updates):
             self.record_eval()
+        if stop_votes > 0:  # a stop signal reached some rank: save here and leave
+            path = self.save_checkpoint(self.window_in_epoch, reason="stop signal", force=True)
+            raise Preempted(path)
+        every = self.checkpointer.every if self.checkpointer else None
+        if every and state.updates % every == 0 and self.window_in_epoch < self.windows_per_epoch:
+            self.save_checkpoint(self.window_in_epoch, reason="checkpoint_every")
+
+    def save_checkpoint(self, window: int, reason: str, force: bool = False) -> str | None:
+        if self.checkpointer is None or (not force and self.state.updates >= self.settings.total_updates):
+            return None  # the final model is saved by the caller
+        position = {"epoch": self.state.epoch, "window": window, "reason": reason}
+        return self.checkpointer.save(self.state, position)
 
     def fall_back(self, loader):
         """Drop the window's partial gradients; halve the micro-batch and double N (same effective batch)."""
@@ -250,7 +309,7 @@ class Loop:
         self.model.zero_grad(set_to_none=True)
         clear_device_cache(garbage_collection=True)
         micro = smaller_micro_batch(state.micro_batch_size)
-        change = {"optimizer_step": state.optimizer_steps, "epoch": state.epoch,
+        change = {"update": state.updates, "epoch": state.epoch,
                   "from": [state.micro_batch_size, state.grad_accum_steps],
                   "to": [micro, state.grad_accum_steps * state.micro_batch_size // micro]}
         state.micro_batch_size, state.grad_accum_steps = change["to"]
@@ -258,7 +317,7 @@ class Loop:
         acc.gradient_accumulation_steps = state.grad_accum_steps
         acc.step = 0  # accumulate()'s micro-batch counter: the redone window starts afresh
         log.warning("out of memory at update %d: micro-batch %d x N %d -> %d x %d (effective batch "
-                    "unchanged); redoing the window", state.optimizer_steps + 1, *change["from"], *change["to"])
+                    "unchanged); redoing the window", state.updates + 1, *change["from"], *change["to"])
         return self.make_loader(state.micro_batch_size)
 
     def record_eval(self) -> None:
@@ -266,11 +325,11 @@ class Loop:
         started = time.perf_counter()
         metrics = self.evaluate_fn()
         state.eval_seconds += time.perf_counter() - started
-        previous = state.history[-1]["optimizer_step"] if state.history else 0
-        since = state.losses[previous:]
-        entry = {"optimizer_step": state.optimizer_steps, "epoch": state.epoch,
+        previous = state.history[-1]["update"] if state.history else 0
+        since = [x for x in state.losses[previous:] if math.isfinite(x)]
+        entry = {"update": state.updates, "optimizer_step": state.optimizer_steps, "epoch": state.epoch,
                  "train_loss": sum(since) / max(len(since), 1), "f1": metrics["f1"],
                  "accuracy": metrics["accuracy"]}
         state.history.append(entry)
-        log.info("update %d: train loss %.4f | validation f1 %.4f accuracy %.4f", entry["optimizer_step"],
+        log.info("update %d: train loss %.4f | validation f1 %.4f accuracy %.4f", entry["update"],
                  entry["train_loss"], entry["f1"], entry["accuracy"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,11 +22,11 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from . import data, metrics, models, optim
+from . import checkpoint, data, metrics, models, optim
 from .accumulation import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
-from .errors import UserError
-from .loop import LoopHooks, LoopSettings, is_out_of_memory, smaller_micro_batch, train
+from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, TrainingError, UserError
+from .loop import LoopHooks, LoopSettings, LoopState, Preempted, is_out_of_memory, smaller_micro_batch, train
 
 log = get_logger(__name__)
 
@@ -70,7 +72,7 @@ class Job:
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
         loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
-                                   pin_memory=self.accelerator.device.type == "cuda")
+                                   pin_memory=self.accelerator.device.type == "cuda", seed=self.rc.seed)
         return self.accelerator.prepare(loader)
 
 
@@ -117,10 +119,11 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
     scheduler = optim.build_scheduler(optimizer, rc.optim, total_updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
-        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda").items()}
+        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
 
     settings = LoopSettings(micro, grad_accum_steps, total_updates, t.max_grad_norm, t.eval_every,
-                            t.log_every, exact=t.loss_normalisation == "exact")
+                            t.log_every, exact=t.loss_normalisation == "exact", max_bad_steps=t.max_bad_steps,
+                            fp16=t.mixed_precision == "fp16")
     log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d",
              world, micro, grad_accum_steps, world, effective)
     scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
@@ -166,11 +169,48 @@ def probe_micro_batch_size(accelerator, model, cap: int, max_length: int, vocab_
         micro = smaller_micro_batch(micro)
 
 
+def fingerprint(job: Job) -> dict:
+    """The settings that define the sequence of updates; a resume must not change them silently."""
+    rc = job.rc
+    record = {
+        "effective_batch_size": job.effective_batch_size, "lr": job.lr, "total_updates": job.settings.total_updates,
+        "seed": rc.seed, "world_size": job.accelerator.num_processes, "mixed_precision": rc.trainer.mixed_precision,
+        "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
+        "optim": dataclasses.asdict(rc.optim), "model": dataclasses.asdict(rc.model),
+        "data": dataclasses.asdict(rc.data),
+    }
+    return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (preemption) set a flag; the loop finishes the update, checkpoints and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
     """Train and evaluate as `cfg` says; returns the metrics written to metrics.json."""
     wall_start = time.perf_counter()
     job = build(cfg, hooks)
-    acc, t = job.accelerator, job.rc.trainer
+    acc, t, rc = job.accelerator, job.rc.trainer, job.rc
+    hooks = hooks or LoopHooks()
     average = metrics.resolve_average(t.f1_average, len(job.label_names))
     latest: dict = {}  # predictions of the newest validation pass, for validation_predictions.csv
 
@@ -180,12 +220,29 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
             latest["predictions"] = preds
         return metrics.score(job.metric, preds, refs, average)
 
+    # Resume: the newest good checkpoint (auto) or the one named; refuse changed math.
+    current = fingerprint(job)
+    resumed_from, record = checkpoint.choose(acc, rc.output_dir, rc.resume)
+    state = position = None
+    if resumed_from is not None:
+        checkpoint.check_fingerprint(record["fingerprint"], current, resumed_from, rc.resume_force)
+        acc.load_state(resumed_from)  # model, optimizer, scheduler, scaler, every rank's RNG
+        state, position = LoopState(**record["state"]), record["position"]
+        log.info("resumed from %s: update %d, epoch %d, window %d", resumed_from, state.updates,
+                 position["epoch"], position["window"])
+    checkpointer = checkpoint.Checkpointer(acc, rc.output_dir, t.checkpoint_every, t.keep_checkpoints, current,
+                                           before_rename=hooks.before_checkpoint_rename)
+
     loop_start = time.perf_counter()
-    state = train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
-                  make_loader=job.make_loader, train_examples=len(job.splits["train"]),
-                  settings=job.settings, evaluate_fn=lambda: evaluate_split("validation"), hooks=hooks)
+    with StopSignals() as stop:
+        state = train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+                      make_loader=job.make_loader, train_examples=len(job.splits["train"]),
+                      settings=job.settings, evaluate_fn=lambda: evaluate_split("validation"), hooks=hooks,
+                      state=state, position=position, checkpointer=checkpointer, stop_requested=stop)
     train_seconds = time.perf_counter() - loop_start - state.eval_seconds
     final = state.history[-1]  # the loop always evaluates after its last update
+    if "predictions" not in latest:  # resumed after the last evaluation: predictions for the csv
+        evaluate_split("validation")
     test = evaluate_split("test") if "test" in job.eval_loaders else None
 
     result = {
@@ -196,6 +253,10 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         "train_losses": state.losses,
         "lr_after_update": state.lrs,
         "optimizer_steps": state.optimizer_steps,
+        "updates": state.updates,
+        "skipped_updates": state.skipped_updates,
+        "grad_norms": state.grad_norms,
+        "resumed_from": resumed_from,
         "epochs": state.epoch,
         "world_size": acc.num_processes,
         "micro_batch_size": job.settings.micro_batch_size,
@@ -253,9 +314,17 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def main(cfg: DictConfig) -> float:
-    """Entry point for scripts/train.py: bad input ends with its message and exit code 2."""
+    """Entry point for scripts/train.py: expected failures end with a message and a documented code."""
     try:
         return run(cfg)["eval"]["f1"]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_TRAINING_FAILED)
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped by a signal after a finished update; checkpoint {stop.path}. "
+                  "Rerun with resume=auto (same hydra.run.dir) to continue.", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)

@@ -1,0 +1,166 @@
+"""Checkpoints that are either complete or absent, and resuming from the newest good one.
+
+`accelerator.save_state` writes the model, optimizer, scheduler, GradScaler and every rank's RNG
+states; we add `trainer_state.json` (loop counters, data position, the logged history, the settings
+that define the math, and a manifest of every file's size and SHA-256). Everything is written into
+`checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when complete: a crash mid-save
+leaves a temporary folder that is never resumed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
+
+from .errors import UserError
+
+log = get_logger(__name__)
+
+STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: str) -> dict[str, dict]:
+    return {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+            for name in sorted(os.listdir(folder)) if name != STATE_FILE and os.path.isfile(os.path.join(folder, name))}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves `step-N` checkpoints of a run every `every` updates and at each epoch's end."""
+
+    def __init__(self, accelerator, run_dir: str, every: int | None, keep: int, fingerprint: dict,
+                 before_rename=None):
+        self.accelerator, self.every, self.keep, self.fingerprint = accelerator, every, keep, fingerprint
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.before_rename = before_rename  # tests: a crash after the files, before the rename
+
+    def save(self, state, position: dict) -> str:
+        """Collective: every rank calls it at the same window boundary."""
+        acc = self.accelerator
+        name = f"step-{state.updates}"
+        final, tmp = os.path.join(self.root, name), os.path.join(self.root, f".tmp-{name}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)  # model, optimizer, scheduler, scaler, RNG of every rank
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.before_rename is not None:
+                self.before_rename(tmp)
+            record = {"state": dataclasses.asdict(state), "position": position,
+                      "fingerprint": self.fingerprint, "files": _manifest(tmp)}
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):  # a rerun reaching the same step replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # atomic on one file system: the checkpoint exists whole or not at all
+            _fsync_dir(self.root)
+            self._prune()
+            log.info("checkpoint %s (epoch %d, window %d)", final, position["epoch"], position["window"])
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        steps = complete_checkpoints(self.root)
+        for _, path in steps[: max(len(steps) - self.keep, 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the renamed (complete) checkpoint folders, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := STEP_DIR.match(d))]
+    return sorted(found)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint's trainer_state.json after checking every file against its manifest."""
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"resume={path}: no such checkpoint folder")
+    try:
+        with open(state_file) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"resume={path}: unreadable {STATE_FILE}: {err}") from err
+    for name, meta in record.get("files", {}).items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"resume={path}: missing file {name}")
+        if os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"resume={path}: {name} is corrupt (size or SHA-256 differs from the manifest)")
+    return record
+
+
+def choose(accelerator, run_dir: str, resume: str | None) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its record; the main process decides, every rank agrees."""
+    choice: list = [None]
+    if accelerator.is_main_process:
+        try:
+            choice[0] = _choose(run_dir, resume)
+        except CheckpointError as err:
+            choice[0] = err
+    broadcast_object_list(choice, from_process=0)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    return choice[0] if choice[0] is not None else (None, None)
+
+
+def _choose(run_dir: str, resume: str | None):
+    if resume in (None, "", "none", "null"):
+        return None
+    if resume != "auto":
+        return resume, read_checkpoint(resume)
+    root = os.path.join(run_dir, "checkpoints")
+    for _, path in reversed(complete_checkpoints(root)):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+    log.info("resume=auto: no complete checkpoint in %s; starting fresh", root)
+    return None
+
+
+def check_fingerprint(saved: dict, current: dict, path: str, force: bool) -> None:
+    """Refuse to resume with settings that change the math, listing each difference."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"  {k}: checkpoint {saved.get(k)!r} -> now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if not diffs:
+        return
+    text = "\n".join(diffs)
+    if force:
+        log.warning("resume_force=true: resuming %s despite changed settings:\n%s", path, text)
+        return
+    raise CheckpointError(f"resume={path}: the checkpoint was trained with different settings that change "
+                          f"the result:\n{text}\nUse the same settings, or resume_force=true to go on anyway.")

@@ -1,0 +1,51 @@
+"""A training run with an injected fault (launched by tests, 1 or 2 ranks).
+
+    faults.py <run_dir> <mode> <hydra overrides...>
+
+midway      rank 1 raises the CPU allocator's out-of-memory error for micro-batches larger than 2
+            once 2 updates are done (the fallback must keep every update the same)
+auto        every rank raises torch.OutOfMemoryError for micro-batches larger than 4
+raise       rank 1 raises a RuntimeError during update 3
+nan         rank 1's losses are NaN in update 4
+nan_always  every rank's losses are NaN from update 2 on
+save_crash  the main process dies while saving checkpoint step-4, after the files, before the rename
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from conftest import compose_cfg
+from dist_gacc import run
+from dist_gacc.loop import LoopHooks
+
+run_dir, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+rank = int(os.environ.get("RANK", "0"))  # set by the launcher
+
+
+def before_forward(micro_batch_size: int, updates: int) -> None:
+    if mode == "midway" and rank == 1 and micro_batch_size > 2 and updates >= 2:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
+    if mode == "auto" and micro_batch_size > 4:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    if mode == "raise" and rank == 1 and updates == 2:
+        raise RuntimeError(f"injected failure on rank 1 in update 3 at t={time.time():.3f}")
+
+
+def after_forward(losses: torch.Tensor, updates: int) -> torch.Tensor:
+    if (mode == "nan" and rank == 1 and updates == 3) or (mode == "nan_always" and updates >= 1):
+        return losses * float("nan")
+    return losses
+
+
+def before_checkpoint_rename(tmp: str) -> None:
+    if mode == "save_crash" and tmp.endswith("step-4"):
+        os._exit(9)  # as abrupt as a kill: no cleanup, no exception handling
+
+
+run(compose_cfg(*overrides, f"output_dir={run_dir}"),
+    hooks=LoopHooks(before_forward=before_forward, after_forward=after_forward,
+                    before_checkpoint_rename=before_checkpoint_rename))

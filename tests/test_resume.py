@@ -1,0 +1,223 @@
+"""Nothing lost: SIGKILL and resume, SIGTERM preemption, interrupted saves, corrupt checkpoints,
+changed settings, rank failure, non-finite updates, bad data. Real processes and real signals."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, TRAIN, _free_port, launch, launch_script, load_params, max_abs_diff, read_metrics
+
+pytestmark = pytest.mark.slow
+
+FAULTS = ROOT / "tests" / "dist" / "faults.py"
+# 64 examples, effective batch 8 (2 ranks x micro 2 x N 2, or 1 rank x micro 2 x N 4), 2 epochs = 16 updates,
+# a checkpoint after every update (the last two kept).
+RESUMABLE = [*TINY, "trainer.micro_batch_size=2", "trainer.effective_batch_size=8", "trainer.epochs=2",
+             "trainer.checkpoint_every=1", "model.dropout=0.1"]
+
+
+def start(run_dir, *overrides, processes=2):
+    """Launch train.py in its own process group, so the test can signal every process of the job."""
+    cmd = [sys.executable, str(TRAIN)] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(TRAIN)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_tree(pid, sig):
+    """Signal a process and all its descendants (torch's launcher puts workers in their own sessions)."""
+    children = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_checkpoint(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not (steps(run_dir) and steps(run_dir)[-1] >= step):  # step-N may already be pruned
+        assert proc.poll() is None, f"run ended before step-{step}: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"no checkpoint step-{step}"
+        time.sleep(0.01)
+
+
+def steps(run_dir):
+    found = []
+    for p in (run_dir / "checkpoints").glob("step-*"):
+        found.append(int(p.name.split("-")[1]))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+    for processes in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"full{processes}")
+        launch(run_dir, *RESUMABLE, processes=processes)
+        runs[processes] = run_dir
+    return runs
+
+
+def assert_same_run(resumed, reference, exact=True):
+    a, b = read_metrics(resumed), read_metrics(reference)
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 16 and a["updates"] == 16
+    assert a["lr_after_update"] == b["lr_after_update"] and a["final_lr"] == b["final_lr"]
+    diff = max_abs_diff(load_params(resumed), load_params(reference))
+    assert diff == 0.0 if exact else diff <= 1e-6
+    assert a["train_losses"] == b["train_losses"]  # every update's logged loss, before and after the resume
+    return a
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path, uninterrupted, processes):
+    run_dir = tmp_path / "run"
+    kill_at = random.Random().randint(2, 7)  # epoch 1 has 8 updates: the resume crosses the epoch boundary
+    proc = start(run_dir, *RESUMABLE, processes=processes)
+    wait_for_checkpoint(run_dir, kill_at, proc)
+    signal_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists(), f"run finished before the kill at {kill_at}"
+    last = steps(run_dir)[-1]
+    launch(run_dir, *RESUMABLE, "resume=auto", processes=processes)
+    m = assert_same_run(run_dir, uninterrupted[processes])
+    assert m["resumed_from"].endswith(f"step-{last}"), (kill_at, m["resumed_from"])
+
+
+def test_sigterm_checkpoints_the_current_update_and_resume_finishes(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *RESUMABLE)
+    wait_for_checkpoint(run_dir, 3, proc)
+    signal_tree(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job step
+    _, err = proc.communicate(timeout=60)
+    # Workers exit with 75; torch's launcher, itself signalled, exits 1 once they are done.
+    assert proc.returncode != 0 and "stopped by a signal after a finished update" in err, err[-3000:]
+    newest = run_dir / "checkpoints" / f"step-{steps(run_dir)[-1]}"
+    record = json.loads((newest / "trainer_state.json").read_text())
+    assert record["position"]["reason"] == "stop signal"
+    assert record["state"]["updates"] == steps(run_dir)[-1] >= 3
+    assert (newest / "random_states_0.pkl").exists() and (newest / "random_states_1.pkl").exists()
+    assert not (run_dir / "metrics.json").exists()
+    launch(run_dir, *RESUMABLE, "resume=auto", processes=2)
+    assert_same_run(run_dir, uninterrupted[2])
+
+
+def test_sigterm_single_process_exit_code(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *RESUMABLE, processes=1)
+    wait_for_checkpoint(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert "Rerun with resume=auto" in err
+
+
+def test_interrupted_save_leaves_previous_checkpoint_as_resume_point(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    with pytest.raises(AssertionError, match="script failed"):
+        launch_script(FAULTS, str(run_dir), "save_crash", *RESUMABLE, processes=1)
+    assert steps(run_dir) == [2, 3] and (run_dir / "checkpoints" / ".tmp-step-4").is_dir()
+    launch(run_dir, *RESUMABLE, "resume=auto", processes=1)
+    m = assert_same_run(run_dir, uninterrupted[1])
+    assert m["resumed_from"].endswith("step-3")
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[1], run_dir)
+    (run_dir / "metrics.json").unlink()
+    assert steps(run_dir) == [14, 15]
+    weights = run_dir / "checkpoints" / "step-15" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = launch(run_dir, *RESUMABLE, "resume=auto", processes=1)
+    assert re.search(r"skipping checkpoint .*step-15: .*model.safetensors is corrupt", proc.stdout + proc.stderr)
+    m = assert_same_run(run_dir, uninterrupted[1])
+    assert m["resumed_from"].endswith("step-14")
+
+
+def test_missing_resume_path_exits_naming_it(tmp_path):
+    missing = tmp_path / "nowhere" / "step-7"
+    proc = launch(tmp_path / "run", *RESUMABLE, f"resume={missing}", processes=1, check=False)
+    assert proc.returncode == 2 and f"resume={missing}: no such checkpoint folder" in proc.stderr
+
+
+def test_resume_with_changed_math_is_refused_unless_forced(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[1], run_dir)
+    (run_dir / "metrics.json").unlink()
+    proc = launch(run_dir, *RESUMABLE, "resume=auto", "optim.lr=2e-3", "trainer.effective_batch_size=16",
+                  processes=1, check=False)
+    assert proc.returncode == 2
+    assert "lr: checkpoint 0.001 -> now 0.002" in proc.stderr
+    assert "effective_batch_size: checkpoint 8 -> now 16" in proc.stderr
+    assert not (run_dir / "metrics.json").exists()
+    proc = launch(run_dir, *RESUMABLE, "resume=auto", "optim.lr=2e-3", "resume_force=true", processes=1)
+    assert read_metrics(run_dir)["resumed_from"].endswith("step-15")
+
+
+def test_rank_failure_ends_the_job_quickly_with_the_error(tmp_path):
+    started = time.time()
+    with pytest.raises(AssertionError) as failure:
+        launch_script(FAULTS, str(tmp_path / "run"), "raise", *RESUMABLE, timeout=120)
+    ended = time.time()
+    text = str(failure.value)
+    raised_at = float(re.search(r"injected failure on rank 1 in update 3 at t=([0-9.]+)", text).group(1))
+    assert ended - raised_at < 30, f"job outlived the failure by {ended - raised_at:.1f} s"
+    assert ended - started < 120
+
+
+def test_non_finite_update_is_skipped_on_every_rank(tmp_path):
+    base = [*TINY, "trainer.micro_batch_size=2", "trainer.effective_batch_size=8", "optim.scheduler=constant",
+            "optim.warmup_ratio=0"]
+    nan_run, reference = tmp_path / "nan", tmp_path / "ref"
+    launch_script(FAULTS, str(nan_run), "nan", *base, "trainer.max_steps=4")
+    launch(reference, *base, "trainer.max_steps=3", processes=2)
+    m = read_metrics(nan_run)
+    assert (m["updates"], m["optimizer_steps"], m["skipped_updates"]) == (4, 3, 1)
+    assert m["lr_after_update"] == read_metrics(reference)["lr_after_update"] + [m["lr_after_update"][-1]]
+    assert max_abs_diff(load_params(nan_run), load_params(reference)) == 0.0  # update 4 changed nothing
+
+
+def test_too_many_non_finite_updates_abort(tmp_path):
+    proc = subprocess.run([sys.executable, str(FAULTS), str(tmp_path / "run"), "nan_always", *TINY,
+                           "trainer.max_bad_steps=2", "trainer.max_steps=10"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "2 updates in a row had a non-finite loss or gradient (trainer.max_bad_steps=2)" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_bad_data_stops_before_training_without_a_finished_looking_run(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\ngood,1\nbad,0\n")
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, "model=tiny", "data=csv", f"data.train_file={bad}", check=False)
+    assert proc.returncode == 2
+    assert f"error: {bad}: no column 'text'" in proc.stderr
+    assert "updates:" not in proc.stderr  # no training started
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model").exists()
+    assert not (run_dir / "checkpoints").exists()
