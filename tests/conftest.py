@@ -30,6 +30,8 @@ TINY = [
 def compose_cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
+    import dist_gacc  # noqa: F401  (registers resolvers and hydra/launcher=accelerate, as train.py does)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

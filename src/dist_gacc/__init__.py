@@ -4,6 +4,7 @@ from .resolvers import register as _register_resolvers
 
 _register_resolvers()
 
+from hydra_plugins.dist_gacc_launcher import accelerate_launcher  # noqa: E402,F401  (hydra/launcher=accelerate)
 from .run import main, run  # noqa: E402
 
 __all__ = ["main", "run"]

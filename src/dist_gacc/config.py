@@ -72,6 +72,9 @@ class TrainerConfig:
     dist_timeout_s: int = 1800
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+    early_stopping_patience: int | None = None
+    save_best: bool = False
+    log_with: str | list | None = "tensorboard"
     max_bad_steps: int = 5
     batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
     loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
@@ -85,6 +88,14 @@ class TrainerConfig:
         _int(p + "auto_micro_batch_cap", self.auto_micro_batch_cap, 1)
         _int(p + "checkpoint_every", self.checkpoint_every, 1, allow_none=True)
         _int(p + "keep_checkpoints", self.keep_checkpoints, 1)
+        _int(p + "early_stopping_patience", self.early_stopping_patience, 1, allow_none=True)
+        if not isinstance(self.save_best, bool):
+            raise ConfigError(f"trainer.save_best must be true or false, got {self.save_best!r}")
+        trackers = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with or [])
+        known = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                 "swanlab", "trackio")
+        for tracker in trackers:
+            _choice(p + "log_with", tracker, known)
         _int(p + "max_bad_steps", self.max_bad_steps, 1)
         _choice(p + "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
         _choice(p + "loss_normalisation", self.loss_normalisation, NORMALISATIONS)

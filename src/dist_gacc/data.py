@@ -68,14 +68,14 @@ def dedupe(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
         if text in first and first[text] != label:
             conflicting.add(text)
         first.setdefault(text, label)
-    kept = [(t, l) for t, l in first.items() if t not in conflicting]
-    return [t for t, _ in kept], [l for _, l in kept]
+    kept = [(text, label) for text, label in first.items() if text not in conflicting]
+    return [text for text, _ in kept], [label for _, label in kept]
 
 
 def as_dataset(texts: list[str], labels: list[str], names: list[str]) -> Dataset:
     features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=names)})
     index = {name: i for i, name in enumerate(names)}
-    return Dataset.from_dict({TEXT: texts, LABEL: [index[l] for l in labels]}, features=features)
+    return Dataset.from_dict({TEXT: texts, LABEL: [index[label] for label in labels]}, features=features)
 
 
 # --- user files and the Hub --------------------------------------------------------------------

@@ -30,6 +30,7 @@ class LoopSettings:
     evaluate: bool = True   # False: no evaluation at all (scripts/verify_equivalence.py)
     max_bad_steps: int = 5  # consecutive non-finite updates before giving up
     fp16: bool = False      # the GradScaler handles inf gradients itself
+    patience: int | None = None  # early stopping: evaluations without a validation-F1 gain
 
 
 @dataclass
@@ -58,6 +59,9 @@ class LoopState:
     grad_norms: list[float] = field(default_factory=list)  # before clipping
     history: list[dict] = field(default_factory=list)      # one entry per evaluation
     batch_size_changes: list[dict] = field(default_factory=list)  # out-of-memory fallbacks
+    best: dict | None = None     # the evaluation with the highest validation F1 so far
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 class WindowOutOfMemory(Exception):
@@ -109,12 +113,18 @@ class Loop:
     position: dict | None = None
     checkpointer: object | None = None
     stop_requested: Callable[[], bool] = lambda: False
+    on_new_best: Callable[[], None] | None = None       # collective: e.g. save the model
+    log_fn: Callable[[dict, int], None] | None = None   # trackers: (values, update)
 
     def __post_init__(self):
         self.hooks = self.hooks or LoopHooks()
         s = self.settings
         self.state = self.state or LoopState(s.micro_batch_size, s.grad_accum_steps)
         self.accelerator.gradient_accumulation_steps = self.state.grad_accum_steps
+        self.last_update_time = time.perf_counter()
+
+    def done(self) -> bool:
+        return self.state.updates >= self.settings.total_updates or self.state.stopped_early
 
     def run(self) -> LoopState:
         s, state = self.settings, self.state
@@ -123,14 +133,14 @@ class Loop:
         loader = self.make_loader(state.micro_batch_size)
         start_window = (self.position or {}).get("window", 0)
         self.model.train()
-        while state.updates < s.total_updates:
+        while not self.done():
             try:
                 self.epoch(loader, start_window)
             except WindowOutOfMemory as oom:
                 loader, start_window = self.fall_back(loader), oom.window  # redo that window, smaller
                 continue
-            if state.updates >= s.total_updates and self.window_in_epoch < self.windows_per_epoch:
-                break  # stopped mid-epoch at the last update
+            if self.done() and self.window_in_epoch < self.windows_per_epoch:
+                break  # stopped mid-epoch (last update, or early stopping)
             state.epoch, start_window = state.epoch + 1, 0
             if s.evaluate and not s.eval_every:
                 self.record_eval()
@@ -142,7 +152,7 @@ class Loop:
 
     def epoch(self, loader, start_window: int) -> None:
         """Train epoch `state.epoch` from window `start_window` to its end or to the last update."""
-        acc, state, s = self.accelerator, self.state, self.settings
+        acc, state = self.accelerator, self.state
         n, batches_per_rank = state.grad_accum_steps, len(loader)
         self.windows_per_epoch = math.ceil(batches_per_rank / n)
         self.window_in_epoch = start_window
@@ -169,7 +179,7 @@ class Loop:
             if acc.sync_gradients:
                 self.window_in_epoch = batch_index // n + 1
                 self.after_update(numbers)
-                if state.updates >= s.total_updates:
+                if self.done():
                     loader.end()
                     return
 
@@ -276,6 +286,12 @@ class Loop:
         state.losses.append(loss_sum / count)
         state.grad_norms.append(norm)
         state.lrs.append(self.scheduler.get_last_lr()[0])
+        now = time.perf_counter()
+        if self.log_fn is not None:
+            self.log_fn({"train/loss": state.losses[-1], "train/lr": state.lrs[-1], "train/grad_norm": norm,
+                         "train/samples_per_second": count / max(now - self.last_update_time, 1e-9),
+                         "train/micro_batch_size": state.micro_batch_size}, state.updates)
+        self.last_update_time = now
         if state.bad_in_row >= s.max_bad_steps:
             raise TrainingError(f"{state.bad_in_row} updates in a row had a non-finite loss or gradient "
                                 f"(trainer.max_bad_steps={s.max_bad_steps}); last good parameters are in the "
@@ -293,7 +309,7 @@ class Loop:
             self.save_checkpoint(self.window_in_epoch, reason="checkpoint_every")
 
     def save_checkpoint(self, window: int, reason: str, force: bool = False) -> str | None:
-        if self.checkpointer is None or (not force and self.state.updates >= self.settings.total_updates):
+        if self.checkpointer is None or (not force and self.done()):
             return None  # the final model is saved by the caller
         position = {"epoch": self.state.epoch, "window": window, "reason": reason}
         return self.checkpointer.save(self.state, position)
@@ -324,7 +340,6 @@ class Loop:
         state = self.state
         started = time.perf_counter()
         metrics = self.evaluate_fn()
-        state.eval_seconds += time.perf_counter() - started
         previous = state.history[-1]["update"] if state.history else 0
         since = [x for x in state.losses[previous:] if math.isfinite(x)]
         entry = {"update": state.updates, "optimizer_step": state.optimizer_steps, "epoch": state.epoch,
@@ -333,3 +348,17 @@ class Loop:
         state.history.append(entry)
         log.info("update %d: train loss %.4f | validation f1 %.4f accuracy %.4f", entry["update"],
                  entry["train_loss"], entry["f1"], entry["accuracy"])
+        if self.log_fn is not None:
+            self.log_fn({"eval/f1": entry["f1"], "eval/accuracy": entry["accuracy"]}, state.updates)
+        if state.best is None or entry["f1"] > state.best["f1"]:
+            state.best, state.evals_since_best = entry, 0
+            if self.on_new_best is not None:
+                self.on_new_best()
+        else:
+            state.evals_since_best += 1
+            if self.settings.patience and state.evals_since_best >= self.settings.patience:
+                state.stopped_early = True
+                log.info("early stopping: no validation F1 gain in %d evaluations (best %.4f at update %d)",
+                         state.evals_since_best, state.best["f1"], state.best["update"])
+        state.eval_seconds += time.perf_counter() - started
+        self.last_update_time += time.perf_counter() - started  # samples/s counts training time only

@@ -66,6 +66,7 @@ def embedded_model(name: str) -> str:
 
 def register() -> None:
     for name, fn in {
+        "mul": lambda a, b: float(a) * float(b),  # e.g. optim.lr: ${mul:${lr_unit},3}
         "run_stamp": run_stamp,
         "main_rank_only": main_rank_only,
         "embedded_model": embedded_model,

@@ -31,10 +31,17 @@ from .loop import LoopHooks, LoopSettings, LoopState, Preempted, is_out_of_memor
 log = get_logger(__name__)
 
 
+def trackers(log_with) -> list[str] | None:
+    names = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    names = [n for n in names if n != "none"]
+    return names or None
+
+
 def build_accelerator(rc: RunConfig) -> Accelerator:
     t = rc.trainer
     return Accelerator(
         mixed_precision=t.mixed_precision,
+        log_with=trackers(t.log_with),
         # Accelerate's prepared scheduler steps once per process per update unless told otherwise;
         # the loop steps it itself, once per real optimizer update.
         step_scheduler_with_optimizer=False,
@@ -123,7 +130,7 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
 
     settings = LoopSettings(micro, grad_accum_steps, total_updates, t.max_grad_norm, t.eval_every,
                             t.log_every, exact=t.loss_normalisation == "exact", max_bad_steps=t.max_bad_steps,
-                            fp16=t.mixed_precision == "fp16")
+                            fp16=t.mixed_precision == "fp16", patience=t.early_stopping_patience)
     log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d",
              world, micro, grad_accum_steps, world, effective)
     scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
@@ -232,22 +239,35 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
                  position["epoch"], position["window"])
     checkpointer = checkpoint.Checkpointer(acc, rc.output_dir, t.checkpoint_every, t.keep_checkpoints, current,
                                            before_rename=hooks.before_checkpoint_rename)
+    keep_best = t.save_best or t.early_stopping_patience is not None
+    if acc.log_with:  # TensorBoard writes to <run>/tensorboard; the whole config becomes hyperparameters
+        acc.init_trackers("tensorboard", config=flat_hparams(cfg))
 
     loop_start = time.perf_counter()
     with StopSignals() as stop:
         state = train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
                       make_loader=job.make_loader, train_examples=len(job.splits["train"]),
                       settings=job.settings, evaluate_fn=lambda: evaluate_split("validation"), hooks=hooks,
-                      state=state, position=position, checkpointer=checkpointer, stop_requested=stop)
+                      state=state, position=position, checkpointer=checkpointer, stop_requested=stop,
+                      on_new_best=(lambda: save_model(job)) if keep_best else None,
+                      log_fn=(lambda values, step: acc.log(values, step=step)) if acc.log_with else None)
     train_seconds = time.perf_counter() - loop_start - state.eval_seconds
     final = state.history[-1]  # the loop always evaluates after its last update
-    if "predictions" not in latest:  # resumed after the last evaluation: predictions for the csv
+    if keep_best:  # model/ already holds the best model; evaluate that one from here on
+        load_saved_model(job)
+        latest.clear()
+    else:
+        save_model(job)
+    if "predictions" not in latest:  # predictions of the model in model/, for the csv
         evaluate_split("validation")
     test = evaluate_split("test") if "test" in job.eval_loaders else None
 
     result = {
         "eval": {"f1": final["f1"], "accuracy": final["accuracy"], "average": average,
                  "num_examples": len(latest["predictions"])},
+        "best": state.best,
+        "stopped_early": state.stopped_early,
+        "model": "best" if keep_best else "final",
         "test": test,
         "history": state.history,
         "train_losses": state.losses,
@@ -276,23 +296,56 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         "label_names": job.label_names,
     }
     save_outputs(job, cfg, result, latest["predictions"])
+    if acc.log_with:
+        acc.end_training()
     log.info("done: %d updates | validation f1 %.4f accuracy %.4f | %.1f samples/s | %.0f s | %s",
              state.optimizer_steps, final["f1"], final["accuracy"], result["train_samples_per_second"],
              result["wall_seconds"], job.rc.output_dir)
     return result
 
 
-def save_outputs(job: Job, cfg: DictConfig, result: dict, predictions) -> None:
-    """Rank 0 writes config, metrics.json, predictions and model/; the others wait."""
-    acc, output_dir = job.accelerator, job.rc.output_dir
+def save_model(job: Job) -> None:
+    """Collective: rank 0 writes model/ (weights, config with label names, tokenizer)."""
+    acc = job.accelerator
+    model_dir = os.path.join(job.rc.output_dir, "model")
     acc.wait_for_everyone()
-    model_dir = os.path.join(output_dir, "model")
     acc.unwrap_model(job.model).save_pretrained(
         model_dir, is_main_process=acc.is_main_process, save_function=acc.save,
         state_dict=acc.get_state_dict(job.model),
     )
     if acc.is_main_process:
         job.tokenizer.save_pretrained(model_dir)
+    acc.wait_for_everyone()
+
+
+def load_saved_model(job: Job) -> None:
+    """Load model/ (the best model) back into the trained model on every rank."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(job.rc.output_dir, "model", "model.safetensors")
+    job.accelerator.unwrap_model(job.model).load_state_dict(load_file(path))
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """The resolved config as flat scalars (`trainer.micro_batch_size`: 32), as trackers want them."""
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            value = node if isinstance(node, (int, float, str, bool)) else str(node)
+            flat[prefix[:-1]] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def save_outputs(job: Job, cfg: DictConfig, result: dict, predictions) -> None:
+    """Rank 0 writes config, metrics.json and predictions (model/ is already written)."""
+    acc, output_dir = job.accelerator, job.rc.output_dir
+    if acc.is_main_process:
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
         names, validation = job.label_names, job.splits["validation"]
@@ -305,6 +358,26 @@ def save_outputs(job: Job, cfg: DictConfig, result: dict, predictions) -> None:
     acc.wait_for_everyone()
 
 
+def check_multirun() -> None:
+    """Multirun inside `accelerate launch` would run every job on every rank: refuse at once.
+    Multirun in one process (Hydra's basic launcher) resets Accelerate's singleton state per job,
+    so jobs may differ in mixed precision."""
+    from accelerate.state import AcceleratorState
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("error: -m (multirun) inside `accelerate launch` would run every job on every rank. Run the "
+                  "sweep with one accelerate launch per job instead:\n  python scripts/train.py -m "
+                  "hydra/launcher=accelerate hydra.launcher.num_processes=N [hydra.launcher.cpu=true] ...",
+                  file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written metrics.json."""
     tmp = f"{path}.tmp"
@@ -314,9 +387,14 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def main(cfg: DictConfig) -> float:
-    """Entry point for scripts/train.py: expected failures end with a message and a documented code."""
+    """Entry point for scripts/train.py: expected failures end with a message and a documented code.
+
+    Returns the objective for Hydra sweepers: the best validation F1 (the final one if not tracked).
+    """
+    check_multirun()
     try:
-        return run(cfg)["eval"]["f1"]
+        result = run(cfg)
+        return (result["best"] or result["eval"])["f1"]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,131 @@
+"""A Hydra launcher that runs each multirun job as its own `accelerate launch`.
+
+    python scripts/train.py -m hydra/launcher=accelerate hydra.launcher.num_processes=2 \
+        trainer.mixed_precision=no,bf16 optim.lr=2e-5,5e-5
+
+Hydra's basic launcher runs jobs one after another inside one process, but Accelerate's state is a
+per-process singleton (a job cannot change mixed precision or process count) and a multirun inside
+`accelerate launch` would run every job on every rank. So each job becomes a fresh
+`accelerate launch` of the same script with the job's overrides and its own run directory; a job
+that fails is reported with its overrides and log, and the sweep goes on with the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AccelerateLauncherConf:
+    _target_: str = "hydra_plugins.dist_gacc_launcher.accelerate_launcher.AccelerateLauncher"
+    num_processes: int = 1          # processes per job (GPUs, or CPU ranks with cpu=true)
+    cpu: bool = False               # real CPU ranks (gloo): ACCELERATE_USE_CPU=1 with --multi_gpu
+    extra_args: list = field(default_factory=list)  # more `accelerate launch` arguments, e.g. [--config_file, x.yaml]
+    timeout_s: Optional[int] = None  # per job; null = none
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="accelerate", node=AccelerateLauncherConf,
+                             provider="dist_gacc")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_processes: int,
+                       mixed_precision: str, extra_args: Sequence[str]) -> list[str]:
+    flags = ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision",
+             mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    if num_processes > 1:
+        flags.insert(0, "--multi_gpu")
+    # hydra.* overrides configure the sweep, not the job; the job runs once, in its own directory.
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *extra_args, script, *job_overrides,
+            f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+
+
+class AccelerateLauncher(Launcher):
+    def __init__(self, num_processes: int = 1, cpu: bool = False, extra_args: Sequence[str] = (),
+                 timeout_s: Optional[int] = None) -> None:
+        self.num_processes, self.cpu = num_processes, cpu
+        self.extra_args, self.timeout_s = list(extra_args), timeout_s
+        self.config: Optional[DictConfig] = None
+        self.hydra_context: Any = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.script = os.path.abspath(sys.argv[0])  # the entry script, run again for each job
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs, each with accelerate launch (%d process%s%s)", len(job_overrides),
+                 self.num_processes, "es" if self.num_processes > 1 else "", ", CPU" if self.cpu else "")
+        results, failed = [], []
+        for offset, overrides in enumerate(job_overrides):
+            num = initial_job_idx + offset
+            result = self._launch_one(num, list(overrides))
+            results.append(result)
+            if result.status == JobStatus.FAILED:
+                failed.append(num)
+        if failed:
+            log.error("%d of %d jobs failed: %s (the others completed)", len(failed), len(job_overrides),
+                      ", ".join(f"#{n}" for n in failed))
+        return results
+
+    def _launch_one(self, num: int, overrides: list[str]) -> JobReturn:
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
+        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        processes = int(sweep_config.hydra.launcher.num_processes)
+        cmd = accelerate_command(self.script, overrides, str(run_dir), processes,
+                                 str(sweep_config.trainer.mixed_precision), self.extra_args)
+        env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if self.cpu else {})}
+        log_path = run_dir / "launch.log"
+        shown = " ".join(filter_overrides(overrides))
+        log.info("\t#%d : %s", num, shown)
+        with open(log_path, "w") as out:
+            try:
+                code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                      timeout=self.timeout_s).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        job = JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
+                        task_name=str(sweep_config.hydra.job.name))
+        if code == 0:
+            job.status, job.return_value = JobStatus.COMPLETED, _job_metric(run_dir)
+        else:
+            log.error("job #%d failed (exit %s): %s\n\tlog: %s", num, code, shown, log_path)
+            job.status = JobStatus.FAILED
+            job._return_value = RuntimeError(f"job #{num} ({shown}) failed with exit {code}; log: {log_path}")
+        return job
+
+
+def _job_metric(run_dir: Path) -> Optional[float]:
+    """The job's objective for sweepers: best validation F1 (final F1 without early stopping)."""
+    import json
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (metrics.get("best") or metrics["eval"])["f1"]

@@ -1,0 +1,118 @@
+"""Sweeps and what users read from them: the accelerate launcher, summaries and plots, trackers,
+early stopping, prediction."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, TINY, TRAIN, _free_port, launch, read_metrics
+
+pytestmark = pytest.mark.slow
+
+SMALL = [*TINY, "trainer.micro_batch_size=4", "trainer.epochs=2"]
+
+
+def sweep(sweep_dir, *overrides, timeout=400):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(TRAIN), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_process_sweep(tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2", "hydra.launcher.cpu=true",
+                 "trainer.mixed_precision=no,bf16", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return sweep_dir
+
+
+def test_launcher_runs_each_job_as_its_own_accelerate_launch(two_process_sweep):
+    jobs = {read_metrics(two_process_sweep / str(i))["mixed_precision"]: i for i in (0, 1)}
+    assert set(jobs) == {"no", "bf16"}  # two precisions in one sweep: impossible in one process
+    for i in (0, 1):
+        m = read_metrics(two_process_sweep / str(i))
+        assert m["world_size"] == 2 and m["optimizer_steps"] == 16
+        assert (two_process_sweep / str(i) / "launch.log").stat().st_size > 0
+
+
+def test_summarize_writes_table_and_plots(two_process_sweep, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(two_process_sweep),
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert len(table) == 2 and set(table["setting"]) == {"trainer.mixed_precision=no", "trainer.mixed_precision=bf16"}
+    assert list(table["effective_batch_size"]) == [8, 8] and list(table["updates"]) == [16, 16]
+    assert table["best_val_f1"].between(0, 1).all() and table["test_f1"].between(0, 1).all()
+    assert "| rotten_tomatoes |" in (tmp_path / "summary.md").read_text()
+    for png in ("val_f1.png", "train_loss.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / png).stat().st_size > 10_000
+
+
+def test_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=accelerate", "hydra.launcher.cpu=true",
+                 "trainer.grad_accum_steps=0,1", *SMALL)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    # (accelerate launch reports a failed worker as exit 1; the worker's own message is in the log)
+    assert "job #0 failed (exit 1): trainer.grad_accum_steps=0" in log and str(tmp_path / "0" / "launch.log") in log
+    assert "trainer.grad_accum_steps must be an integer >= 1, got 0" in (tmp_path / "0" / "launch.log").read_text()
+    assert read_metrics(tmp_path / "1")["optimizer_steps"] == 32  # the other job completed (64/4 x 2 epochs)
+
+
+def test_multirun_inside_accelerate_launch_stops_at_once(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(TRAIN), "-m", "optim.lr=1e-3,2e-3", *SMALL, f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "hydra/launcher=accelerate" in proc.stderr
+    assert not list(tmp_path.glob("*/metrics.json"))
+
+
+def test_basic_launcher_jobs_may_change_precision_in_one_process(tmp_path):
+    proc = sweep(tmp_path, "trainer.mixed_precision=no,bf16", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {read_metrics(tmp_path / str(i))["mixed_precision"] for i in (0, 1)} == {"no", "bf16"}
+
+
+def test_early_stopping_stops_at_the_expected_evaluation(tmp_run):
+    # An LR of 1e-12 leaves predictions unchanged: F1 never improves after the first evaluation, so
+    # patience 2 stops after the third evaluation (update 3) of 16 planned.
+    launch(tmp_run, *SMALL, "optim.lr=1e-12", "optim.warmup_ratio=0", "trainer.eval_every=1",
+           "trainer.early_stopping_patience=2")
+    m = read_metrics(tmp_run)
+    assert m["stopped_early"] and m["updates"] == 3 and len(m["history"]) == 3
+    assert m["best"]["update"] == 1 and m["model"] == "best"
+    assert 0.0 <= m["test"]["f1"] <= 1.0
+
+
+def test_trackers_log_every_update_and_the_config(equivalent_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = equivalent_runs["2x2x2"]
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/f1",
+                "eval/accuracy"):
+        assert tag in tags, tag
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, 17))
+    assert [round(e.value, 5) for e in losses] == [round(x, 5) for x in read_metrics(run_dir)["train_losses"]]
+    assert [e.step for e in events.Scalars("eval/f1")] == [8, 16]
+    assert any("hparams" in str(p) or p.name.replace(".", "").isdigit() for p in (run_dir / "tensorboard").iterdir())
+
+
+def test_predict_prints_one_label_per_input(equivalent_runs, tmp_path):
+    model = f"model={equivalent_runs['1x8x1'] / 'model'}"
+    script = str(ROOT / "scripts" / "predict.py")
+    args = [sys.executable, script, model, "a gorgeous, moving film", "tedious", "fine"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 3 and all(line.split("\t")[0] in ("rotten", "fresh") for line in out)
+    assert [line.split("\t")[2] for line in out] == ["a gorgeous, moving film", "tedious", "fine"]
+    stdin = subprocess.run([sys.executable, script, model, "batch_size=2"], input="one\ntwo\n\nthree\n",
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(stdin) == 3
