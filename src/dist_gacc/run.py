@@ -244,6 +244,7 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         acc.init_trackers("tensorboard", config=flat_hparams(cfg))
 
     loop_start = time.perf_counter()
+    seen_before, eval_before = (state.examples_seen, state.eval_seconds) if state else (0, 0.0)
     with StopSignals() as stop:
         state = train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
                       make_loader=job.make_loader, train_examples=len(job.splits["train"]),
@@ -251,7 +252,7 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
                       state=state, position=position, checkpointer=checkpointer, stop_requested=stop,
                       on_new_best=(lambda: save_model(job)) if keep_best else None,
                       log_fn=(lambda values, step: acc.log(values, step=step)) if acc.log_with else None)
-    train_seconds = time.perf_counter() - loop_start - state.eval_seconds
+    train_seconds = time.perf_counter() - loop_start - (state.eval_seconds - eval_before)  # this process only
     final = state.history[-1]  # the loop always evaluates after its last update
     if keep_best:  # model/ already holds the best model; evaluate that one from here on
         load_saved_model(job)
@@ -291,7 +292,7 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         "mixed_precision": t.mixed_precision,
         "loss_normalisation": t.loss_normalisation,
         "train_examples_seen": state.examples_seen,
-        "train_samples_per_second": state.examples_seen / max(train_seconds, 1e-9),
+        "train_samples_per_second": (state.examples_seen - seen_before) / max(train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - wall_start,
         "label_names": job.label_names,
     }
