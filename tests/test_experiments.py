@@ -24,6 +24,7 @@ def sweep(sweep_dir, *overrides, timeout=400):
 @pytest.fixture(scope="module")
 def two_process_sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep")
+    # Two 2-process jobs that differ in mixed precision: impossible inside one accelerate launch.
     proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2", "hydra.launcher.cpu=true",
                  "trainer.mixed_precision=no,bf16", *SMALL)
     assert proc.returncode == 0, proc.stderr[-4000:]

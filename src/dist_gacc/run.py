@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint, data, metrics, models, optim
 from .accumulation import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
+from .errors import ConfigError
 from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, TrainingError, UserError
 from .loop import LoopHooks, LoopSettings, LoopState, Preempted, is_out_of_memory, smaller_micro_batch, train
 
@@ -95,6 +96,9 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
     t, world = rc.trainer, accelerator.num_processes
+    if cfg.get("num_processes") not in (None, world):
+        raise ConfigError(f"num_processes={cfg.num_processes} but this run has {world} process(es): launch it with "
+                          f"accelerate launch --num_processes {cfg.num_processes}, or through hydra/launcher=accelerate")
     set_seed(rc.seed)
 
     # Data and model. Every rank builds the same tokenizer and the same initial weights.

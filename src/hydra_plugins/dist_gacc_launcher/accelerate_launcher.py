@@ -96,7 +96,8 @@ class AccelerateLauncher(Launcher):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
         run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        processes = int(sweep_config.hydra.launcher.num_processes)
+        # A job may ask for its own process count with the task key num_processes (sweepable).
+        processes = int(sweep_config.get("num_processes") or sweep_config.hydra.launcher.num_processes)
         cmd = accelerate_command(self.script, overrides, str(run_dir), processes,
                                  str(sweep_config.trainer.mixed_precision), self.extra_args)
         env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if self.cpu else {})}
