@@ -85,3 +85,18 @@ def test_cli_refuses_fp16_on_cpu(tmp_run):
         pytest.skip("CUDA present")
     proc = launch(tmp_run, "model=tiny", "trainer.mixed_precision=fp16", check=False)
     assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("task, setting, lr, micro, n, train_cap", [
+    ("english_minilm", "b20_lr2e-5", 2e-5, 20, 1, 2400),
+    ("english_minilm", "b10x6_lr6e-5", 6e-5, 10, 6, 2400),
+    ("chinese_tiny", "b10x2_lr2e-5", 5e-4, 10, 2, 4000),
+    ("chinese_tiny", "b10x6_lr5e-5", 1.25e-3, 10, 6, 4000),
+])
+def test_seed_table_cpu_grid_composes(task, setting, lr, micro, n, train_cap):
+    cfg = compose_cfg("experiment=seed_table_cpu", f"+task={task}", f"+setting={setting}", "output_dir=/tmp/x")
+    rc = load_config(cfg)
+    assert rc.optim.lr == pytest.approx(lr)
+    assert (rc.trainer.micro_batch_size, rc.trainer.grad_accum_steps) == (micro, n)
+    assert rc.data.max_train_samples == train_cap and rc.trainer.early_stopping_patience == 2
+    assert rc.model.name_or_path is None if task == "chinese_tiny" else rc.model.name_or_path
