@@ -2,6 +2,7 @@
 two ranks' gradients are identical, and whether Accelerate called it a sync (boundary) step."""
 
 import json
+import os
 import sys
 
 import torch
@@ -24,6 +25,6 @@ def after_backward(model, sync):
 cfg = compose_cfg(*TINY, "trainer.micro_batch_size=2", "trainer.grad_accum_steps=3", "trainer.max_steps=3",
                   f"output_dir={run_dir}")
 run(cfg, hooks=LoopHooks(after_backward=after_backward))
-if torch.distributed.get_rank() == 0:
+if os.environ["RANK"] == "0":  # run() has ended (and Accelerate has closed the process group)
     with open(out_path, "w") as f:
         json.dump(records, f)
