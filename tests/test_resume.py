@@ -65,10 +65,7 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=120):
 
 
 def steps(run_dir):
-    found = []
-    for p in (run_dir / "checkpoints").glob("step-*"):
-        found.append(int(p.name.split("-")[1]))
-    return sorted(found)
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 @pytest.fixture(scope="module")
