@@ -78,6 +78,10 @@ class TrainerConfig:
     max_bad_steps: int = 5
     batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
     loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
+    group_by_length: bool = False      # micro-batches of similar length: less padding
+    cache_tokenized: bool = True       # keep tokenized splits in the datasets cache between runs
+    compile: bool = False              # torch.compile the model (Accelerate's dynamo plugin, inductor)
+    fused_adamw: str | bool = "auto"   # auto: fused AdamW on CUDA and CPU (measured faster) | true | false
 
     def __post_init__(self):
         p = "trainer."
@@ -89,8 +93,11 @@ class TrainerConfig:
         _int(p + "checkpoint_every", self.checkpoint_every, 1, allow_none=True)
         _int(p + "keep_checkpoints", self.keep_checkpoints, 1)
         _int(p + "early_stopping_patience", self.early_stopping_patience, 1, allow_none=True)
-        if not isinstance(self.save_best, bool):
-            raise ConfigError(f"trainer.save_best must be true or false, got {self.save_best!r}")
+        for key in ("save_best", "group_by_length", "cache_tokenized", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"trainer.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.fused_adamw not in ("auto", True, False):
+            raise ConfigError(f"trainer.fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         trackers = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with or [])
         known = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
                  "swanlab", "trackio")

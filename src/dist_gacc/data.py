@@ -7,15 +7,20 @@ training, and padding happens per batch in the collator.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .config import DataConfig
 from .errors import DataError
@@ -220,13 +225,51 @@ def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:
 
 # --- tokenization and loaders ------------------------------------------------------------------
 
-def tokenize(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
-    """Tokenize every split once (no padding: the collator pads each batch to its longest row)."""
+def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | None = None) -> DatasetDict:
+    """Tokenize every split once (no padding: the collator pads each batch to its longest row).
+
+    With `cache_dir`, the result is kept there under a key of the texts, labels, tokenizer and
+    max_length, so a rerun, a resumed run or a sweep job on the same data loads it instead of
+    tokenizing again. (datasets caches map() results only for datasets backed by files; these
+    splits are built in memory, so the key is computed here.)
+    """
     def encode(batch):
         return tokenizer(batch[TEXT], truncation=True, max_length=max_length)
 
+    if cache_dir is None:
+        return _encode(splits, encode)
+    path = os.path.join(cache_dir, _tokenized_key(splits, tokenizer, max_length))
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    encoded = _encode(splits, encode)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    encoded.save_to_disk(tmp)
+    try:
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written cache entry
+    except OSError:  # another process stored the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(path)
+
+
+def _encode(splits: DatasetDict, encode) -> DatasetDict:
     encoded = splits.map(encode, batched=True, remove_columns=[TEXT], desc="tokenize")
     return encoded.rename_column(LABEL, "labels")
+
+
+def _tokenized_key(splits: DatasetDict, tokenizer, max_length: int) -> str:
+    """A content key: tokenizer (minus the truncation/padding state that encoding leaves in it),
+    max_length, and each split's rows as Arrow IPC bytes (selected rows only, no Python strings)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)
+    digest = hashlib.sha256(f"{type(tokenizer).__name__}|{max_length}|{json.dumps(spec, sort_keys=True)}".encode())
+    for name in sorted(splits):
+        table = splits[name].select_columns([TEXT, LABEL]).with_format("arrow")[:]
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(name.encode())
+        digest.update(memoryview(sink.getvalue()))
+    return digest.hexdigest()[:24]
 
 
 def _collator(tokenizer, pin_memory: bool):
@@ -241,10 +284,34 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+class _LengthGrouped(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from `seed + epoch`: the same on every rank, and a
+    resumed run redraws the order of the epoch it stopped in (Accelerate calls set_epoch)."""
+
+    def __init__(self, micro_batch_size: int, lengths: list[int], seed: int):
+        super().__init__(micro_batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 def train_loader(encoded_train: Dataset, tokenizer, micro_batch_size: int, num_workers: int,
-                 pin_memory: bool, seed: int) -> DataLoader:
-    """Shuffled micro-batches (Accelerate swaps in its seeded sampler when the loader is prepared)."""
-    return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=True,
+                 pin_memory: bool, seed: int, shuffle: bool = True, group_by_length: bool = False) -> DataLoader:
+    """Micro-batches in a seeded order (Accelerate swaps in its seeded sampler for a shuffled loader).
+
+    group_by_length: each micro-batch holds rows of similar length (within random groups of 50
+    micro-batches), so per-batch padding adds fewer pad tokens.
+    """
+    sampler = None
+    if group_by_length:
+        lengths = [len(ids) for ids in encoded_train["input_ids"]]
+        sampler, shuffle = _LengthGrouped(micro_batch_size, lengths, seed), False
+    return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=shuffle, sampler=sampler,
                       collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
                       pin_memory=pin_memory, generator=_own_generator(seed))
 

@@ -19,7 +19,7 @@ import transformers
 from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
                         InitProcessGroupKwargs)
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, data, metrics, models, optim
@@ -56,6 +56,9 @@ def build_accelerator(rc: RunConfig) -> Accelerator:
             DistributedDataParallelKwargs(broadcast_buffers=False),
         ],
         project_dir=rc.output_dir,
+        # The model is compiled in prepare(); dynamic=None lets dynamo mark the padded length dynamic
+        # after its first recompile instead of compiling once per batch length.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
 
 
@@ -80,7 +83,8 @@ class Job:
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
         loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
-                                   pin_memory=self.accelerator.device.type == "cuda", seed=self.rc.seed)
+                                   pin_memory=self.accelerator.device.type == "cuda", seed=self.rc.seed,
+                                   group_by_length=t.group_by_length)
         return self.accelerator.prepare(loader)
 
 
@@ -109,7 +113,8 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
     if dtype is not None:
         model = model.to(dtype)
     with accelerator.main_process_first():
-        encoded = data.tokenize(splits, tokenizer, rc.data.max_length)
+        cache = os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized") if t.cache_tokenized else None
+        encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache)
         metric = metrics.load_metric()
 
     # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
@@ -126,7 +131,9 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
     # The schedule counts optimizer updates. A window covers `effective` examples of the epoch's
     # permutation whatever the split, so an epoch is ceil(examples / effective) updates.
     total_updates = t.max_steps or t.epochs * math.ceil(len(splits["train"]) / effective)
-    optimizer = optim.build_optimizer(model, rc.optim, lr, fused=accelerator.device.type == "cuda")
+    # Fused AdamW measured faster on CUDA and on CPU (docs/benchmarks.md); other devices keep foreach.
+    fused = accelerator.device.type in ("cuda", "cpu") if t.fused_adamw == "auto" else t.fused_adamw
+    optimizer = optim.build_optimizer(model, rc.optim, lr, fused=fused)
     scheduler = optim.build_scheduler(optimizer, rc.optim, total_updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(

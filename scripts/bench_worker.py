@@ -1,0 +1,383 @@
+"""One benchmark measurement per process; scripts/bench.py starts these (not meant for direct use).
+
+    python scripts/bench_worker.py SPEC_JSON [SPEC_JSON ...]   # prints one BENCH_RESULT line per spec
+
+A spec names a `kind` (train | ceiling | comm) and, for train, a `variant`:
+  dist_gacc         this trainer's loop (dist_gacc.loop.Loop, Accelerate, exact normalisation)
+  hand              a minimal hand-written PyTorch loop: loss/N, step every N
+  hf_trainer        transformers' Trainer, made to divide the loss by N (see `run_hf_trainer`)
+  hf_trainer_stock  transformers' Trainer as it ships (for the math check only)
+Every variant trains the same saved model on the same saved, tokenized data, in the same order,
+with AdamW (decay on >=2-D weights), a linear schedule with warm-up, clipping at 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM, SEED = 5e-5, 0.01, 0.1, 1.0, 0
+
+
+# --- shared set-up ---------------------------------------------------------------------------------
+
+def load_model(spec):
+    from transformers import AutoModelForSequenceClassification
+
+    overrides = {}
+    if spec.get("dropout") is not None:
+        overrides = {"hidden_dropout_prob": spec["dropout"], "attention_probs_dropout_prob": spec["dropout"]}
+    torch.manual_seed(SEED)
+    return AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], **overrides)
+
+
+def load_data(spec, world_size: int = 1):
+    """The first micro x N x world x updates rows of the saved (already ordered) tokenized data."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    ds = datasets.load_from_disk(spec["data_dir"])
+    needed = spec["micro"] * spec["accum"] * world_size * total_updates(spec)
+    if needed > len(ds):
+        raise SystemExit(f"bench: {spec['data_dir']} has {len(ds)} rows, {needed} needed")
+    return ds.select(range(needed)), tokenizer
+
+
+def total_updates(spec) -> int:
+    return spec["warmup"] + spec["updates"]
+
+
+def collator(tokenizer, device: str):
+    from dist_gacc.data import _collator
+
+    return _collator(tokenizer, pin_memory=device == "cuda")  # the trainer's own: pad each batch to its longest row
+
+
+def model_flops(model, batch_shapes) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of the matmuls, for the given (B, T) batches.
+
+    6 x (encoder Linear weights) per token, plus attention scores and mixing (12 x L x T^2 x H per
+    sequence), plus the pooler/classifier once per sequence. Embedding lookups, norms and
+    activations are not counted: this is the work a matmul ceiling can be compared with.
+    """
+    enc = head = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if ".encoder." in f".{name}.":
+                enc += module.weight.numel()
+            else:
+                head += module.weight.numel()
+    cfg = model.config
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    return float(sum(6 * b * t * enc + 12 * layers * b * t * t * hidden + 6 * b * head for b, t in batch_shapes))
+
+
+class Timer:
+    """Wall time from the end of update `warmup` to the end of the last update (device synchronised
+    only at those two points, so the measured loop keeps its own host syncs and no more)."""
+
+    def __init__(self, spec):
+        self.warmup, self.last, self.cuda = spec["warmup"], total_updates(spec), spec["device"] == "cuda"
+        self.t0 = self.t1 = None
+
+    def on_update(self, update: int) -> None:
+        if update in (self.warmup, self.last):
+            if self.cuda:
+                torch.cuda.synchronize()
+            if update == self.warmup:
+                self.t0 = time.perf_counter()
+            if update == self.last:
+                self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.t1 - self.t0
+
+
+def memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_accelerate() -> None:
+    """Several specs may run in one process (quick mode): forget the previous Accelerator's
+    singleton state (mixed precision, dynamo plugin). Not needed, and not possible, across ranks."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def decay_groups(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+# --- the three loops ---------------------------------------------------------------------------------
+
+def run_dist_gacc(spec, model, ds, tokenizer, timer):
+    from hydra import compose, initialize_config_dir
+
+    import dist_gacc  # noqa: F401  (resolvers)
+    from dist_gacc import data, optim
+    from dist_gacc.config import load_config
+    from dist_gacc.loop import Loop, LoopSettings
+    from dist_gacc.run import build_accelerator
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+    overrides = [f"trainer.mixed_precision={spec['precision']}", "trainer.log_with=none",
+                 *[f"trainer.{key}=true" for key in ("compile", "sync_each_batch") if spec.get(key)],
+                 f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", f"optim.warmup_ratio={WARMUP_RATIO}",
+                 f"seed={SEED}", f"output_dir={tempfile.mkdtemp(prefix='bench-')}"]
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        rc = load_config(compose(config_name="train", overrides=overrides))
+    acc = build_accelerator(rc)
+    acc.gradient_accumulation_steps = spec["accum"]
+    total = total_updates(spec)
+    optimizer = optim.build_optimizer(model, rc.optim, LR, fused=spec["fused"])
+    scheduler = optim.build_scheduler(optimizer, rc.optim, total)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
+    if spec.get("_prepare_hook"):
+        spec["_prepare_hook"](model)
+
+    def make_loader(micro):
+        return acc.prepare(data.train_loader(ds, tokenizer, micro, spec.get("num_workers", 0),
+                                             pin_memory=spec["device"] == "cuda", seed=SEED,
+                                             shuffle=spec.get("shuffle", False),
+                                             group_by_length=spec.get("group_by_length", False)))
+
+    hooks = spec.get("_hooks")  # comm: counts collectives per update
+    settings = LoopSettings(spec["micro"], spec["accum"], total, MAX_GRAD_NORM, eval_every=None,
+                            log_every=10**9, evaluate=False)
+
+    def on_update(values, update):
+        timer.on_update(update)
+        if hooks is not None:
+            hooks(update)
+
+    state = Loop(accelerator=acc, model=model, optimizer=optimizer, scheduler=scheduler,
+                 make_loader=make_loader, train_examples=len(ds), settings=settings, evaluate_fn=None,
+                 log_fn=on_update).run()
+    return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {"compiled": compiled}
+
+
+def run_hand(spec, model, ds, tokenizer, timer):
+    """What a user would write: loss/N per micro-batch, clip and step every N."""
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    device, n, total = torch.device(spec["device"]), spec["accum"], total_updates(spec)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(decay_groups(model), lr=LR, fused=spec["fused"] or None)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(WARMUP_RATIO * total), total)
+    loader = DataLoader(ds, batch_size=spec["micro"], shuffle=False, collate_fn=collator(tokenizer, spec["device"]),
+                        pin_memory=device.type == "cuda")
+    bf16 = spec["precision"] == "bf16"
+    first_norm = first_loss = None
+    window_loss = 0.0
+    for i, batch in enumerate(loader):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        (loss / n).backward()
+        window_loss = window_loss + loss.detach() / n
+        if (i + 1) % n == 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            update = (i + 1) // n
+            if update == 1:
+                first_norm, first_loss = norm, window_loss  # read once, after the run: no host sync here
+            window_loss = 0.0
+            timer.on_update(update)
+    return model, float(first_norm), float(first_loss), {}
+
+
+def run_hf_trainer(spec, model, ds, tokenizer, timer):
+    """transformers' Trainer on the same batches, in the same order.
+
+    The defect: transformers 5.24 decides whether to divide the loss by N from the model's forward
+    signature. BertForSequenceClassification.forward takes **kwargs, so the Trainer sets
+    `model_accepts_loss_kwargs = True` and assumes the model normalises by `num_items_in_batch` itself;
+    BERT's classification head ignores it and returns the micro-batch mean, so nothing divides by N
+    and the accumulated gradient is N times too large. Setting `model_accepts_loss_kwargs = False`
+    after construction makes the Trainer divide by N, the same math as the other two loops.
+    """
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    recorded = {}
+
+    class SameOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)  # the order the other loops use
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            recorded.setdefault("norm", norm)
+            return norm
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            first_window = recorded.setdefault("losses", [])
+            if len(first_window) < spec["accum"]:
+                first_window.append(loss.detach())
+            return loss
+
+    class TimerCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.on_update(state.global_step)
+
+    total = total_updates(spec)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-trainer-"), per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["accum"], max_steps=total, learning_rate=LR, weight_decay=WEIGHT_DECAY,
+        warmup_steps=round(WARMUP_RATIO * total), lr_scheduler_type="linear", max_grad_norm=MAX_GRAD_NORM,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], seed=SEED,
+        use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16", disable_tqdm=True,
+        dataloader_pin_memory=spec["device"] == "cuda", optim="adamw_torch_fused" if spec["fused"] else "adamw_torch",
+    )
+    trainer = SameOrderTrainer(model=model, args=args, train_dataset=ds, data_collator=collator(tokenizer, spec["device"]),
+                               callbacks=[TimerCallback()])
+    if spec["variant"] == "hf_trainer":
+        trainer.model_accepts_loss_kwargs = False  # the fix: the Trainer now divides each micro-batch loss by N
+    trainer.train()
+    first_loss = float(sum(recorded["losses"])) / spec["accum"]
+    return model, float(recorded["norm"]), first_loss, {}
+
+
+LOOPS = {"dist_gacc": run_dist_gacc, "hand": run_hand, "hf_trainer": run_hf_trainer,
+         "hf_trainer_stock": run_hf_trainer}
+
+
+def train(spec):
+    from dist_gacc.data import _collator  # noqa: F401  (fail early if the package is missing)
+
+    model = load_model(spec)
+    ds, tokenizer = load_data(spec)
+    shapes = [tuple(b["input_ids"].shape) for b in torch.utils.data.DataLoader(
+        ds, batch_size=spec["micro"], collate_fn=collator(tokenizer, spec["device"]))]
+    timed = shapes[spec["warmup"] * spec["accum"]:]
+    flops = model_flops(model, timed)
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_setup = current_rss_mb()
+    timer = Timer(spec)
+    reset_accelerate()
+    model, first_norm, first_loss, extra = LOOPS[spec["variant"]](spec, model, ds, tokenizer, timer)
+    seconds = timer.seconds()
+    result = {
+        "samples_per_s": spec["micro"] * spec["accum"] * spec["updates"] / seconds,
+        "seconds": seconds, "model_tflops_per_s": flops / seconds / 1e12,
+        "tokens_per_sample": sum(b * t for b, t in timed) / (len(timed) * spec["micro"]),
+        "peak_mb": memory_mb(spec["device"]), "setup_rss_mb": rss_setup,
+        "first_grad_norm": first_norm, "first_loss": first_loss, **extra,
+    }
+    if spec.get("save_params"):
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec["save_params"])
+    return result
+
+
+# --- matmul ceiling ----------------------------------------------------------------------------------
+
+def ceiling(spec):
+    """Best median throughput of square matmuls in the benchmark's precision and thread count."""
+    device = torch.device(spec["device"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    best = 0.0
+    for n in spec["sizes"]:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        times = []
+        for i in range(spec["repeats"] + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up products
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        best = max(best, 2 * n**3 / times[len(times) // 2] / 1e12)
+    return {"tflops_per_s": best}
+
+
+# --- communication (run under accelerate launch with 2 processes) ---------------------------------------
+
+def comm(spec):
+    """Count gradient all-reduces per optimizer update with a DDP communication hook, and the other
+    (scalar) collectives by wrapping torch.distributed.all_reduce, in this trainer's loop."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counts = {"grad_passes": 0, "grad_buckets": 0, "grad_bytes": 0, "scalar_allreduces": 0}
+    per_update, marks = [], {"at": dict(counts), "t": None}
+    times = []
+
+    def counting_hook(process_group, bucket):
+        counts["scalar_allreduces"] -= 1  # the bucket's all_reduce below is not a scalar one
+        counts["grad_buckets"] += 1
+        counts["grad_bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+        if bucket.is_last():
+            counts["grad_passes"] += 1
+        return allreduce_hook(process_group, bucket)
+
+    plain_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        counts["scalar_allreduces"] += 1
+        return plain_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce  # Accelerate's reduce() looks it up at call time
+
+    def on_update(update):
+        now = time.perf_counter()
+        per_update.append({k: counts[k] - marks["at"][k] for k in counts})
+        if marks["t"] is not None and update > spec["warmup"]:
+            times.append(now - marks["t"])
+        marks["at"], marks["t"] = dict(counts), now
+
+    spec = {**spec, "_hooks": on_update,
+            "_prepare_hook": lambda model: model.register_comm_hook(None, counting_hook)}
+    model = load_model(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds, tokenizer = load_data(spec, world)
+    run_dist_gacc(spec, model, ds, tokenizer, Timer(spec))
+    dist.all_reduce = plain_all_reduce
+    times.sort()
+    return {"per_update": per_update, "seconds_per_update": times[len(times) // 2], "world_size": world,
+            "rank": int(os.environ.get("RANK", "0"))}
+
+
+KINDS = {"train": train, "ceiling": ceiling, "comm": comm}
+
+
+def main():
+    for arg in sys.argv[1:]:
+        spec = json.loads(arg)
+        torch.set_num_threads(spec["threads"])
+        result = KINDS[spec["kind"]](spec)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("BENCH_RESULT " + json.dumps({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
+                                                 **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
