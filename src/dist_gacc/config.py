@@ -78,6 +78,7 @@ class TrainerConfig:
     max_bad_steps: int = 5
     batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
     loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
+    sync_each_batch: bool = False      # exchange gradients after every micro-batch, not once per window
 
     def __post_init__(self):
         p = "trainer."
@@ -89,6 +90,8 @@ class TrainerConfig:
         _int(p + "checkpoint_every", self.checkpoint_every, 1, allow_none=True)
         _int(p + "keep_checkpoints", self.keep_checkpoints, 1)
         _int(p + "early_stopping_patience", self.early_stopping_patience, 1, allow_none=True)
+        if not isinstance(self.sync_each_batch, bool):
+            raise ConfigError(f"trainer.sync_each_batch must be true or false, got {self.sync_each_batch!r}")
         if not isinstance(self.save_best, bool):
             raise ConfigError(f"trainer.save_best must be true or false, got {self.save_best!r}")
         trackers = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with or [])
