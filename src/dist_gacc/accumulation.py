@@ -32,6 +32,17 @@ def real_examples(dataset_len: int, micro_batch_size: int, batch_index: int, wor
     return max(0, min(micro_batch_size, dataset_len - start))
 
 
+def window_examples(dataset_len: int, micro_batch_size: int, window: int, grad_accum_steps: int,
+                    batches_per_rank: int, world_size: int) -> int:
+    """Real examples in window `window` of an epoch, over all processes: the count the window's mean
+    divides by, known on every rank before the window starts (no communication).
+
+    A window is batches [window*N, (window+1)*N) of every rank, cut at the epoch's end."""
+    batches = range(window * grad_accum_steps, min((window + 1) * grad_accum_steps, batches_per_rank))
+    return sum(real_examples(dataset_len, micro_batch_size, b, world_size, r)
+               for b in batches for r in range(world_size))
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each row, in fp32 at least whatever the autocast (fp64 stays fp64)."""
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,

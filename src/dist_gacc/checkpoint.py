@@ -40,8 +40,12 @@ def _sha256(path: str) -> str:
 
 
 def _manifest(folder: str) -> dict[str, dict]:
+    """Size and SHA-256 of every file, subfolders included (DeepSpeed writes pytorch_model/, FSDP's
+    sharded state dicts write pytorch_model_fsdp_0/ and optimizer_0/), keyed by relative path."""
+    files = sorted(os.path.relpath(os.path.join(root, name), folder)
+                   for root, _, names in os.walk(folder) for name in names)
     return {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
-            for name in sorted(os.listdir(folder)) if name != STATE_FILE and os.path.isfile(os.path.join(folder, name))}
+            for name in files if name != STATE_FILE}
 
 
 def _fsync_dir(path: str) -> None:

@@ -82,6 +82,7 @@ class TrainerConfig:
     cache_tokenized: bool = True       # keep tokenized splits in the datasets cache between runs
     compile: bool = False              # torch.compile the model (Accelerate's dynamo plugin, inductor)
     fused_adamw: str | bool = "auto"   # auto: fused AdamW on CUDA and CPU (measured faster) | true | false
+    sync_each_batch: bool = False      # exchange gradients after every micro-batch, not once per window
 
     def __post_init__(self):
         p = "trainer."
@@ -93,7 +94,7 @@ class TrainerConfig:
         _int(p + "checkpoint_every", self.checkpoint_every, 1, allow_none=True)
         _int(p + "keep_checkpoints", self.keep_checkpoints, 1)
         _int(p + "early_stopping_patience", self.early_stopping_patience, 1, allow_none=True)
-        for key in ("save_best", "group_by_length", "cache_tokenized", "compile"):
+        for key in ("save_best", "group_by_length", "cache_tokenized", "compile", "sync_each_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"trainer.{key} must be true or false, got {getattr(self, key)!r}")
         if self.fused_adamw not in ("auto", True, False):

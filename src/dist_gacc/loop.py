@@ -12,7 +12,7 @@ from accelerate.logging import get_logger
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from tqdm.auto import tqdm
 
-from .accumulation import finish_window, per_example_loss, real_examples
+from .accumulation import finish_window, per_example_loss, real_examples, window_examples
 from .errors import TrainingError, UserError
 
 log = get_logger(__name__)
@@ -31,6 +31,10 @@ class LoopSettings:
     max_bad_steps: int = 5  # consecutive non-finite updates before giving up
     fp16: bool = False      # the GradScaler handles inf gradients itself
     patience: int | None = None  # early stopping: evaluations without a validation-F1 gain
+    # exact, with the window's count known in advance: scale each micro-batch's loss sum by N*W/count
+    # before backward instead of rescaling the gradients after it (the same update; DeepSpeed needs it)
+    prescale: bool = False
+    deepspeed: bool = False  # DeepSpeed clips and steps inside the window's last backward
 
 
 @dataclass
@@ -162,6 +166,9 @@ class Loop:
             loader.set_epoch(state.epoch)
         self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
         for batch_index, batch in enumerate(loader, start=start_window * n):
+            if batch_index % n == 0:  # a window starts
+                self.expected_count = window_examples(self.train_examples, state.micro_batch_size,
+                                                      batch_index // n, n, batches_per_rank, acc.num_processes)
             real = real_examples(self.train_examples, state.micro_batch_size, batch_index,
                                  acc.num_processes, acc.process_index)
             last_of_window = batch_index % n == n - 1 or batch_index == batches_per_rank - 1
@@ -173,7 +180,8 @@ class Loop:
                     if acc.sync_gradients:
                         numbers = self.update()
             except WindowOutOfMemory:
-                self.finish_ddp_iteration(batch)
+                if not self.settings.deepspeed:  # fall_back refuses; no extra backward into DeepSpeed
+                    self.finish_ddp_iteration(batch)
                 loader.end()  # abandoning this pass over the data
                 raise WindowOutOfMemory(batch_index // n) from None
             if acc.sync_gradients:
@@ -201,10 +209,8 @@ class Loop:
             oom = True
         self.agree_on_memory(oom, last_of_window)
         real_sum = losses[:real].sum()
-        # exact: the sum of real per-example losses, normalised once per window in update();
-        # naive: the micro-batch mean (repeats included), which Accelerate then divides by N.
         try:
-            acc.backward(real_sum if s.exact else losses.mean())
+            acc.backward(self.loss_to_backpropagate(real_sum, losses))
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
@@ -221,6 +227,17 @@ class Loop:
         self.window_count += real
         if hooks.after_backward is not None:
             hooks.after_backward(self.model, acc.sync_gradients)
+
+    def loss_to_backpropagate(self, real_sum: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """exact: the sum of real per-example losses, normalised once per window in update(), or, with
+        prescale, already here by N*W/count (Accelerate or DeepSpeed then divide by N, the all-reduce by W);
+        naive: the micro-batch mean (repeats included), which Accelerate then divides by N."""
+        s = self.settings
+        if not s.exact:
+            return losses.mean()
+        if s.prescale:
+            return real_sum * (self.state.grad_accum_steps * self.accelerator.num_processes / self.expected_count)
+        return real_sum
 
     def agree_on_memory(self, oom: bool, last_of_window: bool) -> None:
         """All ranks learn whether any ran out of memory in this window, before gradients are exchanged.
@@ -256,8 +273,10 @@ class Loop:
     def update(self) -> list[float]:
         """Normalise, check, clip and step. Returns [loss sum, examples, stop votes, grad norm]."""
         acc, s, state = self.accelerator, self.settings, self.state
+        if s.deepspeed:
+            return self.update_deepspeed()
         totals = finish_window(acc, self.model, self.window_loss, self.window_count, state.grad_accum_steps,
-                               rescale=s.exact, stop=self.stop_requested())
+                               rescale=s.exact and not s.prescale, stop=self.stop_requested())
         # The norm of the all-reduced gradients: every rank sees the same number.
         norm = acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm or math.inf)
         numbers = torch.cat([totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the one host read
@@ -278,9 +297,37 @@ class Loop:
         self.window_loss, self.window_count = 0, 0
         return numbers
 
+    def update_deepspeed(self) -> list[float]:
+        """DeepSpeed has already clipped (its gradient_clipping), stepped and zeroed the gradients inside
+        the window's last backward; count the update, step our schedule, read its gradient norm."""
+        acc, state = self.accelerator, self.state
+        totals = finish_window(acc, self.model, self.window_loss, self.window_count, state.grad_accum_steps,
+                               rescale=False, stop=self.stop_requested())
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)  # DeepSpeed's norm
+        numbers = [*totals.float().tolist(), math.nan if norm is None else float(norm)]
+        if acc.optimizer_step_was_skipped:  # fp16 overflow: DeepSpeed skipped the step itself
+            state.skipped_updates += 1
+            state.bad_in_row += 1
+            log.warning("update %d skipped by DeepSpeed (fp16 overflow; %d in a row)", state.updates + 1,
+                        state.bad_in_row)
+        elif not math.isfinite(numbers[0]):
+            raise TrainingError(f"non-finite loss in update {state.updates + 1} under DeepSpeed, which steps inside "
+                                "backward: the update was applied and cannot be skipped. Resume from the newest "
+                                "checkpoint with a lower optim.lr.")
+        else:
+            self.scheduler.step()
+            state.optimizer_steps += 1
+            state.bad_in_row = 0
+        self.window_loss, self.window_count = 0, 0
+        return numbers
+
     def after_update(self, numbers: list[float]) -> None:
         state, s = self.state, self.settings
         loss_sum, count, stop_votes, norm = numbers
+        if s.prescale and int(count) != self.expected_count:  # the losses were scaled by the wrong count
+            raise TrainingError(f"update {state.updates + 1}: {int(count)} real examples, but the loss was "
+                                f"pre-scaled for {self.expected_count}; the data sharding is not the one "
+                                "accumulation.real_examples models")
         state.updates += 1
         state.examples_seen += int(count)
         state.losses.append(loss_sum / count)
@@ -317,6 +364,13 @@ class Loop:
     def fall_back(self, loader):
         """Drop the window's partial gradients; halve the micro-batch and double N (same effective batch)."""
         acc, state = self.accelerator, self.state
+        if self.settings.deepspeed:
+            raise UserError(
+                f"out of memory at trainer.micro_batch_size={state.micro_batch_size} under DeepSpeed, which fixes "
+                "train_micro_batch_size_per_gpu and gradient_accumulation_steps when it starts, so the trainer "
+                f"cannot halve the micro-batch mid-run. Restart with trainer.micro_batch_size="
+                f"{smaller_micro_batch(state.micro_batch_size)} and trainer.effective_batch_size set to the same "
+                "effective batch.")
         if state.micro_batch_size == 1:
             raise UserError("out of memory at trainer.micro_batch_size=1: the model does not fit; "
                             "try trainer.mixed_precision=bf16, a shorter data.max_length or a smaller model")

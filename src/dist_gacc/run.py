@@ -19,10 +19,10 @@ import transformers
 from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
                         InitProcessGroupKwargs)
 from accelerate.logging import get_logger
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, data, metrics, models, optim
+from . import checkpoint, data, engines, metrics, models, optim
 from .accumulation import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import ConfigError
@@ -46,6 +46,9 @@ def build_accelerator(rc: RunConfig) -> Accelerator:
         # Accelerate's prepared scheduler steps once per process per update unless told otherwise;
         # the loop steps it itself, once per real optimizer update.
         step_scheduler_with_optimizer=False,
+        # N is set once the micro-batch is known (build); sync_each_batch exchanges gradients after every
+        # micro-batch instead of skipping the all-reduce (DDP) / reduce-scatter (FSDP) inside a window.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_each_batch=t.sync_each_batch),
         # One seeded permutation per epoch, sharded by batch: 1 and 2 processes see the same windows.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=rc.seed),
         kwargs_handlers=[
@@ -96,6 +99,8 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
     rc = load_config(cfg)  # every value checked before any work
     check_machine(rc.trainer)
     accelerator = build_accelerator(rc)
+    engines.check_launch(accelerator)
+    engines.check_supported(accelerator, rc.trainer)
     if not accelerator.is_main_process:  # only the main process prints
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
@@ -124,6 +129,11 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
                                        len(tokenizer), hooks or LoopHooks())
     grad_accum_steps, effective = batch_plan(t, world, micro)
     accelerator.gradient_accumulation_steps = grad_accum_steps
+    engine = engines.engine_name(accelerator)
+    if engine == "deepspeed":
+        ds_values = engines.configure_deepspeed(accelerator, t, micro, grad_accum_steps)
+        log.info("DeepSpeed ZeRO-%d: %s; the loop pre-scales each micro-batch loss and does not clip",
+                 accelerator.state.deepspeed_plugin.zero_stage, ds_values)
     apply_batchnorm_policy(model, t.batchnorm, micro, grad_accum_steps, effective,
                            lambda msg: log.warning(msg, main_process_only=True))
     lr = scaled_lr(rc.optim, effective)
@@ -141,9 +151,11 @@ def build(cfg: DictConfig, hooks: LoopHooks | None = None, dtype: torch.dtype | 
 
     settings = LoopSettings(micro, grad_accum_steps, total_updates, t.max_grad_norm, t.eval_every,
                             t.log_every, exact=t.loss_normalisation == "exact", max_bad_steps=t.max_bad_steps,
-                            fp16=t.mixed_precision == "fp16", patience=t.early_stopping_patience)
-    log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d",
-             world, micro, grad_accum_steps, world, effective)
+                            fp16=t.mixed_precision == "fp16", patience=t.early_stopping_patience,
+                            prescale=engine == "deepspeed", deepspeed=engine == "deepspeed")
+    log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d | engine %s%s",
+             world, micro, grad_accum_steps, world, effective, engine,
+             " | gradients exchanged every micro-batch (sync_each_batch)" if t.sync_each_batch and world > 1 else "")
     scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
                f"{rc.optim.reference_batch_size}" if rc.optim.lr_scaling != "none" else "")
     log.info("lr in effect %.3g%s (schedule %s, warmup %d of %d updates; starts at %.3g) | precision %s | "
@@ -195,7 +207,7 @@ def fingerprint(job: Job) -> dict:
         "seed": rc.seed, "world_size": job.accelerator.num_processes, "mixed_precision": rc.trainer.mixed_precision,
         "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
         "optim": dataclasses.asdict(rc.optim), "model": dataclasses.asdict(rc.model),
-        "data": dataclasses.asdict(rc.data),
+        "data": dataclasses.asdict(rc.data), "engine": engines.engine_name(job.accelerator),
     }
     return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
 
@@ -302,6 +314,8 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         "final_lr": job.scheduler.get_last_lr()[0],
         "mixed_precision": t.mixed_precision,
         "loss_normalisation": t.loss_normalisation,
+        "engine": engines.engine_name(acc),
+        "sync_each_batch": t.sync_each_batch,
         "train_examples_seen": state.examples_seen,
         "train_samples_per_second": (state.examples_seen - seen_before) / max(train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - wall_start,

@@ -1,0 +1,103 @@
+"""What changes under Accelerate's engines (DDP, FSDP, DeepSpeed), and the launches we refuse.
+
+The loop is the same everywhere; three things are engine-specific:
+
+- DeepSpeed owns the window boundary: at the window's last micro-batch `accelerator.backward` runs
+  DeepSpeed's `engine.backward` (which divides the loss by its gradient_accumulation_steps) and then
+  `engine.step()` (clipping with its `gradient_clipping`, the optimizer step, zeroing). Its ZeRO-2
+  gradients live in partitioned buffers, so the exact normalisation cannot rescale them afterwards;
+  instead each micro-batch's loss sum is pre-scaled by N*W / (the window's real examples), a count
+  every rank computes without communication (accumulation.window_examples). DeepSpeed's /N and its
+  mean over W processes then leave exactly the mean over the window's real examples.
+- FSDP shards parameters; reloading the best model into them is not supported here (refused).
+- A launch that does not give the world it asked for is refused before any work (measured with
+  accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from accelerate.utils import DistributedType
+
+from .errors import ConfigError
+
+DEEPSPEED_STAGES = (0, 1, 2)  # ZeRO-3 partitions parameters: saving/reloading the model is not handled here
+
+
+def engine_name(accelerator) -> str:
+    """deepspeed | fsdp | ddp (any multi-process data parallel) | single."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_launch(accelerator) -> None:
+    """Refuse launches where Accelerate silently set up something other than what was launched."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"the launcher started {launched} processes but each sees a world of {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type.value}): they would train independently. Without a "
+            "GPU, set ACCELERATE_USE_CPU=1 for `accelerate launch --multi_gpu` (or --config_file "
+            "conf/accelerate/cpu_2proc.yaml); DeepSpeed through Accelerate needs GPUs for more than one process."
+        )
+    for engine, wanted in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
+        asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+        if asked and accelerator.distributed_type != wanted:
+            raise ConfigError(
+                f"the launch config asks for {engine} but Accelerate set up {accelerator.distributed_type.value} "
+                f"(device {accelerator.device}). Accelerate enables {engine} only on GPUs (and similar "
+                "accelerators); on a CPU it would silently train without it."
+            )
+
+
+def check_supported(accelerator, trainer) -> None:
+    """Settings an engine cannot honour, refused before any work."""
+    engine = engine_name(accelerator)
+    if engine == "deepspeed":
+        if trainer.micro_batch_size == "auto":
+            raise ConfigError("trainer.micro_batch_size=auto is not supported under DeepSpeed: DeepSpeed fixes "
+                              "train_micro_batch_size_per_gpu when it starts. Give a number.")
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage not in DEEPSPEED_STAGES:
+            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported here (stages "
+                              f"{', '.join(map(str, DEEPSPEED_STAGES))}): ZeRO-3 partitions the parameters, "
+                              "and saving and reloading the model are not handled for it")
+    if engine == "fsdp" and (trainer.save_best or trainer.early_stopping_patience is not None):
+        raise ConfigError("trainer.save_best / trainer.early_stopping_patience are not supported under FSDP: "
+                          "reloading the best model into sharded parameters is not implemented. Use checkpoints "
+                          "(trainer.checkpoint_every) and evaluate the one you want, or DDP.")
+
+
+def configure_deepspeed(accelerator, trainer, micro_batch_size: int, grad_accum_steps: int) -> dict:
+    """Fill DeepSpeed's `auto` batch and clipping values from the trainer's; refuse any that disagree.
+
+    Call before `accelerator.prepare`. DeepSpeed must accumulate exactly the trainer's N (the loss
+    pre-scale assumes its division by N) and clip at trainer.max_grad_norm (the loop does not clip
+    under DeepSpeed; left `auto`, Accelerate would fill 1.0). Returns the values in effect.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    world = accelerator.num_processes
+    wanted = {
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "trainer.micro_batch_size"),
+        "gradient_accumulation_steps": (grad_accum_steps, "trainer.grad_accum_steps (N)"),
+        "train_batch_size": (micro_batch_size * grad_accum_steps * world, "the effective batch"),
+        # DeepSpeed reads 0 as "no clipping"
+        "gradient_clipping": (trainer.max_grad_norm or 0.0, "trainer.max_grad_norm"),
+    }
+    for key, (value, source) in wanted.items():
+        have = config.get(key, "auto")
+        if have == "auto":
+            config[key] = value
+        elif not math.isclose(float(have), float(value)):
+            raise ConfigError(
+                f"the DeepSpeed config has {key}={have} but {source} gives {value}: DeepSpeed would "
+                f"{'clip' if key == 'gradient_clipping' else 'accumulate'} differently from the trainer. "
+                f"Set {key}: auto in the DeepSpeed config (the trainer fills it) or change {source}."
+            )
+    return {key: config[key] for key in wanted}
