@@ -72,10 +72,12 @@ def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None 
                   script: Path = TRAIN, launch_args: tuple = ()) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/<config>.yaml` as the README shows it.
     `env` replaces the defaults (ACCELERATE_USE_CPU=1 for real CPU ranks); the caller checks the result."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
            "--main_process_port", str(_free_port()), *launch_args, str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
     return subprocess.run([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -14,7 +14,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 
-from conftest import CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff, read_metrics
+from conftest import (CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff,
+                      read_metrics)
 from dist_gacc.accumulation import real_examples, window_examples
 from dist_gacc.config import TrainerConfig
 from dist_gacc.engines import fill_deepspeed_config
