@@ -61,11 +61,25 @@ def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 3
         str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "tests")}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None = None, timeout: int = 300,
+                  script: Path = TRAIN, launch_args: tuple = ()) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file conf/accelerate/<config>.yaml` as the README shows it.
+    `env` replaces the defaults (ACCELERATE_USE_CPU=1 for real CPU ranks); the caller checks the result."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
+           "--main_process_port", str(_free_port()), *launch_args, str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
+    return subprocess.run([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _free_port() -> int:

@@ -75,20 +75,24 @@ def check_supported(accelerator, trainer) -> None:
 
 
 def configure_deepspeed(accelerator, trainer, micro_batch_size: int, grad_accum_steps: int) -> dict:
-    """Fill DeepSpeed's `auto` batch and clipping values from the trainer's; refuse any that disagree.
+    """Before `accelerator.prepare`: make DeepSpeed's batch and clipping values the trainer's."""
+    return fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, trainer.max_grad_norm,
+                                 micro_batch_size, grad_accum_steps, accelerator.num_processes)
 
-    Call before `accelerator.prepare`. DeepSpeed must accumulate exactly the trainer's N (the loss
-    pre-scale assumes its division by N) and clip at trainer.max_grad_norm (the loop does not clip
-    under DeepSpeed; left `auto`, Accelerate would fill 1.0). Returns the values in effect.
+
+def fill_deepspeed_config(config: dict, max_grad_norm: float | None, micro_batch_size: int,
+                          grad_accum_steps: int, world_size: int) -> dict:
+    """Fill DeepSpeed's `auto` (or missing) batch and clipping values; refuse any that disagree.
+
+    DeepSpeed must accumulate exactly the trainer's N (the loss pre-scale assumes its division by N)
+    and clip at trainer.max_grad_norm (the loop does not clip under DeepSpeed; left `auto`, Accelerate
+    would fill 1.0 whatever the trainer says). Returns the values in effect.
     """
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    world = accelerator.num_processes
     wanted = {
         "train_micro_batch_size_per_gpu": (micro_batch_size, "trainer.micro_batch_size"),
         "gradient_accumulation_steps": (grad_accum_steps, "trainer.grad_accum_steps (N)"),
-        "train_batch_size": (micro_batch_size * grad_accum_steps * world, "the effective batch"),
-        # DeepSpeed reads 0 as "no clipping"
-        "gradient_clipping": (trainer.max_grad_norm or 0.0, "trainer.max_grad_norm"),
+        "train_batch_size": (micro_batch_size * grad_accum_steps * world_size, "the effective batch"),
+        "gradient_clipping": (max_grad_norm or 0.0, "trainer.max_grad_norm"),  # DeepSpeed: 0 = no clipping
     }
     for key, (value, source) in wanted.items():
         have = config.get(key, "auto")

@@ -192,7 +192,7 @@ class Loop:
                     return
 
     def micro_step(self, batch, real: int, last_of_window: bool) -> None:
-        acc, s, hooks = self.accelerator, self.settings, self.hooks
+        acc, hooks = self.accelerator, self.hooks
         labels = batch.pop("labels")
         oom, self.armed = False, None
         try:

@@ -1,0 +1,59 @@
+"""Run under `accelerate launch` with 2 ranks: the same float64 training three ways, counting DDP's
+gradient all-reduces with a comm hook.
+
+    comm_count.py <out.json> <run_dir>
+
+baseline          trainer.sync_each_batch=false (all-reduce once per window)
+sync_each_batch   trainer.sync_each_batch=true (all-reduce after every micro-batch)
+prescale          the DeepSpeed route without DeepSpeed: each micro-batch loss pre-scaled by N*W/count
+                  before Accelerate's /N and DDP's mean, no gradient rescale afterwards
+37 examples, micro-batch 3, N 2, 2 ranks: 7 micro-batches per rank in 4 windows (12, 12, 12, 1 examples).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from conftest import TINY, compose_cfg
+from dist_gacc.loop import train
+from dist_gacc.run import build
+
+out_path, run_dir = sys.argv[1], sys.argv[2]
+OVERRIDES = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "trainer.grad_accum_steps=2",
+             "trainer.max_steps=4", "trainer.log_with=none"]
+
+
+def trained(name: str, *overrides: str, prescale: bool = False) -> dict:
+    job = build(compose_cfg(*OVERRIDES, *overrides, f"output_dir={run_dir}/{name}"), dtype=torch.float64)
+    job.settings = dataclasses.replace(job.settings, evaluate=False, prescale=prescale)
+    calls = [0]
+
+    def counting_allreduce(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(None, bucket)
+
+    job.model.register_comm_hook(None, counting_allreduce)
+    initial = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
+    state = train(accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+                  make_loader=job.make_loader, train_examples=len(job.splits["train"]), settings=job.settings,
+                  evaluate_fn=None)
+    params = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
+    return {"allreduces": calls[0], "params": params, "initial": initial, "losses": state.losses,
+            "updates": state.optimizer_steps}
+
+
+runs = {"baseline": trained("baseline"),
+        "sync_each_batch": trained("sync_each_batch", "trainer.sync_each_batch=true"),
+        "prescale": trained("prescale", prescale=True)}
+base = runs["baseline"]["params"]
+record = {name: {"allreduces": r["allreduces"], "updates": r["updates"], "losses": r["losses"],
+                 "max_abs_diff": max((r["params"][k] - base[k]).abs().max().item() for k in base)}
+          for name, r in runs.items()}
+record["moved"] = max((base[k] - runs["baseline"]["initial"][k]).abs().max().item() for k in base)
+if os.environ["RANK"] == "0":
+    with open(out_path, "w") as f:
+        json.dump(record, f)

@@ -1,0 +1,200 @@
+"""Beyond one machine: launch configs, 2 CPU ranks through them, sync_each_batch, the DeepSpeed route
+(pre-scaled losses), refused launches, FSDP/DeepSpeed on GPUs. Real processes, no mocks."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils import DistributedType
+
+from conftest import (CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff,
+                      read_metrics)
+from dist_gacc.accumulation import real_examples, window_examples
+from dist_gacc.config import TrainerConfig
+from dist_gacc.engines import fill_deepspeed_config
+from dist_gacc.errors import ConfigError
+
+CONFIGS = {  # file: (distributed type, total processes, machines)
+    "single_gpu": (DistributedType.NO, 1, 1),
+    "multi_gpu": (DistributedType.MULTI_GPU, 8, 1),
+    "multi_node_2x8": (DistributedType.MULTI_GPU, 16, 2),
+    "fsdp": (DistributedType.FSDP, 8, 1),
+    "deepspeed_zero2": (DistributedType.DEEPSPEED, 8, 1),
+    "cpu_2proc": (DistributedType.MULTI_GPU, 2, 1),
+}
+
+
+def test_launch_configs_load_with_accelerates_loader():
+    assert {p.stem for p in (CONF / "accelerate").glob("*.yaml")} == set(CONFIGS)
+    # accelerate launch copies fsdp_config/deepspeed_config entries onto its arguments: a key it has no
+    # argument for would be silently ignored, so check them against the parser.
+    arguments = {action.dest for action in launch_command_parser()._actions}
+    readme = (ROOT / "README.md").read_text()
+    for name, (kind, processes, machines) in CONFIGS.items():
+        config = load_config_from_file(str(CONF / "accelerate" / f"{name}.yaml"))  # unknown top-level keys raise
+        assert (config.distributed_type, config.num_processes, config.num_machines) == (kind, processes, machines)
+        for key in config.fsdp_config:
+            assert (key if key.startswith("fsdp") else f"fsdp_{key}") in arguments, (name, key)
+        for key in config.deepspeed_config:
+            assert key in arguments, (name, key)
+        assert f"--config_file conf/accelerate/{name}.yaml" in readme, name
+    fsdp = load_config_from_file(str(CONF / "accelerate" / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_reshard_after_forward"] is True and fsdp["fsdp_version"] == 2  # full shard
+
+
+def test_sync_each_batch_is_validated():
+    assert TrainerConfig(sync_each_batch=True).sync_each_batch is True
+    with pytest.raises(ConfigError, match="trainer.sync_each_batch must be true or false, got 'yes'"):
+        TrainerConfig(sync_each_batch="yes")
+
+
+@pytest.mark.parametrize("n, micro, world", [(37, 3, 2), (64, 2, 2), (10, 4, 3), (5, 8, 2)])
+def test_window_examples_counts_every_real_example_once(n, micro, world):
+    batches_per_rank = math.ceil(math.ceil(n / micro) / world)
+    for accum in (1, 2, 4):
+        windows = math.ceil(batches_per_rank / accum)
+        counts = [window_examples(n, micro, w, accum, batches_per_rank, world) for w in range(windows)]
+        assert sum(counts) == n and min(counts) > 0
+        assert counts[0] == sum(real_examples(n, micro, b, world, r)
+                                for b in range(min(accum, batches_per_rank)) for r in range(world))
+
+
+def test_deepspeed_values_filled_from_the_trainer_or_refused():
+    config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    filled = fill_deepspeed_config(config, 0.5, micro_batch_size=4, grad_accum_steps=3, world_size=8)
+    assert filled == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3,
+                      "train_batch_size": 96, "gradient_clipping": 0.5}
+    assert fill_deepspeed_config({}, None, 4, 3, 8)["gradient_clipping"] == 0.0  # no clipping
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2 but trainer.grad_accum_steps \(N\) gives 3"):
+        fill_deepspeed_config({"gradient_accumulation_steps": 2}, 1.0, 4, 3, 8)
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0 but trainer.max_grad_norm gives 0.5"):
+        fill_deepspeed_config({"gradient_clipping": 1.0}, 0.5, 4, 3, 8)
+
+
+@pytest.mark.slow
+def test_cpu_2proc_config_gives_two_ranks_and_the_same_updates(tmp_run, equivalent_runs):
+    proc = launch_config(tmp_run, "cpu_2proc", *TINY, "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2",
+                         "trainer.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours, reference = read_metrics(tmp_run), read_metrics(equivalent_runs["1x8x1"])  # 1 process, 8 x 1
+    assert (ours["world_size"], ours["engine"], ours["effective_batch_size"]) == (2, "ddp", 8)
+    assert ours["optimizer_steps"] == reference["optimizer_steps"] == 16
+    assert max_abs_diff(load_params(tmp_run), load_params(equivalent_runs["1x8x1"])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_that_each_see_a_world_of_one_are_refused(tmp_run):
+    # cpu_2proc.yaml without ACCELERATE_USE_CPU: accelerate starts 2 processes, each its own world of 1
+    proc = launch_config(tmp_run, "cpu_2proc", *TINY, env={"ACCELERATE_USE_CPU": "0"})
+    assert proc.returncode != 0
+    assert "the launcher started 2 processes but each sees a world of 1" in proc.stderr
+    assert not (tmp_run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_sync_each_batch_exchanges_every_micro_batch_with_the_same_updates(tmp_path):
+    """Also the DeepSpeed route's arithmetic on 2 ranks: pre-scaled losses, no rescale afterwards."""
+    out = tmp_path / "records.json"
+    launch_script(ROOT / "tests" / "dist" / "comm_count.py", str(out), str(tmp_path / "runs"))
+    r = json.loads(out.read_text())
+    # 7 micro-batches per rank in 4 windows; the tiny model's gradients fit one DDP bucket
+    assert (r["baseline"]["allreduces"], r["sync_each_batch"]["allreduces"], r["prescale"]["allreduces"]) == (4, 7, 4)
+    for name in ("sync_each_batch", "prescale"):
+        assert r[name]["updates"] == 4
+        assert r[name]["max_abs_diff"] <= 1e-12, name  # float64
+        assert r[name]["losses"] == pytest.approx(r["baseline"]["losses"], rel=1e-12)
+    assert r["moved"] > 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_is_refused(tmp_run):
+    # Measured (accelerate 1.15): FSDP is enabled only for GPU-like distributed types; with
+    # ACCELERATE_USE_CPU=1 the model was silently wrapped in DDP instead. The trainer refuses that.
+    proc = launch_config(tmp_run, "fsdp", *TINY, launch_args=("--num_processes", "2"))
+    assert proc.returncode != 0
+    assert "the launch config asks for FSDP but Accelerate set up MULTI_CPU" in proc.stderr
+
+
+RAGGED = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
+          "trainer.epochs=2", "trainer.checkpoint_every=3", "trainer.log_with=none"]  # windows 12, 12, 12, 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (.[deepspeed])")
+def test_deepspeed_zero2_one_cpu_process_matches_the_plain_loop(tmp_path):
+    """DeepSpeed divides by its N, clips and steps inside backward; the pre-scaled losses keep every
+    update the exact window mean (ragged last window). Accelerate runs DeepSpeed on a CPU only as
+    one process (with 2, its state counts 1 process while DeepSpeed counts 2)."""
+    plain, ds = tmp_path / "plain", tmp_path / "deepspeed"
+    launch(plain, *RAGGED)
+    proc = launch_config(ds, "deepspeed_zero2", *RAGGED, env={"DS_ACCELERATOR": "cpu"},
+                         launch_args=("--num_processes", "1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = read_metrics(plain), read_metrics(ds)
+    assert (a["optimizer_steps"], b["optimizer_steps"], b["engine"]) == (8, 8, "deepspeed")
+    assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
+    assert max(b["grad_norms"]) > 1.0  # clipping at trainer.max_grad_norm=1.0 mattered (DeepSpeed clipped)
+    assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)  # DeepSpeed's norm, before clipping
+    assert max_abs_diff(load_params(plain), load_params(ds)) <= 1e-6
+    state = json.loads((sorted((ds / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())
+    assert any(name.startswith("pytorch_model/") for name in state["files"])  # DeepSpeed's shards are checked too
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs: accelerate 1.15 enables FSDP only on GPU-like devices "
+                    "(on CPU it silently falls back to DDP, measured; see test_fsdp_config_on_cpu_is_refused)")
+def test_fsdp_full_shard_matches_ddp(tmp_path, equivalent_runs):
+    run = tmp_path / "fsdp"
+    proc = launch_config(run, "fsdp", *TINY, "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2",
+                         "trainer.epochs=2", "trainer.checkpoint_every=5", env={},
+                         launch_args=("--num_processes", "2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert read_metrics(run)["engine"] == "fsdp" and read_metrics(run)["optimizer_steps"] == 16
+    assert max_abs_diff(load_params(run), load_params(equivalent_runs["1x8x1"])) <= 1e-4  # TF32 on GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("deepspeed") is None,
+                    reason="needs 2 CUDA GPUs and deepspeed (with 2 CPU processes Accelerate's process count is wrong)")
+def test_deepspeed_two_gpus_matches_one_process(tmp_path):
+    plain, ds = tmp_path / "plain", tmp_path / "deepspeed"
+    launch(plain, *RAGGED)  # 1 process x 3 x 4 = 12
+    proc = launch_config(ds, "deepspeed_zero2", *RAGGED, "trainer.grad_accum_steps=2", env={},
+                         launch_args=("--num_processes", "2"))  # 2 GPUs x 3 x 2 = 12
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert read_metrics(ds)["train_losses"] == pytest.approx(read_metrics(plain)["train_losses"], rel=1e-4)
+    assert max_abs_diff(load_params(plain), load_params(ds)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_one_run(tmp_path, equivalent_runs):
+    """scripts/slurm_node.sh as srun starts it on each of 2 nodes (1 process each), driven by the
+    SLURM variables; both "nodes" are this machine, rendezvous on 127.0.0.1."""
+    run_dir = tmp_path / "shared" / "run"
+    env = {**os.environ, "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "MAIN_ADDR": "127.0.0.1",
+           "MAIN_PORT": str(_free_port()), "RUN_DIR": str(run_dir), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    nodes = [subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_node.sh"), *TINY, "trainer.micro_batch_size=2",
+                               "trainer.grad_accum_steps=2", "trainer.epochs=2"],
+                              cwd=tmp_path, env={**env, "SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "node 1/2" in outputs[1][0]
+    assert list(tmp_path.rglob("metrics.json")) == [run_dir / "metrics.json"]  # one run, written once
+    metrics = read_metrics(run_dir)
+    assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 16)
+    assert max_abs_diff(load_params(run_dir), load_params(equivalent_runs["1x8x1"])) <= 1e-5
