@@ -110,6 +110,7 @@ def run_workers(specs: list[dict], processes: int = 1) -> list[dict]:
 
 
 def measure(specs: list[dict], quick: bool, processes: int = 1) -> list[dict]:
+    """Quick mode runs a section's specs in one process: rows are checked, timings are not meaningful."""
     if quick:
         return run_workers(specs, processes)
     return [run_workers([s], processes)[0] for s in specs]
@@ -208,12 +209,12 @@ def section_comm(args, inputs):
     """Gradient all-reduces per update with 2 processes (gloo on CPU): accumulate() vs syncing every micro-batch."""
     model = "tiny" if args.quick else "minilm"
     modes = [("accumulate()", 1, False), ("accumulate()", 4, False), ("sync every micro-batch", 4, True)]
+    specs = [base_spec(args, model, inputs, variant="dist_gacc", kind="comm", accum=n, micro=4 if args.quick else 8,
+                       updates=2 if args.quick else 4, threads=max(1, args.threads // 2), device="cpu",
+                       precision="no", sync_each_batch=each) for _, n, each in modes]
+    results = measure(specs, args.quick, processes=2)
     rows = []
-    for label, n, each in modes:
-        spec = base_spec(args, model, inputs, variant="dist_gacc", kind="comm", accum=n, micro=4 if args.quick else 8,
-                         updates=2 if args.quick else 4, threads=max(1, args.threads // 2), device="cpu",
-                         precision="no", sync_each_batch=each)
-        r = run_workers([spec], processes=2)[0]
+    for (label, n, _), r in zip(modes, results):
         passes = [u["grad_passes"] for u in r["per_update"]]
         rows.append({"model": model, "mode": label, "N": n, "grad_allreduces_per_update": passes,
                      "buckets_per_update": r["per_update"][-1]["grad_buckets"],
