@@ -94,7 +94,8 @@ def prepare(model: str, work: Path) -> dict:
 def run_workers(specs: list[dict], processes: int = 1) -> list[dict]:
     """Run the specs in one worker process (quick mode) or one process each; return their results."""
     env = {**os.environ, "OMP_NUM_THREADS": str(specs[0]["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           **specs[0].get("env", {})}
     cmd = [sys.executable, str(WORKER)]
     if processes > 1:
         env["ACCELERATE_USE_CPU"] = "1" if specs[0]["device"] == "cpu" else env.get("ACCELERATE_USE_CPU", "")
@@ -190,17 +191,28 @@ def section_math(args, inputs, work: Path):
 
 
 def section_memory(args, inputs):
-    """Peak memory of this trainer at micro-batch b with N = 1, 2, 4, 8, against one batch of N x b."""
+    """Peak memory of this trainer at micro-batch b with N = 1, 2, 4, 8, against one batch of N x b.
+
+    Every accumulated row trains the same 16 micro-batches (N = 1: 16 updates, N = 8: 2), so the rows
+    differ only in N; b is the speed table's micro-batch.
+    """
     model = "tiny" if args.quick else "minilm"
-    micro = 4 if args.quick else 8
-    ns = [1, 2, 4, 8]
-    specs = [base_spec(args, model, inputs, variant="dist_gacc", micro=micro, accum=n, updates=1) for n in ns]
+    micro = 4 if args.quick else MODELS[model][1]
+    ns, micro_batches = [1, 2, 4, 8], 8 if args.quick else 16
+    specs = [base_spec(args, model, inputs, variant="dist_gacc", micro=micro, accum=n, warmup=1,
+                       updates=micro_batches // n - 1) for n in ns]
     specs += [base_spec(args, model, inputs, variant="dist_gacc", micro=micro * n, accum=1, updates=1) for n in ns[1:]]
     results = measure(specs, args.quick)  # quick: one process, so peak RSS is shared (rows only)
+    # glibc keeps freed blocks in its heap, so peak RSS also counts allocator retention. With a fixed
+    # mmap threshold every large tensor is returned to the OS when freed: RSS then follows live memory
+    # (slower, so only for this column).
+    live = measure([{**spec, "env": {"MALLOC_MMAP_THRESHOLD_": "1048576"}} for spec in specs[:4]], args.quick)
     acc = {s["accum"]: r["peak_mb"] for s, r in zip(specs[:4], results[:4])}
+    acc_live = {s["accum"]: r["peak_mb"] for s, r in zip(specs[:4], live)}
     single = {s["micro"] // micro: r["peak_mb"] for s, r in zip(specs[4:], results[4:])}
     single[1] = acc[1]
-    return [{"model": model, "N": n, "micro": micro, "accumulated_peak_mb": acc[n], "ratio_to_N1": acc[n] / acc[1],
+    return [{"model": model, "N": n, "micro": micro, "micro_batches": micro_batches, "accumulated_peak_mb": acc[n],
+             "ratio_to_N1": acc[n] / acc[1], "live_peak_mb": acc_live[n], "live_ratio_to_N1": acc_live[n] / acc_live[1],
              "single_batch": micro * n, "single_batch_peak_mb": single[n], "single_ratio_to_N1": single[n] / acc[1]}
             for n in ns]
 
@@ -257,6 +269,10 @@ def section_features(args, inputs):
         off_s, on_s = statistics.median(speeds["off"]), statistics.median(speeds["on"])
         rows.append({"model": model, "feature": name, "off": off_s, "on": on_s, "speedup": on_s / off_s,
                      "unit": "samples/s", "setting": where})
+    step = measure([base_spec(args, model, inputs, kind="optimizer_step")], args.quick)[0]
+    rows.append({"model": model, "feature": "fused AdamW (optimizer step alone)", "off": step["foreach"],
+                 "on": step["fused"], "speedup": step["foreach"] / step["fused"], "unit": "ms per step",
+                 "setting": "trainer.fused_adamw=auto"})
     info = inputs[model]
     from hydra import compose, initialize_config_dir
 
@@ -295,6 +311,7 @@ def plot_memory(rows, path: Path) -> None:
     ns = [r["N"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, [r["accumulated_peak_mb"] for r in rows], "o-", label=f"micro-batch {rows[0]['micro']} x N (accumulated)")
+    ax.plot(ns, [r["live_peak_mb"] for r in rows], "^-", label="same, fixed mmap threshold (live memory)")
     ax.plot(ns, [r["single_batch_peak_mb"] for r in rows], "s--", label="one batch of N x micro")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])

@@ -98,7 +98,7 @@ class Timer:
                 self.t1 = time.perf_counter()
 
     def seconds(self) -> float:
-        return self.t1 - self.t0
+        return max(self.t1 - self.t0, 1e-9)  # 0 timed updates (memory rows): no speed
 
 
 def memory_mb(device: str) -> float:
@@ -286,7 +286,7 @@ def train(spec):
     result = {
         "samples_per_s": spec["micro"] * spec["accum"] * spec["updates"] / seconds,
         "seconds": seconds, "model_tflops_per_s": flops / seconds / 1e12,
-        "tokens_per_sample": sum(b * t for b, t in timed) / (len(timed) * spec["micro"]),
+        "tokens_per_sample": sum(b * t for b, t in timed) / max(len(timed) * spec["micro"], 1),
         "peak_mb": memory_mb(spec["device"]), "setup_rss_mb": rss_setup,
         "first_grad_norm": first_norm, "first_loss": first_loss, **extra,
     }
@@ -366,7 +366,28 @@ def comm(spec):
             "rank": int(os.environ.get("RANK", "0"))}
 
 
-KINDS = {"train": train, "ceiling": ceiling, "comm": comm}
+def optimizer_step(spec):
+    """Milliseconds per AdamW step (all parameters, random gradients), foreach vs fused, interleaved."""
+    model = load_model(spec).to(spec["device"])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    times = {"foreach": [], "fused": []}
+    for _ in range(2):
+        for name in times:
+            optimizer = torch.optim.AdamW(decay_groups(model), lr=LR, fused=name == "fused" or None)
+            for i in range(13):
+                if i == 3:  # three warm-up steps
+                    if spec["device"] == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                optimizer.step()
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - started) / 10 * 1e3)
+    return {name: min(values) for name, values in times.items()}
+
+
+KINDS = {"train": train, "ceiling": ceiling, "comm": comm, "optimizer_step": optimizer_step}
 
 
 def main():
