@@ -9,7 +9,7 @@
 # 2. a short fp16 run of scripts/train.py: the GradScaler must have run (its state in the checkpoint)
 # 3. the GPU-only tests: FSDP full shard vs DDP, DeepSpeed ZeRO-2 on 2 GPUs (pytest -m gpu; they skip
 #    with the reason when there are fewer than 2 GPUs or no deepspeed)
-# 4. the benchmark: python scripts/bench.py --device cuda
+# 4. the benchmark: python scripts/bench.py --device cuda --out docs/benchmarks-gpu
 # Every check runs even if an earlier one failed; the exit code is 1 if any failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -99,7 +99,7 @@ fi
 section "fp16 with the GradScaler" fp16_run
 section "GPU-only tests (FSDP vs DDP, DeepSpeed ZeRO-2 on 2 GPUs)" \
     python -m pytest tests/test_engines.py -m gpu -rs -q
-section "benchmark" python scripts/bench.py --device cuda
+section "benchmark" python scripts/bench.py --device cuda --out docs/benchmarks-gpu  # keeps the CPU tables
 
 {
     echo "## Verdict"
