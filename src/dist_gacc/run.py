@@ -321,7 +321,15 @@ def run(cfg: DictConfig, *, hooks: LoopHooks | None = None) -> dict:
         "wall_seconds": time.perf_counter() - wall_start,
         "label_names": job.label_names,
     }
-    save_outputs(job, cfg, result, latest["predictions"])
+    save_outputs(job, cfg, result, latest["predictions"])  # ends with a barrier
+    if acc.num_processes > 1:
+        # torch 2.13 + gloo: the thread that completes a barrier still needs the GIL to free its
+        # tensors. If the main thread destroys the process group first (with the GIL held, when the
+        # DDP model is released or end_training() runs), each waits for the other forever: seen once
+        # in a fresh-clone test run as a finished 2-rank run that never exited (gdb: ~ProcessGroupGloo
+        # joining a runloop thread blocked in take_gil). Releasing the GIL briefly lets those threads
+        # finish first.
+        time.sleep(0.2)
     if acc.log_with:
         acc.end_training()
     log.info("done: %d updates | validation f1 %.4f accuracy %.4f | %.1f samples/s | %.0f s | %s",
