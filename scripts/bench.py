@@ -55,24 +55,28 @@ def parse_args():
 
 # --- inputs: one saved model and one tokenized, ordered dataset per model ---------------------------------
 
+def splits_and_tokenizer(model: str):
+    """The trainer's own config, data splits and tokenizer for one of MODELS."""
+    from hydra import compose, initialize_config_dir
+
+    import dist_gacc  # noqa: F401  (resolvers)
+    from dist_gacc import data, models
+    from dist_gacc.config import load_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        rc = load_config(compose("train", overrides=[*MODELS[model][0], "output_dir=/tmp/unused"]))
+    splits = data.load_splits(rc.data, rc.seed)
+    return rc, splits, models.build_tokenizer(rc.model, splits["train"]["text"], MAX_LENGTH)
+
+
 def prepare(model: str, work: Path) -> dict:
     """Save the initial model and tokenized training rows once; every worker loads these files."""
     target = work / model
     if (target / "done").exists():
         return json.loads((target / "done").read_text())
-    from hydra import compose, initialize_config_dir
-
-    import datasets
-
-    import dist_gacc  # noqa: F401
     from dist_gacc import data, models
-    from dist_gacc.config import load_config
 
-    datasets.disable_progress_bars()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        rc = load_config(compose("train", overrides=[*MODELS[model][0], "output_dir=/tmp/unused"]))
-    splits = data.load_splits(rc.data, rc.seed)
-    tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], MAX_LENGTH)
+    rc, splits, tokenizer = splits_and_tokenizer(model)
     net = models.build_model(rc.model, splits["train"].features["label"].names, tokenizer)
     net.save_pretrained(target / "model")
     tokenizer.save_pretrained(target / "model")
@@ -274,16 +278,9 @@ def section_features(args, inputs):
                  "on": step["fused"], "speedup": step["foreach"] / step["fused"], "unit": "ms per step",
                  "setting": "trainer.fused_adamw=auto"})
     info = inputs[model]
-    from hydra import compose, initialize_config_dir
+    from dist_gacc import data
 
-    import dist_gacc  # noqa: F401
-    from dist_gacc import data, models
-    from dist_gacc.config import load_config
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        rc = load_config(compose("train", overrides=[*MODELS[model][0], "output_dir=/tmp/unused"]))
-    splits = data.load_splits(rc.data, rc.seed)
-    tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], MAX_LENGTH)
+    _, splits, tokenizer = splits_and_tokenizer(model)
     cache = Path(args.work_dir) / "tokenize-cache"
     data.tokenize(splits, tokenizer, MAX_LENGTH, cache_dir=str(cache))  # fill the cache
     started = time.perf_counter()

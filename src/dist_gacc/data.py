@@ -260,7 +260,8 @@ def _tokenized_key(splits: DatasetDict, tokenizer, max_length: int) -> str:
     """A content key: tokenizer (minus the truncation/padding state that encoding leaves in it),
     max_length, and each split's rows as Arrow IPC bytes (selected rows only, no Python strings)."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None), spec.pop("padding", None)
+    for state in ("truncation", "padding"):
+        spec.pop(state, None)
     digest = hashlib.sha256(f"{type(tokenizer).__name__}|{max_length}|{json.dumps(spec, sort_keys=True)}".encode())
     for name in sorted(splits):
         table = splits[name].select_columns([TEXT, LABEL]).with_format("arrow")[:]

@@ -166,7 +166,7 @@ class Loop:
             loader.set_epoch(state.epoch)
         self.window_loss, self.window_count = 0, 0  # the loss sum becomes a tensor at the first add
         for batch_index, batch in enumerate(loader, start=start_window * n):
-            if batch_index % n == 0:  # a window starts
+            if self.settings.prescale and batch_index % n == 0:  # a window starts: its count, up front
                 self.expected_count = window_examples(self.train_examples, state.micro_batch_size,
                                                       batch_index // n, n, batches_per_rank, acc.num_processes)
             real = real_examples(self.train_examples, state.micro_batch_size, batch_index,
