@@ -136,7 +136,7 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     import dist_gacc  # noqa: F401  (resolvers)
     from dist_gacc import data, optim
     from dist_gacc.config import load_config
-    from dist_gacc.loop import Loop, LoopSettings
+    from dist_gacc.loop import fit, standalone
     from dist_gacc.run import build_accelerator
 
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
@@ -163,17 +163,21 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
                                              group_by_length=spec.get("group_by_length", False)))
 
     hooks = spec.get("_hooks")  # comm: counts collectives per update
-    settings = LoopSettings(spec["micro"], spec["accum"], total, MAX_GRAD_NORM, eval_every=None,
-                            log_every=10**9, evaluate=False)
 
-    def on_update(values, update):
-        timer.on_update(update)
-        if hooks is not None:
-            hooks(update)
+    class OnUpdate:  # the loop's telemetry slot: the timer (and the comm counters) per update
+        def update(self, state, result):
+            timer.on_update(state.updates)
+            if hooks is not None:
+                hooks(state.updates)
 
-    state = Loop(accelerator=acc, model=model, optimizer=optimizer, scheduler=scheduler,
-                 make_loader=make_loader, train_examples=len(ds), settings=settings, evaluate_fn=None,
-                 log_fn=on_update).run()
+        def evaluated(self, entry, seconds):
+            pass
+
+        def close(self):
+            pass
+
+    state = fit(*standalone(acc, model, optimizer, scheduler, make_loader, len(ds), spec["micro"], spec["accum"],
+                            total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate()))
     return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {"compiled": compiled}
 
 

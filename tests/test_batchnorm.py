@@ -7,9 +7,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from dist_gacc.accumulation import apply_batchnorm_policy
+from dist_gacc.batchnorm import apply_batchnorm_policy
 from dist_gacc.errors import ConfigError
-from dist_gacc.loop import LoopSettings, train
+from dist_gacc.loop import fit, standalone
 
 
 class BatchNormClassifier(nn.Module):
@@ -28,12 +28,9 @@ def _train(model, grad_accum_steps=2, micro=4, examples=32):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    settings = LoopSettings(micro, grad_accum_steps, total_updates=4, max_grad_norm=None, eval_every=None,
-                            log_every=1)
-    train(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-          make_loader=lambda b: accelerator.prepare(DataLoader(rows, batch_size=b, shuffle=True)),
-          train_examples=examples, settings=settings,
-          evaluate_fn=lambda: {"f1": 0.0, "accuracy": 0.0})
+    fit(*standalone(accelerator, model, optimizer, scheduler,
+                    lambda b: accelerator.prepare(DataLoader(rows, batch_size=b, shuffle=True)), examples, micro,
+                    grad_accum_steps, total_updates=4, max_grad_norm=None))
 
 
 def test_warn_explains_micro_batch_statistics():

@@ -5,7 +5,7 @@ from datasets import DatasetDict
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from dist_gacc.accumulation import real_examples
+from dist_gacc.windows import real_examples
 from dist_gacc.config import DataConfig
 from dist_gacc.data import chinese_reviews_pool, dedupe, load_splits, rotten_tomatoes_pool
 from dist_gacc.errors import DataError

@@ -16,7 +16,7 @@ from accelerate.utils import DistributedType
 
 from conftest import (CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff,
                       read_metrics)
-from dist_gacc.accumulation import real_examples, window_examples
+from dist_gacc.windows import real_examples, window_examples
 from dist_gacc.config import TrainerConfig
 from dist_gacc.engines import fill_deepspeed_config
 from dist_gacc.errors import ConfigError

@@ -71,7 +71,7 @@ def test_oom_midway_on_one_rank_keeps_every_update(tmp_path, eff16_runs):
     run_dir = tmp_path / "oom"
     launch_script(ROOT / "tests" / "dist" / "faults.py", str(run_dir), "midway", *EFF16)
     m = read_metrics(run_dir)
-    assert m["batch_size_changes"] == [{"update": 2, "epoch": 0, "from": [4, 2], "to": [2, 4]}]
+    assert m["batch_size_changes"] == [{"update": 2, "epoch": 0, "reason": "out of memory", "from": [4, 2], "to": [2, 4]}]
     assert (m["final_micro_batch_size"], m["final_grad_accum_steps"]) == (2, 4)
     assert m["optimizer_steps"] == 8 and m["effective_batch_size"] == 16
     assert max_abs_diff(load_params(run_dir), load_params(eff16_runs[2])) <= 1e-5
@@ -135,3 +135,26 @@ def test_verify_equivalence_fails_for_naive_normalisation(tmp_run):
                   "trainer.loss_normalisation=naive", script=VERIFY, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "windows of 12, 12, 12, 1 examples" in proc.stdout and proc.stdout.strip().endswith("FAIL")
+
+
+@pytest.mark.slow
+def test_oom_with_sync_each_batch_agrees_every_micro_batch_and_keeps_every_update(tmp_path, eff16_runs):
+    """With sync_each_batch every backward all-reduces gradients: a vote held only at the window's end
+    would meet a peer's gradient all-reduce and hang. Voting after every forward pass keeps it exact."""
+    run_dir = tmp_path / "oom-sync-each"
+    launch_script(ROOT / "tests" / "dist" / "faults.py", str(run_dir), "midway", *EFF16,
+                  "trainer.sync_each_batch=true", timeout=180)
+    m = read_metrics(run_dir)
+    assert m["batch_size_changes"] == [{"update": 2, "epoch": 0, "reason": "out of memory", "from": [4, 2],
+                                        "to": [2, 4]}]
+    assert m["optimizer_steps"] == 8 and m["sync_each_batch"] is True
+    assert max_abs_diff(load_params(run_dir), load_params(eff16_runs[2])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_verify_equivalence_passes_with_length_grouped_batches(tmp_run):
+    """The grouped order is drawn per effective batch, so the replayed windows are the trained ones."""
+    proc = launch(tmp_run, *RAGGED, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
+                  "trainer.group_by_length=true", script=VERIFY, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "windows of 12, 12, 12, 1 examples" in proc.stdout and proc.stdout.strip().endswith("PASS")

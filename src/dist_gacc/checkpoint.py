@@ -65,9 +65,16 @@ class Checkpointer:
         self.root = os.path.join(run_dir, "checkpoints")
         self.before_rename = before_rename  # tests: a crash after the files, before the rename
 
-    def save(self, state, position: dict) -> str:
-        """Collective: every rank calls it at the same window boundary."""
-        acc = self.accelerator
+    def due(self, state, window) -> bool:
+        """Every `every` updates and at each epoch's end; never after the last update (the caller saves
+        the final model)."""
+        if state.done():
+            return False
+        return window.ends_epoch or bool(self.every and state.updates % self.every == 0)
+
+    def save(self, state, reason: str) -> str:
+        """Collective: every rank calls it at the same window boundary. `state` holds the position."""
+        acc, position = self.accelerator, state.position(reason)
         name = f"step-{state.updates}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, f".tmp-{name}")
         if acc.is_main_process:

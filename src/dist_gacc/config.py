@@ -83,6 +83,7 @@ class TrainerConfig:
     compile: bool = False              # torch.compile the model (Accelerate's dynamo plugin, inductor)
     fused_adamw: str | bool = "auto"   # auto: fused AdamW on CUDA and CPU (measured faster) | true | false
     sync_each_batch: bool = False      # exchange gradients after every micro-batch, not once per window
+    oom_fallback: str | bool = "auto"  # out of memory: redo the window at half the micro-batch (auto: where safe)
 
     def __post_init__(self):
         p = "trainer."
@@ -97,6 +98,8 @@ class TrainerConfig:
         for key in ("save_best", "group_by_length", "cache_tokenized", "compile", "sync_each_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"trainer.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.oom_fallback not in ("auto", True, False):
+            raise ConfigError(f"trainer.oom_fallback must be auto, true or false, got {self.oom_fallback!r}")
         if self.fused_adamw not in ("auto", True, False):
             raise ConfigError(f"trainer.fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         trackers = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with or [])
@@ -223,6 +226,7 @@ class RunConfig:
     output_dir: str
     resume: str | None = None
     resume_force: bool = False
+    run_name: str | None = None
 
 
 def _slice(cls, cfg: DictConfig, key: str):
@@ -251,6 +255,7 @@ def load_config(cfg: DictConfig) -> RunConfig:
         output_dir=str(cfg.output_dir),
         resume=None if cfg.get("resume") in (None, "", "none") else str(cfg.get("resume")),
         resume_force=bool(cfg.get("resume_force", False)),
+        run_name=None if cfg.get("run_name") in (None, "") else str(cfg.get("run_name")),
     )
 
 

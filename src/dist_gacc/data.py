@@ -287,10 +287,15 @@ def _own_generator(seed: int) -> torch.Generator:
 
 class _LengthGrouped(LengthGroupedSampler):
     """transformers' length-grouped order, drawn from `seed + epoch`: the same on every rank, and a
-    resumed run redraws the order of the epoch it stopped in (Accelerate calls set_epoch)."""
+    resumed run redraws the order of the epoch it stopped in (Accelerate calls set_epoch).
 
-    def __init__(self, micro_batch_size: int, lengths: list[int], seed: int):
-        super().__init__(micro_batch_size, lengths=lengths)
+    Grouped by `group_size` = the effective batch, not the micro-batch: the order (and so which
+    examples form each window) must not change when the micro-batch does (an out-of-memory fallback,
+    a resume with another micro-batch, another world size). Micro-batches are consecutive slices of
+    the order, so each still holds rows of similar length."""
+
+    def __init__(self, group_size: int, lengths: list[int], seed: int):
+        super().__init__(group_size, lengths=lengths)
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -301,19 +306,35 @@ class _LengthGrouped(LengthGroupedSampler):
         return super().__iter__()
 
 
+def train_sampler(encoded_train: Dataset, seed: int, group_by_length: bool, group_size: int):
+    """The sampler of the training order; None: Accelerate's seeded shuffle (use_seedable_sampler)."""
+    if not group_by_length:
+        return None
+    return _LengthGrouped(group_size, [len(ids) for ids in encoded_train["input_ids"]], seed)
+
+
+def epoch_order(encoded_train: Dataset, seed: int, epoch: int, group_by_length: bool, group_size: int) -> list[int]:
+    """The example order of `epoch`, as training draws it (scripts/verify_equivalence.py replays it)."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    sampler = (train_sampler(encoded_train, seed, group_by_length, group_size)
+               or SeedableRandomSampler(range(len(encoded_train)), data_seed=seed))
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
 def train_loader(encoded_train: Dataset, tokenizer, micro_batch_size: int, num_workers: int,
-                 pin_memory: bool, seed: int, shuffle: bool = True, group_by_length: bool = False) -> DataLoader:
+                 pin_memory: bool, seed: int, shuffle: bool = True, group_by_length: bool = False,
+                 group_size: int | None = None) -> DataLoader:
     """Micro-batches in a seeded order (Accelerate swaps in its seeded sampler for a shuffled loader).
 
-    group_by_length: each micro-batch holds rows of similar length (within random groups of 50
-    micro-batches), so per-batch padding adds fewer pad tokens.
+    group_by_length: rows of similar length are neighbours in the order (sorted within random groups
+    of `group_size` x up to 50 rows; group_size: the effective batch), so per-batch padding adds fewer
+    pad tokens, and the order does not depend on the micro-batch.
     """
-    sampler = None
-    if group_by_length:
-        lengths = [len(ids) for ids in encoded_train["input_ids"]]
-        sampler, shuffle = _LengthGrouped(micro_batch_size, lengths, seed), False
-    return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=shuffle, sampler=sampler,
-                      collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
+    sampler = train_sampler(encoded_train, seed, group_by_length, group_size or micro_batch_size)
+    return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, collate_fn=_collator(tokenizer, pin_memory), num_workers=num_workers,
                       pin_memory=pin_memory, generator=_own_generator(seed))
 
 

@@ -16,12 +16,17 @@ The loop is the same everywhere; three things are engine-specific:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from accelerate.utils import DistributedType
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
+from .step import StepResult
 
 DEEPSPEED_STAGES = (0, 1, 2)  # ZeRO-3 partitions parameters: saving/reloading the model is not handled here
 
@@ -105,3 +110,82 @@ def fill_deepspeed_config(config: dict, max_grad_norm: float | None, micro_batch
                 f"Set {key}: auto in the DeepSpeed config (the trainer fills it) or change {source}."
             )
     return {key: config[key] for key in wanted}
+
+
+# --- the update variants, chosen once at build -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Engine:
+    """How a window's losses become one update: a pair of functions, picked by `build_engine`.
+
+    loss_to_backward(real_sum, losses, window): the tensor each micro-batch backpropagates.
+    apply_update(parts, window, totals): after the window's last backward and the all-reduce of
+        totals = [loss sum, real examples, stop votes]: normalise, clip, step; a step.StepResult.
+    """
+    name: str
+    loss_to_backward: Callable
+    apply_update: Callable
+
+
+def _prescaled(real_sum, losses, window):
+    return real_sum * window.prescale
+
+
+def build_engine(engine: str, loss_normalisation: str, fp16: bool) -> Engine:
+    if engine == "deepspeed":
+        # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front).
+        return Engine("deepspeed", _prescaled, _apply_deepspeed)
+    if loss_normalisation == "naive":
+        # Accelerate's plain loss/N on the micro-batch mean, repeats included: only to show what it gets wrong.
+        return Engine("naive", lambda real_sum, losses, window: losses.mean(),
+                      functools.partial(_apply, rescale=False, fp16=fp16))
+    # exact: backpropagate the loss sum; rescale the summed gradients once the window's count is known.
+    return Engine("exact", lambda real_sum, losses, window: real_sum, functools.partial(_apply, rescale=True, fp16=fp16))
+
+
+def prescaled_engine(fp16: bool = False) -> Engine:
+    """DeepSpeed's arithmetic without DeepSpeed (pre-scaled losses, no rescale afterwards, our own step):
+    tests/dist/comm_count.py checks it equals the exact engine on 2 DDP ranks."""
+    return Engine("prescaled", _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
+
+
+def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
+    """Rescale to the window mean, clip, step, unless the loss or gradient is non-finite on any rank."""
+    acc, model = parts.accelerator, parts.model
+    if rescale:
+        # Each micro-batch backpropagated its loss sum, which Accelerate divided by N and DDP averaged
+        # over W: multiplying by N*W/count gives the mean over the window's real examples. (Rescaling
+        # commutes with the fp16 GradScaler's factor, so it is right before unscaling too.)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, window.grad_accum_steps * window.world_size / totals[1])
+    # The norm of the all-reduced gradients: every rank sees the same number.
+    norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
+    loss_sum, examples, stop_votes, grad_norm = torch.cat(
+        [totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the update's one host read
+    finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or fp16)  # fp16: the GradScaler skips infs
+    stepped = False
+    if finite:
+        parts.optimizer.step()
+        stepped = not acc.optimizer_step_was_skipped  # a GradScaler-skipped step does not advance the schedule
+        if stepped:
+            parts.scheduler.step()
+    # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step.
+    model.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, int(examples), grad_norm, int(stop_votes), stepped=stepped, skipped=not finite)
+
+
+def _apply_deepspeed(parts, window, totals: torch.Tensor):
+    """DeepSpeed has already clipped (its gradient_clipping), stepped and zeroed the gradients inside the
+    window's last backward: step our schedule and read its gradient norm."""
+    acc = parts.accelerator
+    norm = acc.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)  # reads DeepSpeed's norm
+    loss_sum, examples, stop_votes = totals.float().tolist()
+    skipped = acc.optimizer_step_was_skipped  # fp16 overflow: DeepSpeed skipped the step itself
+    if not skipped and not math.isfinite(loss_sum):
+        raise TrainingError(f"non-finite loss in window {window.index} of epoch {window.epoch} under DeepSpeed, "
+                            "which steps inside backward: the update was applied and cannot be skipped. Resume "
+                            "from the newest checkpoint with a lower optim.lr.")
+    if not skipped:
+        parts.scheduler.step()
+    return StepResult(loss_sum, int(examples), math.nan if norm is None else float(norm), int(stop_votes),
+                      stepped=not skipped, skipped=skipped)

@@ -11,20 +11,17 @@ rounding noise.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
-from accelerate.data_loader import SeedableRandomSampler
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, open_dict
 from transformers import DataCollatorWithPadding
 
-from . import optim
-from .loop import train
-from .run import build
+from . import data, optim
+from .objectives import per_example_loss
+from .run import build, train_only
 
 
 def parameter_group(name: str) -> str:
@@ -36,14 +33,15 @@ def parameter_group(name: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
-def windows(num_examples: int, effective: int, updates: int, seed: int) -> list[list[int]]:
-    """The example indices of each update's window: consecutive slices of each epoch's permutation."""
+def windows(job, updates: int) -> list[list[int]]:
+    """The example indices of each update's window: consecutive slices of each epoch's order, drawn by
+    the sampler training used (Accelerate's seeded shuffle, or the length-grouped order)."""
+    train_set, effective, t = job.encoded["train"], job.effective_batch_size, job.rc.trainer
+    num_examples = len(train_set)
     per_epoch = math.ceil(num_examples / effective)
-    sampler = SeedableRandomSampler(range(num_examples), data_seed=seed)  # the sampler training used
     out = []
     for epoch in range(math.ceil(updates / per_epoch)):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
+        order = data.epoch_order(train_set, job.rc.seed, epoch, t.group_by_length, effective)
         out += [order[i:i + effective] for i in range(0, num_examples, effective)]
     return out[:updates]
 
@@ -55,7 +53,7 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
     model.load_state_dict(initial_state)
     model.train()
     optimizer = optim.build_optimizer(model, rc.optim, job.lr)
-    scheduler = optim.build_scheduler(optimizer, rc.optim, job.settings.total_updates)
+    scheduler = optim.build_scheduler(optimizer, rc.optim, job.total_updates)
     collate = DataCollatorWithPadding(job.tokenizer)
     train_set = job.encoded["train"]
     for indices in window_indices:
@@ -63,7 +61,7 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
         labels = batch.pop("labels")
         with acc.autocast():
             logits = model(**batch).logits
-        F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels).backward()
+        per_example_loss(logits, labels).mean().backward()
         if rc.trainer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.trainer.max_grad_norm)
         optimizer.step()
@@ -79,18 +77,14 @@ def verify(cfg: DictConfig) -> bool:
         cfg.trainer.max_steps = cfg.verify.updates
     tolerance = float(cfg.verify.tolerance)
     job = build(cfg, dtype=torch.float64 if cfg.trainer.mixed_precision == "no" else None)
-    job.settings = dataclasses.replace(job.settings, evaluate=False)
     acc = job.accelerator
     initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}
-    train(accelerator=acc, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
-          make_loader=job.make_loader, train_examples=len(job.splits["train"]), settings=job.settings,
-          evaluate_fn=None)
+    state = train_only(job)
     trained = {k: v.detach() for k, v in acc.unwrap_model(job.model).state_dict().items()}
 
     verdict = [None]
     if acc.is_main_process:
-        window_indices = windows(len(job.splits["train"]), job.effective_batch_size,
-                                 job.settings.total_updates, job.rc.seed)
+        window_indices = windows(job, job.total_updates)
         reference = reference_updates(job, initial, window_indices)
         diffs: dict[str, float] = defaultdict(float)
         for name, value in reference.items():
@@ -98,9 +92,8 @@ def verify(cfg: DictConfig) -> bool:
                 diff = (trained[name].float() - value.float()).abs().max().item()
                 diffs[parameter_group(name)] = max(diffs[parameter_group(name)], diff)
         worst = max(diffs.values())
-        s = job.settings
-        print(f"\nsplit: micro-batch {s.micro_batch_size} x N {s.grad_accum_steps} x processes "
-              f"{acc.num_processes} = effective {job.effective_batch_size}; {s.total_updates} updates; "
+        print(f"\nsplit: micro-batch {state.micro_batch_size} x N {state.grad_accum_steps} x processes "
+              f"{acc.num_processes} = effective {job.effective_batch_size}; {job.total_updates} updates; "
               f"windows of {', '.join(str(len(w)) for w in window_indices)} examples; "
               f"normalisation {job.rc.trainer.loss_normalisation}; "
               f"{'float64' if job.rc.trainer.mixed_precision == 'no' else job.rc.trainer.mixed_precision}")

@@ -10,7 +10,7 @@ from accelerate.utils import gather
 
 from conftest import TINY, compose_cfg
 from dist_gacc import run
-from dist_gacc.loop import LoopHooks
+from dist_gacc.loop import Hooks
 
 out_path, run_dir = sys.argv[1], sys.argv[2]
 records = []
@@ -24,7 +24,7 @@ def after_backward(model, sync):
 
 cfg = compose_cfg(*TINY, "trainer.micro_batch_size=2", "trainer.grad_accum_steps=3", "trainer.max_steps=3",
                   f"output_dir={run_dir}")
-run(cfg, hooks=LoopHooks(after_backward=after_backward))
+run(cfg, hooks=Hooks(after_backward=after_backward))
 if os.environ["RANK"] == "0":  # run() has ended (and Accelerate has closed the process group)
     with open(out_path, "w") as f:
         json.dump(records, f)

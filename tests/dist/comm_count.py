@@ -10,7 +10,6 @@ prescale          the DeepSpeed route without DeepSpeed: each micro-batch loss p
 37 examples, micro-batch 3, N 2, 2 ranks: 7 micro-batches per rank in 4 windows (12, 12, 12, 1 examples).
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -19,8 +18,8 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from conftest import TINY, compose_cfg
-from dist_gacc.loop import train
-from dist_gacc.run import build
+from dist_gacc.engines import prescaled_engine
+from dist_gacc.run import build, train_only
 
 out_path, run_dir = sys.argv[1], sys.argv[2]
 OVERRIDES = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "trainer.grad_accum_steps=2",
@@ -29,7 +28,6 @@ OVERRIDES = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "
 
 def trained(name: str, *overrides: str, prescale: bool = False) -> dict:
     job = build(compose_cfg(*OVERRIDES, *overrides, f"output_dir={run_dir}/{name}"), dtype=torch.float64)
-    job.settings = dataclasses.replace(job.settings, evaluate=False, prescale=prescale)
     calls = [0]
 
     def counting_allreduce(state, bucket):
@@ -38,9 +36,7 @@ def trained(name: str, *overrides: str, prescale: bool = False) -> dict:
 
     job.model.register_comm_hook(None, counting_allreduce)
     initial = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
-    state = train(accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
-                  make_loader=job.make_loader, train_examples=len(job.splits["train"]), settings=job.settings,
-                  evaluate_fn=None)
+    state = train_only(job, engine=prescaled_engine() if prescale else None)
     params = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
     return {"allreduces": calls[0], "params": params, "initial": initial, "losses": state.losses,
             "updates": state.optimizer_steps}

@@ -9,9 +9,11 @@ raise       rank 1 raises a RuntimeError during update 3
 nan         rank 1's losses are NaN in update 4
 nan_always  every rank's losses are NaN from update 2 on
 save_crash  the main process dies while saving checkpoint step-4, after the files, before the rename
+term_setup  the process sends itself SIGTERM at the end of set-up, before the first update
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -19,7 +21,8 @@ import torch
 
 from conftest import compose_cfg
 from dist_gacc import run
-from dist_gacc.loop import LoopHooks
+from dist_gacc.loop import Hooks
+from dist_gacc.run import exit_code
 
 run_dir, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ.get("RANK", "0"))  # set by the launcher
@@ -46,6 +49,18 @@ def before_checkpoint_rename(tmp: str) -> None:
         os._exit(9)  # as abrupt as a kill: no cleanup, no exception handling
 
 
-run(compose_cfg(*overrides, f"output_dir={run_dir}"),
-    hooks=LoopHooks(before_forward=before_forward, after_forward=after_forward,
-                    before_checkpoint_rename=before_checkpoint_rename))
+def after_setup() -> None:
+    if mode == "term_setup":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+try:  # as dist_gacc.main does: expected failures exit with their documented code
+    run(compose_cfg(*overrides, f"output_dir={run_dir}"),
+        hooks=Hooks(before_forward=before_forward, after_forward=after_forward,
+                    before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup))
+except Exception as err:
+    known = exit_code(err)
+    if known is None:
+        raise
+    print(known[1], file=sys.stderr)
+    sys.exit(known[0])

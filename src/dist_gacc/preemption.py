@@ -1,0 +1,39 @@
+"""Stop signals: SIGTERM / SIGUSR1 (preemption, SLURM's warning) set a flag instead of killing.
+
+The handler is installed before set-up and removed after the last output is written, so a signal
+at any moment is seen: during set-up the run stops before training (exit 75), during training it
+finishes the update, checkpoints and stops (exit 75), during the final save the save completes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class Preempted(Exception):
+    """A stop signal arrived; the checkpoint at `path` (None: none was due) holds the last finished update."""
+
+    def __init__(self, path: str | None):
+        super().__init__(path)
+        self.path = path
+
+
+class StopSignals:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

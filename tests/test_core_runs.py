@@ -1,0 +1,110 @@
+"""Defects of the old core, each through real runs of scripts/train.py: a resume that changes the
+micro-batch, the best model and its score, the logged training loss, trackers, stop signals during
+set-up, exit codes for environment failures."""
+
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+from conftest import ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
+
+pytestmark = pytest.mark.slow
+
+FAULTS = ROOT / "tests" / "dist" / "faults.py"
+# 64 examples, effective batch 16 (micro 4 x N 4 on 1 process): 4 windows an epoch, 8 updates, a
+# checkpoint after every update, all kept.
+RESUMABLE = [*TINY, "trainer.micro_batch_size=4", "trainer.effective_batch_size=16", "trainer.epochs=2",
+             "trainer.checkpoint_every=1", "trainer.keep_checkpoints=20", "trainer.log_with=none"]
+
+
+def test_resume_with_another_micro_batch_uses_it_and_equals_the_uninterrupted_run(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(full, *RESUMABLE)
+    step3 = full / "checkpoints" / "step-3"  # epoch 0, window 3 of 4: the resume starts mid-epoch
+    assert json.loads((step3 / "trainer_state.json").read_text())["position"]["window"] == 3
+    launch(resumed, *RESUMABLE, "trainer.micro_batch_size=2", f"resume={step3}")
+    a, b = read_metrics(resumed), read_metrics(full)
+    assert (a["micro_batch_size"], a["final_micro_batch_size"], a["final_grad_accum_steps"]) == (2, 2, 8)
+    assert a["batch_size_changes"] == [{"update": 3, "epoch": 0, "reason": "resume with trainer.micro_batch_size=2",
+                                        "from": [4, 4], "to": [2, 8]}]
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 8 and a["resumed_from"] == str(step3)
+    assert a["train_losses"] == pytest.approx(b["train_losses"], rel=1e-5)
+    assert max_abs_diff(load_params(resumed), load_params(full)) <= 1e-5
+
+
+# 37 examples, micro 3 x N 4: windows of 12, 12, 12, 1 every epoch; an evaluation per epoch (4).
+BEST = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
+        "trainer.epochs=4", "trainer.save_best=true", "run_name=best-run", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("best") / "run"
+    run_dir.mkdir()
+    (run_dir / "model.tmp").mkdir()  # as a save that crashed mid-way leaves it
+    (run_dir / "model.tmp" / "model.safetensors").write_bytes(b"half a model")
+    launch(run_dir, *BEST)
+    return run_dir
+
+
+def test_eval_is_the_score_of_the_model_in_model_dir(best_run):
+    from transformers import pipeline
+
+    m = read_metrics(best_run)
+    assert m["model"] == "best" and m["best"]["update"] != m["updates"]  # the final model is not the best one
+    assert m["eval"]["f1"] == m["best"]["f1"] != m["history"][-1]["f1"]  # the final model's score stays in history
+    predictions = pd.read_csv(best_run / "validation_predictions.csv")
+    classify = pipeline("text-classification", model=str(best_run / "model"), device="cpu")
+    labels = [out["label"] for out in classify(list(predictions["text"]), batch_size=64, truncation=True)]
+    assert labels == list(predictions["prediction"])  # the csv holds model/'s predictions
+    f1 = f1_score(predictions["label"] == "fresh", [label == "fresh" for label in labels])
+    assert m["eval"]["f1"] == pytest.approx(f1, abs=1e-12)
+    assert sorted(p.name for p in best_run.iterdir() if p.name.startswith("model")) == ["model"]  # swapped in whole
+
+
+def test_history_train_loss_is_example_weighted(best_run):
+    m = read_metrics(best_run)
+    assert m["train_window_examples"] == [12, 12, 12, 1] * 4
+    losses = m["train_losses"]
+    for k, entry in enumerate(m["history"]):
+        window = losses[4 * k:4 * k + 4]
+        weighted = (12 * window[0] + 12 * window[1] + 12 * window[2] + window[3]) / 37
+        assert entry["train_loss"] == pytest.approx(weighted, rel=1e-9)
+        assert abs(weighted - sum(window) / 4) > 1e-4  # a mean of window means would be told apart
+
+
+def test_trackers_are_named_after_the_run(best_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(best_run / "tensorboard" / "best-run")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 17))
+    assert read_metrics(best_run)["run_name"] == "best-run"
+
+
+def test_a_stop_signal_during_set_up_stops_after_one_checkpointed_update(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(AssertionError) as stopped:
+        launch_script(FAULTS, str(run_dir), "term_setup", *TINY, "trainer.micro_batch_size=8", "trainer.epochs=2",
+                      "run_name=stopped", processes=1)
+    assert "script failed (75)" in str(stopped.value) and "stopped by a signal after a finished update" in str(
+        stopped.value)
+    state = json.loads((run_dir / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["position"] == {"epoch": 0, "window": 1, "reason": "stop signal"}
+    assert not (run_dir / "metrics.json").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "stopped")).Reload()  # flushed before exit 75
+    assert [e.step for e in events.Scalars("train/loss")] == [1]
+    launch(run_dir, *TINY, "trainer.micro_batch_size=8", "trainer.epochs=2", "run_name=stopped", "resume=auto")
+    assert read_metrics(run_dir)["optimizer_steps"] == 16
+
+
+def test_an_unreachable_hub_is_an_environment_failure_not_bad_input(tmp_path):
+    proc = launch(tmp_path / "run", "model=tiny", "data=hub", "data.hub_name=no-such/dataset-xyz", check=False)
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert "the environment, not the input: the Hugging Face Hub is unreachable" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
