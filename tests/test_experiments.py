@@ -95,7 +95,9 @@ def test_trackers_log_every_update_and_the_config(equivalent_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = equivalent_runs["2x2x2"]
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    name = read_metrics(run_dir)["run_name"]  # the run directory's last two parts: one tracker project per run
+    assert name == "_".join(run_dir.parts[-2:]) and [p.name for p in (run_dir / "tensorboard").iterdir()] == [name]
+    events = EventAccumulator(str(run_dir / "tensorboard" / name)).Reload()
     tags = events.Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/f1",
                 "eval/accuracy"):
@@ -104,7 +106,7 @@ def test_trackers_log_every_update_and_the_config(equivalent_runs):
     assert [e.step for e in losses] == list(range(1, 17))
     assert [round(e.value, 5) for e in losses] == [round(x, 5) for x in read_metrics(run_dir)["train_losses"]]
     assert [e.step for e in events.Scalars("eval/f1")] == [8, 16]
-    assert any("hparams" in str(p) or p.name.replace(".", "").isdigit() for p in (run_dir / "tensorboard").iterdir())
+    assert any("hparams" in str(p) or p.name.replace(".", "").isdigit() for p in (run_dir / "tensorboard" / name).iterdir())
 
 
 def test_predict_prints_one_label_per_input(equivalent_runs, tmp_path):

@@ -1,13 +1,14 @@
-"""What changes under Accelerate's engines (DDP, FSDP, DeepSpeed), and the launches we refuse.
+"""What changes under Accelerate's engines (DDP, FSDP, DeepSpeed): the update variant, chosen once at
+build (`build_engine`), and the launches and settings we refuse.
 
-The loop is the same everywhere; three things are engine-specific:
+The loop and step are the same everywhere; what is engine-specific:
 
 - DeepSpeed owns the window boundary: at the window's last micro-batch `accelerator.backward` runs
   DeepSpeed's `engine.backward` (which divides the loss by its gradient_accumulation_steps) and then
   `engine.step()` (clipping with its `gradient_clipping`, the optimizer step, zeroing). Its ZeRO-2
   gradients live in partitioned buffers, so the exact normalisation cannot rescale them afterwards;
   instead each micro-batch's loss sum is pre-scaled by N*W / (the window's real examples), a count
-  every rank computes without communication (accumulation.window_examples). DeepSpeed's /N and its
+  every rank computes without communication (windows.window_examples). DeepSpeed's /N and its
   mean over W processes then leave exactly the mean over the window's real examples.
 - FSDP shards parameters; reloading the best model into them is not supported here (refused).
 - A launch that does not give the world it asked for is refused before any work (measured with
