@@ -358,14 +358,16 @@ def comm(spec):
             times.append(now - marks["t"])
         marks["at"], marks["t"] = dict(counts), now
 
-    spec = {**spec, "_hooks": on_update,
-            "_prepare_hook": lambda model: model.register_comm_hook(None, counting_hook)}
+    def prepare_hook(model):
+        PREPARED.append(model)  # for the ordered teardown at the end of main()
+        model.register_comm_hook(None, counting_hook)
+
+    spec = {**spec, "_hooks": on_update, "_prepare_hook": prepare_hook}
     model = load_model(spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds, tokenizer = load_data(spec, world)
     run_dist_gacc(spec, model, ds, tokenizer, Timer(spec))
     dist.all_reduce = plain_all_reduce
-    time.sleep(0.2)  # let gloo's threads release the last collective before teardown (see dist_gacc.run.run)
     times.sort()
     return {"per_update": per_update, "seconds_per_update": times[len(times) // 2], "world_size": world,
             "rank": int(os.environ.get("RANK", "0"))}
@@ -393,6 +395,7 @@ def optimizer_step(spec):
 
 
 KINDS = {"train": train, "ceiling": ceiling, "comm": comm, "optimizer_step": optimizer_step}
+PREPARED = []  # DDP models of the comm specs (quick mode runs several in one process group)
 
 
 def main():
@@ -403,6 +406,9 @@ def main():
         if int(os.environ.get("RANK", "0")) == 0:
             print("BENCH_RESULT " + json.dumps({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
                                                  **result}), flush=True)
+    from dist_gacc.teardown import shutdown
+
+    shutdown(models=PREPARED)  # 2-rank runs: ordered end of the process group (see dist_gacc.teardown)
 
 
 if __name__ == "__main__":
