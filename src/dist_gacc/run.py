@@ -274,6 +274,9 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         seen_before, eval_before, loop_start = state.examples_seen, state.eval_seconds, time.perf_counter()
         try:
             fit(loop, state)
+        except Preempted:  # every rank stops after the same checkpoint: end the process group in order
+            teardown.shutdown(acc)
+            raise
         finally:
             loop.telemetry.close()
             if acc.log_with:

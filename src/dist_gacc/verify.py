@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, open_dict
 from transformers import DataCollatorWithPadding
 
-from . import data, optim
+from . import data, optim, teardown
 from .objectives import per_example_loss
 from .run import build, train_only
 
@@ -104,4 +104,5 @@ def verify(cfg: DictConfig) -> bool:
         verdict[0] = worst <= tolerance
         print(f"max {worst:.3e} vs tolerance {tolerance:.1e}: {'PASS' if verdict[0] else 'FAIL'}")
     broadcast_object_list(verdict, from_process=0)
+    teardown.shutdown(acc)
     return bool(verdict[0])

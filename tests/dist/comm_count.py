@@ -20,8 +20,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from conftest import TINY, compose_cfg
 from dist_gacc.engines import prescaled_engine
 from dist_gacc.run import build, train_only
+from dist_gacc.teardown import shutdown
 
 out_path, run_dir = sys.argv[1], sys.argv[2]
+MODELS = []  # the DDP models, released in order at the end (dist_gacc.teardown)
 OVERRIDES = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "trainer.grad_accum_steps=2",
              "trainer.max_steps=4", "trainer.log_with=none"]
 
@@ -38,6 +40,7 @@ def trained(name: str, *overrides: str, prescale: bool = False) -> dict:
     initial = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
     state = train_only(job, engine=prescaled_engine() if prescale else None)
     params = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
+    MODELS.append(job.model)
     return {"allreduces": calls[0], "params": params, "initial": initial, "losses": state.losses,
             "updates": state.optimizer_steps}
 
@@ -53,3 +56,4 @@ record["moved"] = max((base[k] - runs["baseline"]["initial"][k]).abs().max().ite
 if os.environ["RANK"] == "0":
     with open(out_path, "w") as f:
         json.dump(record, f)
+shutdown(models=MODELS)
