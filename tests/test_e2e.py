@@ -97,7 +97,9 @@ def test_only_rank_zero_writes(equivalent_runs, monkeypatch):
     assert "world size 2" in log and "[RANK 1]" not in log
     # Every line is rank 0's, and the 2-rank log has the 1-process log's lines, in order, once each:
     # rank 1 appending to train.log would repeat them.
-    tags = lambda text: [re.sub(r"^\[[^]]*\]", "", line).split(" - ")[0] for line in text.splitlines()]  # noqa: E731
+    def tags(text):  # "[time][logger][LEVEL] - ..." -> "[logger][LEVEL]"
+        return [re.sub(r"^\[[^]]*\]", "", line).split(" - ")[0] for line in text.splitlines()]
+
     assert all(" - [RANK 0] " in line for line in log.splitlines())
     assert tags(log) == tags(log_one) and log.count("world size 2") == 1
     assert len(pd.read_csv(two / "validation_predictions.csv")) == 37  # not appended to by a second writer
