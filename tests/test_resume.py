@@ -103,7 +103,6 @@ def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path, uninterrupted, 
     proc.wait()
     assert not (run_dir / "metrics.json").exists(), f"run finished before the kill ({replay})"
     last = steps(run_dir)[-1]
-    assert last >= kill_at, replay
     launch(run_dir, *RESUMABLE, "resume=auto", processes=processes)
     try:
         m = assert_same_run(run_dir, uninterrupted[processes])
