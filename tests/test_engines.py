@@ -12,7 +12,9 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
+from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DistributedType
+from torch.utils.data import BatchSampler, SequentialSampler
 
 from conftest import (CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff,
                       read_metrics)
@@ -55,15 +57,53 @@ def test_sync_each_batch_is_validated():
         TrainerConfig(sync_each_batch="yes")
 
 
-@pytest.mark.parametrize("n, micro, world", [(37, 3, 2), (64, 2, 2), (10, 4, 3), (5, 8, 2)])
+def accelerate_shards(n: int, micro: int, world: int) -> list[list[list[int]]]:
+    """Each rank's micro-batches of sample indices, as Accelerate's BatchSamplerShard deals them
+    (split_batches=False, even_batches=True: a short epoch end is topped up with repeats)."""
+    base = BatchSampler(SequentialSampler(range(n)), micro, drop_last=False)
+    return [list(BatchSamplerShard(base, world, rank, split_batches=False, even_batches=True))
+            for rank in range(world)]
+
+
+@pytest.mark.parametrize("n, micro, world", [(37, 3, 2), (64, 2, 2), (10, 4, 3), (5, 8, 2), (37, 4, 2),
+                                             (23, 2, 4), (9, 4, 2), (64, 8, 1), (13, 3, 1)])
 def test_window_examples_counts_every_real_example_once(n, micro, world):
-    batches_per_rank = math.ceil(math.ceil(n / micro) / world)
-    for accum in (1, 2, 4):
+    """Against Accelerate's real shards: a window is micro-batches [w*N, (w+1)*N) of every rank; its
+    real examples are the samples seen there for the first time in the epoch. Updates run step by
+    step, all ranks at once, so the epoch's order is (batch index, rank, position); the repeats
+    Accelerate pads with are samples from the epoch's start, seen before (or earlier in the batch)."""
+    shards = accelerate_shards(n, micro, world)
+    batches_per_rank = len(shards[0])
+    assert all(len(shard) == batches_per_rank for shard in shards)  # even_batches: every rank steps alike
+    assert all(len(batch) == micro for shard in shards for batch in shard)  # padded to full batches
+    seen, first_seen_in_batch = set(), {}  # (batch index, rank) -> number of new samples
+    for index in range(batches_per_rank):
+        for rank in range(world):
+            batch = shards[rank][index]
+            new = [i for p, i in enumerate(batch) if i not in seen and i not in batch[:p]]
+            seen.update(batch)
+            first_seen_in_batch[index, rank] = len(new)
+            # the real ones lead the batch, so the loop can take the first real_examples() rows
+            assert batch[:len(new)] == new, (index, rank, batch)
+            assert real_examples(n, micro, index, world, rank) == len(new), (index, rank, batch)
+    assert seen == set(range(n)) and sum(first_seen_in_batch.values()) == n
+    for accum in (1, 2, 3, 4):
         windows = math.ceil(batches_per_rank / accum)
         counts = [window_examples(n, micro, w, accum, batches_per_rank, world) for w in range(windows)]
-        assert sum(counts) == n and min(counts) > 0
-        assert counts[0] == sum(real_examples(n, micro, b, world, r)
-                                for b in range(min(accum, batches_per_rank)) for r in range(world))
+        expected = [sum(first_seen_in_batch[index, rank]
+                        for index in range(w * accum, min((w + 1) * accum, batches_per_rank))
+                        for rank in range(world)) for w in range(windows)]
+        assert counts == expected, accum
+        assert sum(counts) == n and min(counts) > 0, accum  # each real example in exactly one window
+
+
+def test_window_examples_hand_counted():
+    """37 examples, micro 4, 2 ranks, N 3: global batches 0-8 are full and batch 9 holds sample 36 (+3
+    repeats); rank r gets batches r, r+2, ...: window 0 = 6 full batches = 24, window 1 = 3 full + 1 = 13.
+    1 rank, micro 3, N 4: 13 batches (12 full, the last holds sample 36): windows 12, 12, 12, 1."""
+    assert [window_examples(37, 4, w, 3, 5, 2) for w in range(2)] == [24, 13]
+    assert [window_examples(37, 3, w, 4, 13, 1) for w in range(4)] == [12, 12, 12, 1]
+    assert [real_examples(37, 4, 4, 2, r) for r in range(2)] == [4, 1]  # global batches 8 and 9
 
 
 def test_deepspeed_values_filled_from_the_trainer_or_refused():

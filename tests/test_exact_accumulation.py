@@ -45,15 +45,26 @@ def test_ragged_windows_equal_one_batch_per_window(ragged_runs, split, reference
     assert a["train_examples_seen"] == b["train_examples_seen"] == 37  # repeats not counted
     assert max_abs_diff(load_params(ragged_runs[split]), load_params(ragged_runs[reference])) <= 1e-5
     assert a["train_losses"] == pytest.approx(b["train_losses"], rel=1e-6)
+    # Every update's gradient (norm before clipping; measured within 1.4e-7), the short last window
+    # included: plain loss/N gets that window's gradient wrong (4x too small for 1x3x4, see below).
+    assert len(a["grad_norms"]) == steps and a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-5)
 
 
 @pytest.mark.slow
 def test_naive_divide_by_n_gets_ragged_windows_wrong(tmp_path, ragged_runs):
-    """The same split with Accelerate's plain loss/N: the test above would catch it."""
+    """The same split with Accelerate's plain loss/N: the test above would catch it.
+
+    Windows of 12, 12, 12, 1: on the 3 full windows mean/N over 4 micro-batches of 3 is the mean of
+    12, so the first 3 gradients agree; the last window is 1 example in 1 micro-batch, whose mean
+    Accelerate still divides by N = 4: a gradient exactly 4 times too small."""
     naive = tmp_path / "naive"
     launch(naive, *RAGGED, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
            "trainer.loss_normalisation=naive")
     assert max_abs_diff(load_params(naive), load_params(ragged_runs["1x12x1"])) > 1e-4
+    wrong, exact = read_metrics(naive)["grad_norms"], read_metrics(ragged_runs["1x12x1"])["grad_norms"]
+    assert len(wrong) == len(exact) == 4
+    assert wrong[:3] == pytest.approx(exact[:3], rel=1e-5)
+    assert wrong[3] == pytest.approx(exact[3] / 4, rel=1e-4)  # measured: 0.2588 = 1.0351 / 4
 
 
 @pytest.mark.slow

@@ -56,11 +56,11 @@ def signal_tree(pid, sig):
             pass
 
 
-def wait_for_checkpoint(run_dir, step, proc, timeout=120):
+def wait_for_checkpoint(run_dir, step, proc, timeout=120, note=""):
     deadline = time.time() + timeout
     while not (steps(run_dir) and steps(run_dir)[-1] >= step):  # step-N may already be pruned
-        assert proc.poll() is None, f"run ended before step-{step}: {proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, f"no checkpoint step-{step}"
+        assert proc.poll() is None, f"run ended before step-{step} {note}: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"no checkpoint step-{step} {note}"
         time.sleep(0.01)
 
 
@@ -91,16 +91,24 @@ def assert_same_run(resumed, reference, exact=True):
 @pytest.mark.parametrize("processes", [2, 1])
 def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path, uninterrupted, processes):
     run_dir = tmp_path / "run"
-    kill_at = random.Random().randint(2, 7)  # epoch 1 has 8 updates: the resume crosses the epoch boundary
+    # The kill point is drawn at random, from a seed that is printed and named in every failure:
+    # replay one with RESUME_KILL_SEED=<seed>.
+    seed = int(os.environ.get("RESUME_KILL_SEED", random.randrange(1 << 30)))
+    kill_at = random.Random(seed).randint(2, 7)  # epoch 1 has 8 updates: the resume crosses the epoch boundary
+    replay = f"kill after update {kill_at}; replay with RESUME_KILL_SEED={seed}"
+    print(replay)
     proc = start(run_dir, *RESUMABLE, processes=processes)
-    wait_for_checkpoint(run_dir, kill_at, proc)
+    wait_for_checkpoint(run_dir, kill_at, proc, note=f"({replay})")
     signal_tree(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "metrics.json").exists(), f"run finished before the kill at {kill_at}"
+    assert not (run_dir / "metrics.json").exists(), f"run finished before the kill ({replay})"
     last = steps(run_dir)[-1]
     launch(run_dir, *RESUMABLE, "resume=auto", processes=processes)
-    m = assert_same_run(run_dir, uninterrupted[processes])
-    assert m["resumed_from"].endswith(f"step-{last}"), (kill_at, m["resumed_from"])
+    try:
+        m = assert_same_run(run_dir, uninterrupted[processes])
+    except AssertionError as e:
+        raise AssertionError(f"{e} ({replay})") from e
+    assert m["resumed_from"].endswith(f"step-{last}"), (replay, m["resumed_from"])
 
 
 def test_sigterm_checkpoints_the_current_update_and_resume_finishes(tmp_path, uninterrupted):

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class AccelerateLauncherConf:
     _target_: str = "hydra_plugins.dist_gacc_launcher.accelerate_launcher.AccelerateLauncher"
-    num_processes: int = 1          # processes per job (GPUs, or CPU ranks with cpu=true)
-    cpu: bool = False               # real CPU ranks (gloo): ACCELERATE_USE_CPU=1 with --multi_gpu
+    num_processes: int = 1          # processes per job (GPUs, or CPU ranks)
+    # real CPU ranks (gloo): ACCELERATE_USE_CPU=1 with --multi_gpu. null = auto: CPU ranks when no
+    # CUDA device is visible, GPUs otherwise; true/false force it.
+    cpu: Optional[bool] = None
     extra_args: list = field(default_factory=list)  # more `accelerate launch` arguments, e.g. [--config_file, x.yaml]
     timeout_s: Optional[int] = None  # per job; null = none
 
@@ -46,6 +48,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def use_cpu(setting: Optional[bool], cuda_available: bool) -> bool:
+    """Whether the jobs run as CPU ranks: `hydra.launcher.cpu` if set, else whenever no CUDA device
+    is visible (GPU ranks would fail on such a machine)."""
+    return (not cuda_available) if setting is None else bool(setting)
 
 
 def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_processes: int,
@@ -61,9 +69,10 @@ def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_
 
 
 class AccelerateLauncher(Launcher):
-    def __init__(self, num_processes: int = 1, cpu: bool = False, extra_args: Sequence[str] = (),
+    def __init__(self, num_processes: int = 1, cpu: Optional[bool] = None, extra_args: Sequence[str] = (),
                  timeout_s: Optional[int] = None) -> None:
-        self.num_processes, self.cpu = num_processes, cpu
+        self.num_processes, self.cpu_setting = num_processes, cpu
+        self.cpu = False  # decided in launch(), where torch is imported only once a sweep runs
         self.extra_args, self.timeout_s = list(extra_args), timeout_s
         self.config: Optional[DictConfig] = None
         self.hydra_context: Any = None
@@ -76,8 +85,14 @@ class AccelerateLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        log.info("Launching %d jobs, each with accelerate launch (%d process%s%s)", len(job_overrides),
-                 self.num_processes, "es" if self.num_processes > 1 else "", ", CPU" if self.cpu else "")
+        import torch
+
+        cuda = torch.cuda.is_available()
+        self.cpu = use_cpu(self.cpu_setting, cuda)
+        why = (f"hydra.launcher.cpu={str(self.cpu_setting).lower()}" if self.cpu_setting is not None
+               else f"hydra.launcher.cpu=null: {'a CUDA device is' if cuda else 'no CUDA device'} visible")
+        log.info("Launching %d jobs, each with accelerate launch (%d process%s on %s; %s)", len(job_overrides),
+                 self.num_processes, "es" if self.num_processes > 1 else "", "CPU" if self.cpu else "GPUs", why)
         results, failed = [], []
         for offset, overrides in enumerate(job_overrides):
             num = initial_job_idx + offset
