@@ -5,14 +5,7 @@ from datasets import DatasetDict
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, SequentialSampler
 
-<<<<<<< HEAD
 from dist_gacc.windows import real_examples
-=======
-try:
-    from dist_gacc.windows import real_examples
-except ImportError:
-    from dist_gacc.accumulation import real_examples
->>>>>>> tests-hardening
 from dist_gacc.config import DataConfig
 from dist_gacc.data import chinese_reviews_pool, dedupe, load_splits, rotten_tomatoes_pool
 from dist_gacc.errors import DataError
