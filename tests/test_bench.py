@@ -114,3 +114,5 @@ def test_one_gradient_allreduce_per_update_for_n1_and_n4(bench):
         assert row["scalar_allreduces_per_update"] == 2  # out-of-memory agreement; loss sum, count, stop votes
     each = by_mode[("sync every micro-batch", 4)]
     assert each["grad_allreduces_per_update"] == [4, 4, 4]
+    # every backward exchanges gradients, so the out-of-memory vote follows every forward pass (4), + totals
+    assert each["scalar_allreduces_per_update"] == 5

@@ -111,7 +111,9 @@ def standalone(accelerator, model, optimizer, scheduler, make_loader: Callable[[
 
     hooks = hooks or Hooks()
     engine = engine or engines.build_engine("single", "exact", fp16=False)
-    policy = oom.policy(engines.engine_name(accelerator), "auto", False, False)
+    sync_each_batch = accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+    policy = oom.policy(engines.engine_name(accelerator), "auto", sync_each_batch and accelerator.num_processes > 1,
+                        False)
     telemetry = telemetry or Telemetry(accelerator, total_updates, 0, log_every=10**9, trackers=False)
     accelerator.gradient_accumulation_steps = grad_accum_steps
     parts = StepParts(accelerator, model, optimizer, scheduler, objective or objectives.cross_entropy, engine,
