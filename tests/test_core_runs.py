@@ -92,7 +92,7 @@ def test_trackers_are_named_after_the_run(best_run):
 def test_a_stop_signal_during_set_up_stops_after_one_checkpointed_update(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(AssertionError) as stopped:
-        launch_script(FAULTS, str(run_dir), "term_setup", *TINY, "trainer.micro_batch_size=8", "trainer.epochs=2",
+        launch_script(FAULTS, str(run_dir), "term_setup", *TINY, "trainer.micro_batch_size=8", "trainer.max_steps=4",
                       "run_name=stopped", processes=1)
     assert "script failed (75)" in str(stopped.value) and "stopped by a signal after a finished update" in str(
         stopped.value)
@@ -103,8 +103,9 @@ def test_a_stop_signal_during_set_up_stops_after_one_checkpointed_update(tmp_pat
 
     events = EventAccumulator(str(run_dir / "tensorboard" / "stopped")).Reload()  # flushed before exit 75
     assert [e.step for e in events.Scalars("train/loss")] == [1]
-    launch(run_dir, *TINY, "trainer.micro_batch_size=8", "trainer.epochs=2", "run_name=stopped", "resume=auto")
-    assert read_metrics(run_dir)["optimizer_steps"] == 16
+    launch(run_dir, *TINY, "trainer.micro_batch_size=8", "trainer.max_steps=4", "run_name=stopped", "resume=auto")
+    m = read_metrics(run_dir)
+    assert m["optimizer_steps"] == 4 and m["resumed_from"].endswith("step-1")
 
 
 def test_an_unreachable_hub_is_an_environment_failure_not_bad_input(tmp_path):

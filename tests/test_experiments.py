@@ -16,7 +16,9 @@ SMALL = [*TINY, "trainer.micro_batch_size=4", "trainer.epochs=2"]
 
 
 def sweep(sweep_dir, *overrides, timeout=400):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No GPU visible and no ACCELERATE_USE_CPU: hydra/launcher=accelerate must pick CPU ranks by itself.
+    env = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(TRAIN), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -25,9 +27,11 @@ def sweep(sweep_dir, *overrides, timeout=400):
 def two_process_sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep")
     # Two 2-process jobs that differ in mixed precision: impossible inside one accelerate launch.
-    proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2", "hydra.launcher.cpu=true",
+    # Without hydra.launcher.cpu (auto: no CUDA device visible -> CPU ranks; before, every job failed).
+    proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2",
                  "trainer.mixed_precision=no,bf16", *SMALL)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "(2 processes on CPU; hydra.launcher.cpu=null: no CUDA device visible)" in proc.stdout + proc.stderr
     return sweep_dir
 
 
@@ -54,7 +58,7 @@ def test_summarize_writes_table_and_plots(two_process_sweep, tmp_path):
 
 
 def test_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
-    proc = sweep(tmp_path, "hydra/launcher=accelerate", "hydra.launcher.cpu=true",
+    proc = sweep(tmp_path, "hydra/launcher=accelerate", "hydra.launcher.cpu=true",  # forced: the same here
                  "trainer.grad_accum_steps=0,1", *SMALL)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
