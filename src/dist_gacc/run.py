@@ -279,9 +279,10 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
             raise
         finally:
             loop.telemetry.close()
-            if acc.log_with:
-                for tracker in acc.trackers:  # flushed on every way out, a stop signal's included
-                    tracker.finish()
+            # Flushed on every way out, a stop signal's included. Not accelerator.end_training(): it also
+            # destroys the process group, which the final save still needs (teardown.shutdown ends it).
+            for tracker in acc.trackers:
+                tracker.finish()
         train_seconds = time.perf_counter() - loop_start - (state.eval_seconds - eval_before)  # this process
         result, predictions = finish(job, state, loop.evaluator, keep_best, average)
         result.update(resumed_from=resumed_from, wall_seconds=time.perf_counter() - wall_start,
