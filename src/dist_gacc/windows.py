@@ -86,9 +86,6 @@ class TrainBatches:
         self.accelerator, self.make_loader, self.dataset_len = accelerator, make_loader, dataset_len
         self.loader, self.loader_micro = None, None
 
-    def windows_per_epoch(self, state) -> int:
-        return math.ceil(len(self._loader(state.micro_batch_size)) / state.grad_accum_steps)
-
     def windows(self, state) -> Iterator[Window]:
         """The windows of epoch `state.epoch` from window `state.window` on. Leaving the iteration
         early (the last update, an out-of-memory redo) ends the loader's pass."""
