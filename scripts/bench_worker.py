@@ -14,7 +14,6 @@ with AdamW (decay on >=2-D weights), a linear schedule with warm-up, clipping at
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys

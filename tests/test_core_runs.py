@@ -3,8 +3,6 @@ micro-batch, the best model and its score, the logged training loss, trackers, s
 set-up, exit codes for environment failures."""
 
 import json
-import math
-import shutil
 
 import pandas as pd
 import pytest
