@@ -3,7 +3,7 @@
     python scripts/bench_worker.py SPEC_JSON [SPEC_JSON ...]   # prints one BENCH_RESULT line per spec
 
 A spec names a `kind` (train | ceiling | comm) and, for train, a `variant`:
-  dist_gacc         this trainer's loop (dist_gacc.loop.Loop, Accelerate, exact normalisation)
+  dist_gacc         this trainer's loop (dist_gacc.loop.fit over loop.standalone, Accelerate, exact normalisation)
   hand              a minimal hand-written PyTorch loop: loss/N, step every N
   hf_trainer        transformers' Trainer, made to divide the loss by N (see `run_hf_trainer`)
   hf_trainer_stock  transformers' Trainer as it ships (for the math check only)
