@@ -75,7 +75,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 loop.telemetry.update(state, result)
                 if loop.evaluator.due(state, window):
                     loop.evaluator.run(state)                                # collective
-                if state.stop_signal and not state.done():
+                if result.stop_votes and not state.done():  # some rank got a stop signal
                     raise Preempted(save(loop, state, "stop signal"))        # collective
                 if loop.checkpointer is not None and loop.checkpointer.due(state, window):
                     save(loop, state, "epoch end" if window.ends_epoch else "checkpoint_every")  # collective

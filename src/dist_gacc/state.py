@@ -28,7 +28,6 @@ class TrainState:
     best: dict | None = None     # the evaluation with the highest validation F1 so far
     evals_since_best: int = 0
     stopped_early: bool = False
-    stop_signal: bool = False    # a stop signal reached some rank (the checkpoint is due)
 
     def done(self) -> bool:
         return self.updates >= self.total_updates or self.stopped_early
@@ -51,7 +50,6 @@ class TrainState:
             self.bad_in_row += 1
         else:
             self.bad_in_row = 0
-        self.stop_signal = result.stop_votes > 0
         self.epoch, self.window = (window.epoch + 1, 0) if window.ends_epoch else (window.epoch, window.index + 1)
 
     def train_loss_since(self, update: int) -> float:
