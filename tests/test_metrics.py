@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from dist_gacc.metrics import load_metric, resolve_average
+from dist_gacc.metrics import load_metric
+from dist_gacc.tasks import resolve_average
 
 # Binary: 10 examples, class 1 is positive.
 #   refs  1 1 1 1 0 0 0 0 0 1

@@ -84,6 +84,9 @@ class TrainerConfig:
     fused_adamw: str | bool = "auto"   # auto: fused AdamW on CUDA and CPU (measured faster) | true | false
     sync_each_batch: bool = False      # exchange gradients after every micro-batch, not once per window
     oom_fallback: str | bool = "auto"  # out of memory: redo the window at half the micro-batch (auto: where safe)
+    # none | balanced | a list (label order) or {label: weight}; multi-label: per-label positive weights
+    class_weights: str | list | dict | None = "none"
+    multi_label_threshold: float = 0.5  # multi-label: a label is predicted where its sigmoid score >= this
 
     def __post_init__(self):
         p = "trainer."
@@ -123,6 +126,21 @@ class TrainerConfig:
         _choice(p + "f1_average", self.f1_average, F1_AVERAGES)
         _int(p + "num_workers", self.num_workers, 0)
         _int(p + "dist_timeout_s", self.dist_timeout_s, 1)
+        _float(p + "multi_label_threshold", self.multi_label_threshold, 0.0, 1.0, low_open=True)
+        check_class_weights(self.class_weights)
+
+
+def check_class_weights(value: Any) -> None:
+    """The form of trainer.class_weights; its length and label names are checked against the data
+    (tasks.class_weights), once the labels are known."""
+    if value is None or value in ("none", "balanced"):
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None or not value:
+        raise ConfigError(f"trainer.class_weights must be none, balanced, a list of weights in label order or "
+                          f"a mapping label -> weight, got {value!r}")
+    for key, weight in items:
+        _float(f"trainer.class_weights[{key}]", weight, 0.0, low_open=True)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,15 @@ def _label_sort_key(label: str):
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
+def is_multi_label(ds: Dataset) -> bool:
+    return not isinstance(ds.features[LABEL], ClassLabel)
+
+
+def label_names(ds: Dataset) -> list[str]:
+    feature = ds.features[LABEL]
+    return feature.names if isinstance(feature, ClassLabel) else feature.feature.names
+
+
 # --- splitting ---------------------------------------------------------------------------------
 
 def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:

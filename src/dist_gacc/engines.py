@@ -121,7 +121,7 @@ class Engine:
 
     loss_to_backward(real_sum, losses, window): the tensor each micro-batch backpropagates.
     apply_update(parts, window, totals): after the window's last backward and the all-reduce of
-        totals = [loss sum, real examples, stop votes]: normalise, clip, step; a step.StepResult.
+        totals = [loss sum, weight sum, real examples, stop votes]: normalise, clip, step; a step.StepResult.
     """
     name: str
     loss_to_backward: Callable
@@ -154,14 +154,15 @@ def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
     """Rescale to the window mean, clip, step, unless the loss or gradient is non-finite on any rank."""
     acc, model = parts.accelerator, parts.model
     if rescale:
-        # Each micro-batch backpropagated its loss sum, which Accelerate divided by N and DDP averaged
-        # over W: multiplying by N*W/count gives the mean over the window's real examples. (Rescaling
-        # commutes with the fp16 GradScaler's factor, so it is right before unscaling too.)
+        # Each micro-batch backpropagated its (weighted) loss sum, which Accelerate divided by N and DDP
+        # averaged over W: multiplying by N*W/(sum of weights) gives the weighted mean over the window's real
+        # examples (the plain mean when each weighs 1). (Rescaling commutes with the fp16 GradScaler's
+        # factor, so it is right before unscaling too.)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, window.grad_accum_steps * window.world_size / totals[1])
     # The norm of the all-reduced gradients: every rank sees the same number.
     norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
-    loss_sum, examples, stop_votes, grad_norm = torch.cat(
+    loss_sum, weight, examples, stop_votes, grad_norm = torch.cat(
         [totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the update's one host read
     finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or fp16)  # fp16: the GradScaler skips infs
     stepped = False
@@ -172,7 +173,8 @@ def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
             parts.scheduler.step()
     # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step.
     model.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, int(examples), grad_norm, int(stop_votes), stepped=stepped, skipped=not finite)
+    return StepResult(loss_sum, weight, int(examples), grad_norm, int(stop_votes), stepped=stepped,
+                      skipped=not finite)
 
 
 def _apply_deepspeed(parts, window, totals: torch.Tensor):
@@ -180,7 +182,7 @@ def _apply_deepspeed(parts, window, totals: torch.Tensor):
     window's last backward: step our schedule and read its gradient norm."""
     acc = parts.accelerator
     norm = acc.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)  # reads DeepSpeed's norm
-    loss_sum, examples, stop_votes = totals.float().tolist()
+    loss_sum, weight, examples, stop_votes = totals.float().tolist()
     skipped = acc.optimizer_step_was_skipped  # fp16 overflow: DeepSpeed skipped the step itself
     if not skipped and not math.isfinite(loss_sum):
         raise TrainingError(f"non-finite loss in window {window.index} of epoch {window.epoch} under DeepSpeed, "
@@ -188,5 +190,5 @@ def _apply_deepspeed(parts, window, totals: torch.Tensor):
                             "from the newest checkpoint with a lower optim.lr.")
     if not skipped:
         parts.scheduler.step()
-    return StepResult(loss_sum, int(examples), math.nan if norm is None else float(norm), int(stop_votes),
+    return StepResult(loss_sum, weight, int(examples), math.nan if norm is None else float(norm), int(stop_votes),
                       stepped=not skipped, skipped=skipped)

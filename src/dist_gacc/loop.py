@@ -116,7 +116,7 @@ def standalone(accelerator, model, optimizer, scheduler, make_loader: Callable[[
                         False)
     telemetry = telemetry or Telemetry(accelerator, total_updates, 0, log_every=10**9, trackers=False)
     accelerator.gradient_accumulation_steps = grad_accum_steps
-    parts = StepParts(accelerator, model, optimizer, scheduler, objective or objectives.cross_entropy, engine,
+    parts = StepParts(accelerator, model, optimizer, scheduler, objective or objectives.CrossEntropy(None), engine,
                       oom.MemoryGuard(accelerator, model, policy, hooks), hooks, max_grad_norm)
     loop = Loop(parts, TrainBatches(accelerator, make_loader, dataset_len), Evaluator(None, None, None, None, telemetry),
                 telemetry, policy, max_bad_steps=10**9)

@@ -1,4 +1,5 @@
-"""Evaluation: gather predictions from every rank, score F1 and accuracy through `evaluate`."""
+"""Evaluation: gather predictions from every rank, score F1, accuracy and the per-label report through
+`evaluate`, and draw the report (confusion matrix or per-label F1)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,15 @@ import torch
 METRIC_DIR = Path(__file__).parent / "metric" / "f1_accuracy"
 
 
-def load_metric() -> evaluate.EvaluationModule:
+def load_metric(multi_label: bool = False) -> evaluate.EvaluationModule:
     # keep_in_memory: no cache files, so ranks that each compute the metric never share a lock file.
-    return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
-
-
-def resolve_average(setting: str, num_labels: int) -> str:
-    """`auto`: F1 of the positive class (label id 1) for two labels, macro F1 otherwise."""
-    if setting == "auto":
-        return "binary" if num_labels == 2 else "macro"
-    return setting
+    return evaluate.load(str(METRIC_DIR), "multilabel" if multi_label else None, keep_in_memory=True)
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions and labels of the whole split, in dataset order, on every rank.
+def predict(model, loader, accelerator, task) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and labels of the whole split, in dataset order, on every rank: class ids, or multi-hot
+    rows for a multi-label task (`task.predictions`).
 
     `gather_for_metrics` drops the samples Accelerate repeats to give every rank equal batches, so an
     odd-sized split yields exactly its own number of predictions.
@@ -37,12 +32,57 @@ def predict(model, loader, accelerator) -> tuple[np.ndarray, np.ndarray]:
     for batch in loader:
         labels = batch.pop("labels")
         logits = model(**batch).logits
-        preds, labels = accelerator.gather_for_metrics((logits.argmax(dim=-1), labels))
+        preds, labels = accelerator.gather_for_metrics((task.predictions(logits), labels.long()))
         predictions.append(preds.cpu())
         references.append(labels.cpu())
     model.train(was_training)
     return torch.cat(predictions).numpy(), torch.cat(references).numpy()
 
 
-def score(metric, predictions: np.ndarray, references: np.ndarray, average: str) -> dict:
-    return metric.compute(predictions=predictions, references=references, average=average, pos_label=1)
+def score(metric, predictions: np.ndarray, references: np.ndarray, average: str,
+          label_names: list[str] | None = None) -> dict:
+    """F1 by `average`, macro and micro F1, accuracy, and `per_label` keyed by label name."""
+    labels = list(range(len(label_names))) if label_names else None
+    out = metric.compute(predictions=predictions.tolist(), references=references.tolist(), average=average,
+                         pos_label=1, labels=labels)
+    if label_names:
+        out["per_label"] = {label_names[i]: report for i, report in out["per_label"].items()}
+    return out
+
+
+def plot_report(path: str, task, predictions: np.ndarray, references: np.ndarray, per_label: dict,
+                title: str) -> None:
+    """confusion_matrix.png (single-label: rows true, columns predicted, counts) or per_label_f1.png
+    (multi-label: each label's F1 with its support)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    names = task.label_names
+    if task.multi_label:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.5))
+        f1s = [per_label[n]["f1"] for n in names]
+        bars = ax.bar(range(len(names)), f1s, color="tab:blue")
+        for bar, name in zip(bars, names):
+            ax.annotate(f"n={per_label[name]['support']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("F1")
+    else:
+        matrix = confusion_matrix(references, predictions, labels=list(range(len(names))))
+        fig, ax = plt.subplots(figsize=(max(3.5, 0.7 * len(names) + 2),) * 2)
+        ax.imshow(matrix, cmap="Blues")
+        for (row, col), count in np.ndenumerate(matrix):
+            ax.text(col, row, str(count), ha="center", va="center",
+                    color="white" if count > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -68,12 +68,15 @@ def build_tokenizer(cfg: ModelConfig, train_texts: list[str], max_length: int):
     return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=max_length)
 
 
-def build_model(cfg: ModelConfig, label_names: list[str], tokenizer):
-    """A sequence classifier with `len(label_names)` outputs; label names travel in its config."""
+def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
+                problem_type: str = "single_label_classification"):
+    """A sequence classifier with `len(label_names)` outputs; label names and `problem_type` travel in its
+    config, so transformers' pipeline applies a softmax (single-label) or a sigmoid per label (multi-label)."""
     labels = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
+        problem_type=problem_type,
     )
     if cfg.name_or_path is None:
         tiny = cfg.from_scratch

@@ -1,5 +1,15 @@
-"""Per-example losses. An update is the mean of these over the window's real examples, so every
-objective returns one loss per row; the window's normaliser is its count of real rows."""
+"""Per-example losses and weights. An update is the weighted mean of these over the window's real examples:
+each objective returns one (weighted) loss per row, and `weights(batch)` the weight each row adds to the
+window's normaliser (None: every row weighs 1, and the normaliser is the window's count of real rows).
+
+Chosen once at build (tasks.Task.objective):
+- `CrossEntropy`: single-label; with class weights w, row i's loss is w[y_i] * CE_i and its weight w[y_i], so
+  the window's update is sum(w[y_i] CE_i) / sum(w[y_i]) over its real rows: what torch's weighted
+  `cross_entropy(reduction="mean")` computes per batch, here over the whole window, whatever its split.
+- `BinaryCrossEntropy`: multi-label; per row the mean over labels of the binary cross-entropy with logits
+  (per-label positive weights optional). Positive weights scale terms, not the normaliser (as in torch's
+  BCEWithLogitsLoss), so every row weighs 1.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +17,75 @@ import torch
 import torch.nn.functional as F
 
 
+def _float_dtype(logits: torch.Tensor) -> torch.dtype:
+    """fp32 at least, whatever the autocast (fp64 stays fp64: verify_equivalence runs in float64)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row, in fp32 at least whatever the autocast (fp64 stays fp64)."""
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
-                           reduction="none")
+    """Unweighted cross-entropy of each row."""
+    return F.cross_entropy(logits.to(_float_dtype(logits)), labels, reduction="none")
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """The labels are not passed to the model, which would compute a (mean) loss of its own for nothing."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+class _Weighted:
+    """Holds a per-label weight vector (None: unweighted), moved once per device and dtype."""
+
+    def __init__(self, label_weights: list[float] | None):
+        self.label_weights = label_weights
+        self._cache: dict = {}
+
+    def _weights_like(self, like: torch.Tensor) -> torch.Tensor | None:
+        if self.label_weights is None:
+            return None
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.label_weights, dtype=like.dtype, device=like.device)
+        return self._cache[key]
+
+
+class CrossEntropy(_Weighted):
+    """Single-label classification, optionally class-weighted."""
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logits = logits_of(model, batch)
+        logits = logits.to(_float_dtype(logits))
+        return F.cross_entropy(logits, batch["labels"], weight=self._weights_like(logits), reduction="none")
+
+    def weights(self, batch: dict) -> torch.Tensor | None:
+        """Each row's class weight: its share of the window's normaliser."""
+        if self.label_weights is None:
+            return None
+        return self._weights_like(torch.empty(0, dtype=torch.float64, device=batch["labels"].device))[batch["labels"]]
+
+    def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """torch's own weighted mean of one batch (verify_equivalence's definition of an update)."""
+        logits = logits.to(_float_dtype(logits))
+        return F.cross_entropy(logits, labels, weight=self._weights_like(logits))
+
+
+class BinaryCrossEntropy(_Weighted):
+    """Multi-label classification: labels are multi-hot float rows; optional per-label positive weights."""
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logits = logits_of(model, batch)
+        logits = logits.to(_float_dtype(logits))
+        return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype),
+                                                  pos_weight=self._weights_like(logits), reduction="none").mean(dim=1)
+
+    def weights(self, batch: dict) -> None:
+        return None
+
+    def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(_float_dtype(logits))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
+                                                  pos_weight=self._weights_like(logits))
 
 
 def cross_entropy(model, batch: dict) -> torch.Tensor:
-    """Single-label classification. The labels are not passed to the model, which would compute a
-    (mean) loss of its own for nothing."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    return per_example_loss(logits, batch["labels"])
+    """Unweighted single-label loss as a plain function (tests and the bench's hand-written loop)."""
+    return per_example_loss(logits_of(model, batch), batch["labels"])

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import torch
 import transformers
@@ -30,7 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, data, engines, metrics, models, objectives, oom, optim, teardown
+from . import checkpoint, data, engines, metrics, models, oom, optim, teardown
 from .batchnorm import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, ConfigError,
@@ -40,6 +41,7 @@ from .loop import Hooks, Loop, fit, standalone
 from .preemption import Preempted, StopSignals
 from .state import TrainState
 from .step import StepParts
+from .tasks import Task, build_task
 from .telemetry import Telemetry
 from .windows import TrainBatches
 
@@ -96,7 +98,7 @@ class Job:
     scheduler: object
     eval_loaders: dict
     metric: object
-    label_names: list[str]
+    task: Task                 # single/multi-label, class weights, F1 average: picked once here
     micro_batch_size: int      # as configured (probed for auto)
     grad_accum_steps: int
     effective_batch_size: int
@@ -135,7 +137,11 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
         raise ConfigError(f"num_processes={cfg.num_processes} but this run has {world} process(es): launch it with "
                           f"accelerate launch --num_processes {cfg.num_processes}, or through hydra/launcher=accelerate")
     set_seed(rc.seed)
-    splits, tokenizer, model, encoded, metric = build_data_and_model(rc, accelerator, dtype)
+    splits, tokenizer, model, encoded, metric, task = build_data_and_model(rc, accelerator, dtype)
+    if engine_name == "deepspeed" and task.weighted_normaliser:
+        raise ConfigError("trainer.class_weights under DeepSpeed: the update divides by the window's sum of weights, "
+                          "known only after its last backward, and DeepSpeed steps inside that backward. Use DDP "
+                          "(or FSDP), or class_weights=none.")
 
     # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
     micro = t.micro_batch_size
@@ -162,27 +168,28 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16")
-    job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric,
-              splits["train"].features["label"].names, micro, grad_accum_steps, effective, total_updates, lr,
-              engine, oom_policy, hooks)
+    job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
+              micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks)
     log_plan(job, engine_name)
     return job
 
 
 def build_data_and_model(rc: RunConfig, accelerator, dtype):
-    """Splits, tokenizer, model, tokenized splits, metric. Every rank builds the same tokenizer and the
+    """Splits, tokenizer, model, tokenized splits, metric, task. Every rank builds the same tokenizer and the
     same initial weights; the main process tokenizes first (and fills the cache), the others load it."""
     splits = data.load_splits(rc.data, rc.seed)
+    train = splits["train"]
+    task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
     tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], rc.data.max_length)
-    model = models.build_model(rc.model, splits["train"].features["label"].names, tokenizer)
+    model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
     if dtype is not None:
         model = model.to(dtype)
     with accelerator.main_process_first():
         cache = (os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized")
                  if rc.trainer.cache_tokenized else None)
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache)
-        metric = metrics.load_metric()
-    return splits, tokenizer, model, encoded, metric
+        metric = metrics.load_metric(task.multi_label)
+    return splits, tokenizer, model, encoded, metric, task
 
 
 def log_plan(job: Job, engine_name: str) -> None:
@@ -196,6 +203,13 @@ def log_plan(job: Job, engine_name: str) -> None:
              "device %s | train/validation examples %d/%d", job.lr, scaling, rc.optim.scheduler,
              optim.warmup_updates(rc.optim, job.total_updates), job.total_updates, job.scheduler.get_last_lr()[0],
              t.mixed_precision, job.accelerator.device, len(job.splits["train"]), len(job.splits["validation"]))
+    task = job.task
+    log.info("task %s, %d labels %s%s | F1 average %s | class weights %s%s", task.problem_type, len(task.label_names),
+             task.label_names, " | text pairs" if "text_pair" in job.splits["train"].column_names else "",
+             task.f1_average, task.class_weights_setting,
+             f" {task.describe_weights()}" + (" (positive weights per label)" if task.multi_label else
+                                               "; an update divides by its window's sum of weights")
+             if task.class_weights else "")
 
 
 def fingerprint(job: Job) -> dict:
@@ -206,6 +220,7 @@ def fingerprint(job: Job) -> dict:
         "effective_batch_size": job.effective_batch_size, "lr": job.lr, "total_updates": job.total_updates,
         "seed": rc.seed, "world_size": job.accelerator.num_processes, "mixed_precision": rc.trainer.mixed_precision,
         "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
+        "class_weights": job.task.class_weights,
         "optim": dataclasses.asdict(rc.optim), "model": dataclasses.asdict(rc.model),
         "data": dataclasses.asdict(rc.data), "engine": engines.engine_name(job.accelerator),
     }
@@ -242,7 +257,7 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
     telemetry = Telemetry(acc, job.total_updates, state.updates, t.log_every, trackers=bool(acc.log_with))
     checkpointer = checkpoint.Checkpointer(acc, job.rc.output_dir, t.checkpoint_every, t.keep_checkpoints,
                                            fingerprint(job), before_rename=job.hooks.before_checkpoint_rename)
-    parts = StepParts(acc, job.model, job.optimizer, job.scheduler, objectives.cross_entropy, job.engine,
+    parts = StepParts(acc, job.model, job.optimizer, job.scheduler, job.task.objective(), job.engine,
                       oom.MemoryGuard(acc, job.model, job.oom_policy, job.hooks), job.hooks, t.max_grad_norm)
     evaluator = Evaluator(evaluate_fn, t.eval_every, t.early_stopping_patience,
                           (lambda: save_model(job)) if keep_best else None, telemetry)
@@ -254,7 +269,8 @@ def train_only(job: Job, engine: engines.Engine | None = None) -> TrainState:
     """Train `job` from scratch with its engine (or `engine`): no evaluation, checkpoints or trackers."""
     loop, state = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
                              len(job.splits["train"]), job.micro_batch_size, job.grad_accum_steps, job.total_updates,
-                             max_grad_norm=job.rc.trainer.max_grad_norm, engine=engine or job.engine, hooks=job.hooks)
+                             max_grad_norm=job.rc.trainer.max_grad_norm, engine=engine or job.engine, hooks=job.hooks,
+                             objective=job.task.objective())
     return fit(loop, state)
 
 
@@ -264,7 +280,7 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
     with StopSignals() as stop:  # from the first moment: a signal during set-up or the final save is kept
         job = build(cfg, hooks)
         acc, t = job.accelerator, job.rc.trainer
-        average = metrics.resolve_average(t.f1_average, len(job.label_names))
+        average = job.task.f1_average
         state, resumed_from = resume(job)
         keep_best = t.save_best or t.early_stopping_patience is not None
         if acc.log_with:  # the whole config becomes hyperparameters
@@ -284,10 +300,10 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
             for tracker in acc.trackers:
                 tracker.finish()
         train_seconds = time.perf_counter() - loop_start - (state.eval_seconds - eval_before)  # this process
-        result, predictions = finish(job, state, loop.evaluator, keep_best, average)
+        result, scored = finish(job, state, loop.evaluator, keep_best, average)
         result.update(resumed_from=resumed_from, wall_seconds=time.perf_counter() - wall_start,
                       train_samples_per_second=(state.examples_seen - seen_before) / max(train_seconds, 1e-9))
-        save_outputs(job, cfg, result, predictions)  # ends with a barrier
+        save_outputs(job, cfg, result, scored)  # ends with a barrier
         if stop():
             log.warning("a stop signal arrived after the last update; the run's outputs were completed first")
     teardown.shutdown(acc)
@@ -299,11 +315,12 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
 
 def evaluate(job: Job, split: str, average: str) -> dict:
     """Collective. Metrics of `split` on every rank, with the predictions in dataset order."""
-    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator)
-    return {**metrics.score(job.metric, preds, refs, average), "predictions": preds}
+    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task)
+    return {**metrics.score(job.metric, preds, refs, average, job.task.label_names), "predictions": preds,
+            "references": refs}
 
 
-def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, average: str) -> tuple[dict, list]:
+def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, average: str) -> tuple[dict, dict]:
     """Collective. model/ settles (the best model reloaded, or the final one saved); `eval` is the score
     of the model in model/, `history` keeps every evaluation (the final model's included)."""
     if keep_best:
@@ -315,12 +332,11 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
     test = evaluate(job, "test", average) if "test" in job.eval_loaders else None
     acc, t = job.accelerator, job.rc.trainer
     return {
-        "eval": {"f1": scored["f1"], "accuracy": scored["accuracy"], "average": average,
-                 "num_examples": len(scored["predictions"])},
+        "eval": report(scored, average),
         "best": state.best,
         "stopped_early": state.stopped_early,
         "model": "best" if keep_best else "final",
-        "test": {k: v for k, v in test.items() if k != "predictions"} if test else None,
+        "test": report(test, average) if test else None,
         "history": state.history,
         "train_losses": state.losses,
         "train_window_examples": state.window_sizes,
@@ -345,9 +361,19 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "engine": engines.engine_name(acc),
         "sync_each_batch": t.sync_each_batch,
         "train_examples_seen": state.examples_seen,
-        "label_names": job.label_names,
+        "label_names": job.task.label_names,
+        "problem_type": job.task.problem_type,
+        "class_weights": job.task.describe_weights(),
+        "class_weights_setting": job.task.class_weights_setting,
+        "multi_label_threshold": job.task.threshold if job.task.multi_label else None,
         "run_name": run_name(job.rc),
-    }, scored["predictions"]
+    }, scored
+
+
+def report(scored: dict, average: str) -> dict:
+    """The metrics.json entry of one evaluation: F1 (by `average`), macro/micro F1, accuracy, per label."""
+    keys = ("f1", "accuracy", "f1_macro", "f1_micro", "per_label")
+    return {**{k: scored[k] for k in keys}, "average": average, "num_examples": len(scored["predictions"])}
 
 
 def run_name(rc: RunConfig) -> str:
@@ -407,20 +433,39 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return flat
 
 
-def save_outputs(job: Job, cfg: DictConfig, result: dict, predictions) -> None:
-    """Rank 0 writes config, metrics.json and the predictions of the model in model/."""
+def save_outputs(job: Job, cfg: DictConfig, result: dict, scored: dict) -> None:
+    """Rank 0 writes config, metrics.json, the validation predictions of the model in model/ and their plot."""
     acc, output_dir = job.accelerator, job.rc.output_dir
     if acc.is_main_process:
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        names, validation = job.label_names, job.splits["validation"]
-        pd.DataFrame({
-            "text": validation["text"],
-            "label": [names[i] for i in validation["label"]],
-            "prediction": [names[i] for i in predictions],
-        }).to_csv(os.path.join(output_dir, "validation_predictions.csv"), index=False)
+        predictions_frame(job, scored["predictions"]).to_csv(
+            os.path.join(output_dir, "validation_predictions.csv"), index=False)
+        plot = "per_label_f1.png" if job.task.multi_label else "confusion_matrix.png"
+        metrics.plot_report(os.path.join(output_dir, plot), job.task, scored["predictions"], scored["references"],
+                            result["eval"]["per_label"], f"{run_name(job.rc)}: validation "
+                            f"({average_name(job.task)} F1 {result['eval']['f1']:.3f})")
         write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
     acc.wait_for_everyone()
+
+
+def average_name(task: Task) -> str:
+    return f"{task.label_names[1]!r}" if task.f1_average == "binary" else task.f1_average
+
+
+def predictions_frame(job: Job, predictions) -> pd.DataFrame:
+    """Text (and pair), true and predicted label names; a multi-label set as names joined by data.label_separator."""
+    names, validation = job.task.label_names, job.splits["validation"]
+    if job.task.multi_label:
+        sep = job.rc.data.label_separator
+        label = [sep.join(names[i] for i in ids) for ids in validation["label"]]
+        prediction = [sep.join(names[i] for i in np.flatnonzero(row)) for row in predictions]
+    else:
+        label, prediction = [names[i] for i in validation["label"]], [names[i] for i in predictions]
+    texts = {"text": validation["text"]}
+    if "text_pair" in validation.column_names:
+        texts["text_pair"] = validation["text_pair"]
+    return pd.DataFrame({**texts, "label": label, "prediction": prediction})
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -2,7 +2,7 @@
 
 Collectives, in order: the out-of-memory vote (once per window; per micro-batch with sync_each_batch),
 DDP's gradient all-reduce inside the window's last backward (accumulate() skips it before), the
-all-reduce of the window's [loss sum, real examples, stop votes], and the clip's norm (sharded
+all-reduce of the window's [loss sum, weight sum, real examples, stop votes], and the clip's norm (sharded
 engines). Every rank runs the same sequence.
 """
 
@@ -18,7 +18,8 @@ from .errors import TrainingError
 
 @dataclass(frozen=True)
 class StepResult:
-    loss_sum: float      # over the window's real examples, all processes
+    loss_sum: float      # (weighted) loss over the window's real examples, all processes
+    weight: float        # the normaliser: the window's sum of example weights (its real examples, unweighted)
     examples: int        # real examples in the window, all processes
     grad_norm: float     # before clipping (nan where the engine reports none)
     stop_votes: int      # ranks that had received a stop signal
@@ -27,7 +28,7 @@ class StepResult:
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / self.examples
+        return self.loss_sum / self.weight
 
 
 @dataclass
@@ -37,7 +38,7 @@ class StepParts:
     model: torch.nn.Module
     optimizer: object
     scheduler: object
-    objective: Callable          # (model, batch) -> per-example losses
+    objective: Callable          # (model, batch) -> per-example losses; .weights(batch): None or per-example weights
     engine: object               # engines.Engine: how losses are scaled and the update applied
     guard: object                # oom.MemoryGuard
     hooks: object                # Hooks (test instrumentation)
@@ -47,7 +48,7 @@ class StepParts:
 def train_step(parts: StepParts, window, state, stop: bool) -> StepResult:
     """Forward/backward every micro-batch of `window`, then normalise, clip and step once."""
     acc, guard = parts.accelerator, parts.guard
-    loss_sum, examples = None, 0
+    loss_sum, weight, examples = None, 0.0, 0
     with guard.window():  # an agreed out-of-memory error closes DDP's iteration and propagates
         for micro in window.micro_batches():
             with acc.accumulate(parts.model):  # no_sync until the window's last micro-batch
@@ -57,11 +58,14 @@ def train_step(parts: StepParts, window, state, stop: bool) -> StepResult:
                                         f"(last micro-batch: {micro.last}) disagree")
                 losses = guard.forward(parts.objective, micro, state)  # collective where it syncs (the vote)
                 real_sum = losses[:micro.real].sum()  # Accelerate's repeats masked out
+                weights = parts.objective.weights(micro.batch)  # None: every row weighs 1
                 guard.backward(parts.engine.loss_to_backward(real_sum, losses, window), micro, state)
             loss_sum = real_sum.detach() if loss_sum is None else loss_sum + real_sum.detach()
             examples += micro.real
+            weight = weight + (micro.real if weights is None else weights[:micro.real].sum())
             parts.hooks.after_backward(parts.model, acc.sync_gradients)
-    totals = torch.stack([loss_sum, loss_sum.new_tensor(float(examples)), loss_sum.new_tensor(float(stop))])
+    weight = weight.to(loss_sum.dtype) if torch.is_tensor(weight) else loss_sum.new_tensor(weight)
+    totals = torch.stack([loss_sum, weight, loss_sum.new_tensor(float(examples)), loss_sum.new_tensor(float(stop))])
     totals = acc.reduce(totals, reduction="sum")  # collective: the one extra all-reduce per update
     result = parts.engine.apply_update(parts, window, totals)
     if result.examples != window.examples:

@@ -50,6 +50,10 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
                 "lr": metrics["lr"], "updates": metrics.get("updates", metrics["optimizer_steps"]),
                 "best_update": best.get("update"), "best_val_f1": best.get("f1", metrics["eval"]["f1"]),
                 "final_val_f1": metrics["eval"]["f1"],
+                # The F1 average in effect (binary / macro / micro...) and macro F1 next to it (absent in
+                # runs older than the per-label report).
+                "f1_average": metrics["eval"].get("average"), "val_f1_macro": metrics["eval"].get("f1_macro"),
+                "class_weights": metrics.get("class_weights_setting", "none"),
                 "test_f1": (metrics.get("test") or {}).get("f1"),
                 "stopped_early": metrics.get("stopped_early", False),
                 "wall_seconds": round(metrics["wall_seconds"], 1),

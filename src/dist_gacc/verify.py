@@ -20,7 +20,6 @@ from omegaconf import DictConfig, open_dict
 from transformers import DataCollatorWithPadding
 
 from . import data, optim, teardown
-from .objectives import per_example_loss
 from .run import build, train_only
 
 
@@ -47,7 +46,9 @@ def windows(job, updates: int) -> list[list[int]]:
 
 
 def reference_updates(job, initial_state: dict, window_indices: list[list[int]]) -> dict:
-    """One process, one batch per window, mean loss over its examples: the definition of the update."""
+    """One process, one batch per window, the task's loss as torch defines it for one batch (the mean over its
+    examples; class-weighted: sum of w*loss / sum of w; multi-label: the mean over examples and labels):
+    the definition of the update."""
     acc, rc = job.accelerator, job.rc
     model = copy.deepcopy(acc.unwrap_model(job.model, keep_fp32_wrapper=False))
     model.load_state_dict(initial_state)
@@ -55,13 +56,13 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
     optimizer = optim.build_optimizer(model, rc.optim, job.lr)
     scheduler = optim.build_scheduler(optimizer, rc.optim, job.total_updates)
     collate = DataCollatorWithPadding(job.tokenizer)
-    train_set = job.encoded["train"]
+    train_set, objective = job.encoded["train"], job.task.objective()
     for indices in window_indices:
         batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in indices]).items()}
         labels = batch.pop("labels")
         with acc.autocast():
             logits = model(**batch).logits
-        per_example_loss(logits, labels).mean().backward()
+        objective.reference_loss(logits, labels).backward()
         if rc.trainer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.trainer.max_grad_norm)
         optimizer.step()
@@ -95,7 +96,9 @@ def verify(cfg: DictConfig) -> bool:
         print(f"\nsplit: micro-batch {state.micro_batch_size} x N {state.grad_accum_steps} x processes "
               f"{acc.num_processes} = effective {job.effective_batch_size}; {job.total_updates} updates; "
               f"windows of {', '.join(str(len(w)) for w in window_indices)} examples; "
-              f"normalisation {job.rc.trainer.loss_normalisation}; "
+              f"normalisation {job.rc.trainer.loss_normalisation}; task {job.task.problem_type}"
+              f"{', text pairs' if 'text_pair' in job.splits['train'].column_names else ''}"
+              f"{', class weights ' + str(job.task.describe_weights()) if job.task.class_weights else ''}; "
               f"{'float64' if job.rc.trainer.mixed_precision == 'no' else job.rc.trainer.mixed_precision}")
         width = max(len(g) for g in diffs)
         print(f"{'parameter group':<{width}}  max |difference|")
