@@ -173,7 +173,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     """Splits, tokenizer, model, tokenized splits, metric. Every rank builds the same tokenizer and the
     same initial weights; the main process tokenizes first (and fills the cache), the others load it."""
     splits = data.load_splits(rc.data, rc.seed)
-    tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], rc.data.max_length)
+    tokenizer = models.build_tokenizer(rc.model, data.train_texts(splits["train"]), rc.data.max_length)
     model = models.build_model(rc.model, splits["train"].features["label"].names, tokenizer)
     if dtype is not None:
         model = model.to(dtype)
