@@ -148,7 +148,7 @@ def label_names(ds: Dataset | DatasetDict) -> list[str]:
 
 def train_texts(ds: Dataset) -> list[str]:
     """All texts of a split, second texts of pairs included (the from-scratch vocabulary is built from them)."""
-    return ds[TEXT] + (ds[TEXT_PAIR] if TEXT_PAIR in ds.column_names else [])
+    return list(ds[TEXT]) + (list(ds[TEXT_PAIR]) if TEXT_PAIR in ds.column_names else [])
 
 
 # --- user files and the Hub --------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _read_file(path: str, string_columns: tuple[str, ...] = ()) -> Dataset:
     suffix = os.path.splitext(path)[1]
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     if builder[suffix] == "csv" and string_columns:
-        kwargs["dtype"] = {column: str for column in string_columns}  # absent columns: ignored by pandas
+        kwargs["converters"] = {column: str for column in string_columns}  # raw cell text
     if suffix != ".parquet":
         _check_utf8(path)
     try:
@@ -199,11 +199,11 @@ def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict[str, list
         if name not in wanted:
             continue
         column = getattr(cfg, wanted[name])
-        out[name] = ds[column]
+        out[name] = list(ds[column])  # a list, not a lazy Column: rows are indexed later
         for row, text in enumerate(out[name]):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where}: row {row}: column {column!r} is empty or not text: {text!r}")
-    labels = ds[cfg.label_column]
+    labels = list(ds[cfg.label_column])
     if cfg.multi_label:
         out[LABEL] = [_label_set(value, where, row, cfg) for row, value in enumerate(labels)]
         return out
@@ -330,7 +330,7 @@ def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
     by = LABEL
     if is_multi_label(ds):
         names = ["rare", "empty"] + [f"label {name}" for name in label_names(ds)]
-        ds, by = ds.add_column(_STRATUM, _strata(ds[LABEL]), feature=ClassLabel(names=names)), _STRATUM
+        ds, by = ds.add_column(_STRATUM, _strata(list(ds[LABEL])), feature=ClassLabel(names=names)), _STRATUM
     try:
         parts = ds.train_test_split(test_size=fraction, stratify_by_column=by, seed=seed)
     except ValueError as err:  # e.g. fewer held-out rows than classes
