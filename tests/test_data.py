@@ -426,3 +426,12 @@ def test_multi_label_split_is_deterministic_and_stratified(tmp_path):
     (train, train_empty), (val, val_empty) = shares(a["train"]), shares(a["validation"])
     assert np.abs(train - val).max() < 0.03 and abs(train_empty - val_empty) < 0.03, (train, val)
     assert (val > 0)[:4].all()  # a..d are all represented in validation
+
+
+def test_multi_label_strata_pool_small_ones():
+    from dist_gacc.data import _strata
+
+    # Rarest label per row (ties: lowest id); 1 is alone -> `rare` (0); a lone rare row joins the largest
+    # stratum (ties: the lowest key, here the empty set = 1).
+    assert _strata([[0], [1], [2], [2], [], [], [0, 2]]) == [2, 1, 4, 4, 1, 1, 2]
+    assert _strata([[0], [1], [3], [2], [2], [0, 2]]) == [2, 0, 0, 4, 4, 2]  # two lone rows: a `rare` stratum
