@@ -292,8 +292,11 @@ def test_tokenized_cache_key_includes_the_pair():
     from dist_gacc.data import _as_dataset, _tokenized_key
 
     tok = _tiny_tokenizer(["a b c"])
-    key = lambda pairs: _tokenized_key(DatasetDict({"train": _as_dataset(  # noqa: E731
-        {"text": ["a", "b"], "text_pair": pairs, "label": ["x", "y"]}, ["x", "y"], multi_label=False)}), tok, 32)
+
+    def key(pairs):
+        ds = _as_dataset({"text": ["a", "b"], "text_pair": pairs, "label": ["x", "y"]}, ["x", "y"], multi_label=False)
+        return _tokenized_key(DatasetDict({"train": ds}), tok, 32)
+
     assert key(["c", "c"]) == key(["c", "c"]) != key(["c", "b"])
 
 
@@ -435,3 +438,38 @@ def test_multi_label_strata_pool_small_ones():
     # stratum (ties: the lowest key, here the empty set = 1).
     assert _strata([[0], [1], [2], [2], [], [], [0, 2]]) == [2, 1, 4, 4, 1, 1, 2]
     assert _strata([[0], [1], [3], [2], [2], [0, 2]]) == [2, 0, 0, 4, 4, 2]  # two lone rows: a `rare` stratum
+
+
+def test_hub_pairs_and_multi_label_lists_of_ids(monkeypatch):
+    import datasets
+    from datasets import Dataset
+
+    from dist_gacc.data import label_names
+
+    def hub(hypotheses):
+        return Dataset.from_dict({"premise": ["p0", "p1", "p2", "p3"], "hypothesis": hypotheses,
+                                  "tags": [[0, 2], [1], [], [2, 0, 0]]})
+
+    good = DatasetDict({"train": hub(["h0", "h1", "h2", "h3"]), "validation": hub(["h0", "h1", "h2", "h3"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: good)
+    cfg = DataConfig(name="hub", hub_name="x/y", text_column="premise", text_pair_column="hypothesis",
+                     label_column="tags", multi_label=True)
+    splits = load_splits(cfg, seed=0)
+    assert splits["validation"]["text_pair"] == ["h0", "h1", "h2", "h3"]
+    assert label_names(splits) == ["0", "1", "2"] and splits["train"]["label"] == [[0, 2], [1], [], [0, 2]]
+    bad = DatasetDict({"train": good["train"], "validation": hub(["h0", "", "h2", "h3"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: bad)
+    with pytest.raises(DataError, match=r"x/y\[validation\]: row 1: column 'hypothesis' is empty"):
+        load_splits(cfg, seed=0)
+
+
+def test_review_pairs_and_new_keys_compose(tmp_path):
+    from conftest import compose_cfg
+
+    from dist_gacc.config import load_config
+
+    assert load_config(compose_cfg("data=review_pairs", "output_dir=/tmp/x")).data.name == "review_pairs"
+    train = _csv(tmp_path / "t.csv", ["text,b,label", "a,b,x|y"])
+    data = load_config(compose_cfg("data=csv", f"data.train_file={train}", "data.text_pair_column=b",
+                                   "data.multi_label=true", "data.label_separator=|", "output_dir=/tmp/x")).data
+    assert (data.text_pair_column, data.multi_label, data.label_separator) == ("b", True, "|")

@@ -204,11 +204,13 @@ class DataConfig:
                                       "data.text_column or data.label_column")
         elif self.text_pair_column is not None or self.multi_label:
             # The embedded corpora have their own columns and labels.
-            raise ConfigError(f"data.text_pair_column / data.multi_label apply to data=csv|hub, not data={self.name}")
+            raise ConfigError("data.text_pair_column / data.multi_label apply to data=csv|hub, "
+                              f"not data={self.name}")
         if not isinstance(self.multi_label, bool):
             raise ConfigError(f"data.multi_label must be true or false, got {self.multi_label!r}")
         if not isinstance(self.label_separator, str) or not self.label_separator:
-            raise ConfigError(f"data.label_separator must be a non-empty string, got {self.label_separator!r}")
+            raise ConfigError(f"data.label_separator must be a non-empty string, "
+                              f"got {self.label_separator!r}")
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def is_multi_label(ds: Dataset | DatasetDict) -> bool:
 
 
 def label_names(ds: Dataset | DatasetDict) -> list[str]:
-    """The label names, id order, of a split (or of the train split of a DatasetDict), single- or multi-label."""
+    """The label names in id order of a split (a DatasetDict: its train split), single- or multi-label."""
     if isinstance(ds, DatasetDict):
         ds = ds["train"]
     feature = ds.features[LABEL]
@@ -147,7 +147,7 @@ def label_names(ds: Dataset | DatasetDict) -> list[str]:
 
 
 def train_texts(ds: Dataset) -> list[str]:
-    """All texts of a split, second texts of pairs included (the from-scratch vocabulary is built from them)."""
+    """All texts of a split, second texts of pairs included (a from-scratch vocabulary is built from them)."""
     return list(ds[TEXT]) + (list(ds[TEXT_PAIR]) if TEXT_PAIR in ds.column_names else [])
 
 
@@ -238,7 +238,7 @@ def _label_set(value, where: str, row: int, cfg: DataConfig) -> list[str]:
 
 
 def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]:
-    """Read data=csv files or a data=hub dataset as {split: {text, [text_pair], label}} and the label names."""
+    """data=csv files or a data=hub dataset as {split: {text, [text_pair], label}}, and the label names."""
     raw: dict[str, dict[str, list]] = {}
     if cfg.name == "csv":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
@@ -260,10 +260,9 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]
                 raise DataError(f"data.hub_name={cfg.hub_name!r} has no split {name!r} "
                                 f"(splits: {list(hub)})")
             raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg)
-    values = lambda labels: set(label for row in labels for label in row) if cfg.multi_label else set(labels)  # noqa: E731
-    names = sorted(values(raw["train"][LABEL]), key=_label_sort_key)
+    names = sorted(_label_values(raw["train"][LABEL], cfg.multi_label), key=_label_sort_key)
     for split, columns in raw.items():
-        unknown = sorted(values(columns[LABEL]) - set(names), key=_label_sort_key)
+        unknown = sorted(_label_values(columns[LABEL], cfg.multi_label) - set(names), key=_label_sort_key)
         if unknown:
             raise DataError(f"{split} split: label value(s) {unknown} of column {cfg.label_column!r} "
                             f"do not occur in the training data (labels: {names})")
@@ -274,6 +273,10 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]
         raise DataError(f"training data has {len(names)} label value(s) {names} in column "
                         f"{cfg.label_column!r}; {kind}")
     return raw, names
+
+
+def _label_values(labels: list, multi_label: bool) -> set[str]:
+    return {label for row in labels for label in row} if multi_label else set(labels)
 
 
 def _label_sort_key(label: str):
@@ -293,7 +296,8 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
         if "validation" not in raw:  # we split ourselves, so duplicates would leak across splits
             raw["train"] = _dedupe(raw["train"])
 
-    splits = DatasetDict({split: _as_dataset(columns, names, cfg.multi_label) for split, columns in raw.items()})
+    splits = DatasetDict({split: _as_dataset(columns, names, cfg.multi_label)
+                          for split, columns in raw.items()})
     if "validation" not in splits:
         splits = _stratified_split(splits["train"], cfg.validation_fraction, cfg.test_fraction, seed,
                                    keep_test=splits.get("test"))
@@ -339,12 +343,13 @@ def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
 
 
 def _strata(label_sets: list[list[int]]) -> list[int]:
-    """Each multi-label row's stratum (0: rare, 1: empty, 2 + label id): its rarest label (by count in these rows;
-    ties: the lowest id), so rare labels are spread over the splits first; the empty set is a stratum
-    of its own. A stratified split needs 2 rows per stratum: smaller strata are pooled as `rare`, and
-    a lone `rare` row joins the largest stratum."""
+    """Each multi-label row's stratum (0: rare, 1: empty, 2 + label id): its rarest label (by count in
+    these rows; ties: the lowest id), so rare labels are spread over the splits first; the empty set is
+    a stratum of its own. A stratified split needs 2 rows per stratum: smaller strata are pooled as
+    `rare`, and a lone `rare` row joins the largest stratum (ties: the lowest key)."""
     counts = Counter(label for labels in label_sets for label in labels)
-    keys = [min(labels, key=lambda label: (counts[label], label)) if labels else _EMPTY for labels in label_sets]
+    keys = [min(labels, key=lambda label: (counts[label], label)) if labels else _EMPTY
+            for labels in label_sets]
     sizes = Counter(keys)
     keys = [key if sizes[key] >= 2 else _RARE for key in keys]
     sizes = Counter(keys)
