@@ -465,7 +465,6 @@ def test_hub_pairs_and_multi_label_lists_of_ids(monkeypatch):
 
 def test_review_pairs_and_new_keys_compose(tmp_path):
     from conftest import compose_cfg
-
     from dist_gacc.config import load_config
 
     assert load_config(compose_cfg("data=review_pairs", "output_dir=/tmp/x")).data.name == "review_pairs"
