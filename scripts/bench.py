@@ -77,7 +77,7 @@ def prepare(model: str, work: Path) -> dict:
     from dist_gacc import data, models
 
     rc, splits, tokenizer = splits_and_tokenizer(model)
-    net = models.build_model(rc.model, splits["train"].features["label"].names, tokenizer)
+    net = models.build_model(rc.model, data.label_names(splits["train"]), tokenizer)
     net.save_pretrained(target / "model")
     tokenizer.save_pretrained(target / "model")
     started = time.perf_counter()

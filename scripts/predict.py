@@ -1,21 +1,35 @@
-"""Classify texts with a trained run's model, printing label and score for each.
+"""Classify texts (or sentence pairs) with a trained run's model, printing label and score for each.
 
     python scripts/predict.py model=outputs/2026-11-25/10-00-00/model "a moving film" "dull"
+    python scripts/predict.py model=<run>/model "$(printf 'first text\tsecond text')"   # a pair
     cat reviews.txt | python scripts/predict.py model=<run>/model
     python scripts/predict.py model=<run>/model file=reviews.txt batch_size=64
+    python scripts/predict.py model=<run>/model file=pairs.tsv text_column=a text_pair_column=b
 
-One line of output per input: label<TAB>score<TAB>text. The model folder is a transformers
-`save_pretrained` folder, so the same works in Python with
-`transformers.pipeline("text-classification", model="<run>/model")`.
+An input with a TAB is a pair: (text, text_pair), split at the first TAB, for models trained with
+data.text_pair_column or data=review_pairs. `file=` is a plain text file (one input per line,
+TAB-separated pairs) or a .csv/.tsv/.jsonl table read by column: text_column (default text) and
+text_pair_column (default text_pair; used if the file has it, required if named explicitly).
+
+One line of output per input: label<TAB>score<TAB>text, or label<TAB>score<TAB>text<TAB>text_pair
+for a pair. The model folder is a transformers `save_pretrained` folder, so the same works in Python
+with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
+{"text": a, "text_pair": b}.
 """
 
+import os
 import sys
 
 from transformers import pipeline
 
+USAGE = ("usage: predict.py model=<run>/model [file=F] [text_column=C] [text_pair_column=C] "
+         "[batch_size=N] [device=cpu|cuda] [TEXT | TEXT<TAB>TEXT_PAIR ...]")
+
 
 def parse(argv):
-    options, texts = {"model": None, "file": None, "batch_size": "32", "device": None}, []
+    options = {"model": None, "file": None, "batch_size": "32", "device": None, "text_column": None,
+               "text_pair_column": None}
+    texts = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key in options:
@@ -23,20 +37,63 @@ def parse(argv):
         else:
             texts.append(arg)
     if not options["model"]:
-        sys.exit("usage: predict.py model=<run>/model [file=F] [batch_size=N] [device=cpu|cuda] [TEXT ...]")
+        sys.exit(USAGE)
     return options, texts
+
+
+def as_input(line: str):
+    """A line with a TAB is a pair (split at the first TAB), else one text."""
+    text, tab, text_pair = line.partition("\t")
+    return {"text": text, "text_pair": text_pair} if tab else line
+
+
+def read_table(path: str, text_column: str | None, pair_column: str | None) -> list:
+    """Inputs from a .csv/.tsv/.jsonl file, by column; the pair column is optional unless named."""
+    import pandas as pd
+
+    if path.endswith(".jsonl"):
+        frame = pd.read_json(path, lines=True, dtype=False)
+    else:
+        frame = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", dtype=str, keep_default_na=False)
+    column = text_column or "text"
+    if column not in frame.columns:
+        sys.exit(f"{path}: no column {column!r} (columns: {list(frame.columns)}); set text_column=")
+    if pair_column and pair_column not in frame.columns:
+        sys.exit(f"{path}: no column {pair_column!r} (columns: {list(frame.columns)}); set text_pair_column=")
+    pair_column = pair_column or ("text_pair" if "text_pair" in frame.columns else None)
+    inputs = []
+    for row, record in enumerate(frame.to_dict("records")):
+        values = [record[column]] + ([record[pair_column]] if pair_column else [])
+        if not all(isinstance(value, str) and value.strip() for value in values):
+            sys.exit(f"{path}: row {row}: empty or not text: {values!r}")
+        inputs.append({"text": values[0], "text_pair": values[1]} if pair_column else values[0])
+    return inputs
+
+
+def read_inputs(options, texts) -> list:
+    inputs = [as_input(text) for text in texts]
+    path = options["file"]
+    if path and os.path.splitext(path)[1] in (".csv", ".tsv", ".jsonl"):
+        inputs += read_table(path, options["text_column"], options["text_pair_column"])
+    elif path:
+        with open(path, encoding="utf-8") as f:
+            inputs += [as_input(line.rstrip("\n")) for line in f if line.strip()]
+    elif not texts:
+        inputs = [as_input(line.rstrip("\n")) for line in sys.stdin if line.strip()]
+    return inputs
+
+
+def shown(item) -> str:
+    return f"{item['text']}\t{item['text_pair']}" if isinstance(item, dict) else item
 
 
 def main(argv):
     options, texts = parse(argv)
-    if options["file"]:
-        with open(options["file"], encoding="utf-8") as f:
-            texts += [line.rstrip("\n") for line in f if line.strip()]
-    elif not texts:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    inputs = read_inputs(options, texts)
     classify = pipeline("text-classification", model=options["model"], device=options["device"])
-    for text, out in zip(texts, classify(texts, batch_size=int(options["batch_size"]), truncation=True)):
-        print(f"{out['label']}\t{out['score']:.4f}\t{text}")
+    for item, out in zip(inputs, classify(inputs, batch_size=int(options["batch_size"]), truncation=True)):
+        out = out[0] if isinstance(out, list) else out  # a dict input comes back as a one-item list
+        print(f"{out['label']}\t{out['score']:.4f}\t{shown(item)}")
 
 
 if __name__ == "__main__":

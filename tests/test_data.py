@@ -196,3 +196,279 @@ def test_length_grouped_loader_is_seeded_complete_and_pads_less():
     assert sorted(int(n) for batch in a for n in batch["labels"]) == sorted(encoded["labels"])  # every row once
     padded = lambda batches: sum(x["input_ids"].numel() for x in batches)  # noqa: E731
     assert padded(a) < 0.9 * padded(epoch(plain, 0))  # 300 rows: groups of 9 micro-batches
+
+
+# --- sentence pairs ------------------------------------------------------------------------------
+
+def _tiny_tokenizer(texts):
+    from dist_gacc.config import ModelConfig
+    from dist_gacc.models import build_tokenizer
+
+    cfg = ModelConfig(name_or_path=None, from_scratch={"vocab_size": 300, "hidden_size": 8, "num_hidden_layers": 1,
+                                                       "num_attention_heads": 1, "intermediate_size": 8})
+    return build_tokenizer(cfg, texts, 64)
+
+
+def _pair_rows(n=24):
+    # Second texts use words ("zebra", "yak") that never occur in first texts: the vocabulary has
+    # them only if train_texts() passes the pairs to the tokenizer builder.
+    return [{"q": f"first text {i}", "a": f"zebra yak {i % 3}", "y": "pos" if i % 2 else "neg"} for i in range(n)]
+
+
+def _write(path, rows):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".parquet":
+        frame.to_parquet(path)
+    elif path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        frame.to_csv(path, index=False, sep="\t" if path.suffix == ".tsv" else ",")
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_pairs_are_read_and_tokenized_as_two_segments(tmp_path, suffix):
+    from dist_gacc.data import tokenize, train_texts
+
+    path = _write(tmp_path / f"t{suffix}", _pair_rows())
+    splits = load_splits(DataConfig(name="csv", train_file=path, text_column="q", text_pair_column="a",
+                                    label_column="y", validation_fraction=0.25, test_fraction=0.0), seed=0)
+    train = splits["train"]
+    assert train.column_names == ["text", "text_pair", "label"] and len(train) + len(splits["validation"]) == 24
+    by_text = {row["q"]: row["a"] for row in _pair_rows()}
+    assert all(by_text[t] == p for t, p in zip(train["text"], train["text_pair"]))
+    tok = _tiny_tokenizer(train_texts(train))
+    assert tok.convert_tokens_to_ids("zebra") != tok.unk_token_id  # pair words are in the vocabulary
+    encoded = tokenize(splits, tok, 64)["train"]
+    assert "text" not in encoded.column_names and "text_pair" not in encoded.column_names
+    for row, pair in zip(encoded, train["text_pair"]):
+        second = [i for i, t in zip(row["input_ids"], row["token_type_ids"]) if t == 1]
+        assert second == tok(pair, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+
+
+def test_pairs_truncate_longest_first_within_max_length(tmp_path):
+    from dist_gacc.data import tokenize
+
+    rows = [{"q": "short", "a": " ".join(["zebra"] * 200), "y": i % 2} for i in range(4)]
+    path = _write(tmp_path / "t.jsonl", rows)
+    splits = load_splits(DataConfig(name="csv", train_file=path, validation_file=path, text_column="q",
+                                    text_pair_column="a", label_column="y"), seed=0)
+    tok = _tiny_tokenizer(["short zebra"])
+    row = tokenize(splits, tok, 16)["train"][0]
+    first = [tok.cls_token_id] + tok("short", add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    assert len(row["input_ids"]) == 16 and row["input_ids"][:len(first)] == first  # the short text is kept whole
+    assert row["token_type_ids"] == [0] * len(first) + [1] * (16 - len(first))  # the long one is cut
+
+
+def test_missing_pair_column_is_named(tmp_path):
+    path = _write(tmp_path / "t.csv", _pair_rows())
+    with pytest.raises(DataError, match=r"t\.csv: no column 'b' \(columns: \['q', 'a', 'y'\]\); set data.text_pair_column"):
+        load_splits(DataConfig(name="csv", train_file=path, text_column="q", text_pair_column="b",
+                               label_column="y"), seed=0)
+
+
+@pytest.mark.parametrize("suffix, empty", [(".csv", ""), (".jsonl", "  "), (".jsonl", None)])
+def test_empty_second_text_names_file_row_and_column(tmp_path, suffix, empty):
+    rows = _pair_rows()
+    rows[3]["a"] = empty
+    path = _write(tmp_path / f"t{suffix}", rows)
+    with pytest.raises(DataError, match=rf"t\{suffix}: row 3: column 'a' is empty or not text"):
+        load_splits(DataConfig(name="csv", train_file=path, text_column="q", text_pair_column="a",
+                               label_column="y"), seed=0)
+
+
+def test_dedupe_is_on_the_pair():
+    from dist_gacc.data import _dedupe
+
+    rows = _dedupe({"text": ["a", "a", "a", "b", "b"], "text_pair": ["x", "y", "x", "z", "z"],
+                    "label": ["p", "n", "p", "p", "n"]})
+    # (a, x) twice: one copy; (a, y) is another example; (b, z) has conflicting labels: dropped.
+    assert rows == {"text": ["a", "a"], "text_pair": ["x", "y"], "label": ["p", "n"]}
+
+
+def test_tokenized_cache_key_includes_the_pair():
+    from dist_gacc.data import _as_dataset, _tokenized_key
+
+    tok = _tiny_tokenizer(["a b c"])
+
+    def key(pairs):
+        ds = _as_dataset({"text": ["a", "b"], "text_pair": pairs, "label": ["x", "y"]}, ["x", "y"], multi_label=False)
+        return _tokenized_key(DatasetDict({"train": ds}), tok, 32)
+
+    assert key(["c", "c"]) == key(["c", "c"]) != key(["c", "b"])
+
+
+def test_review_pairs_is_deterministic_and_labels_follow_the_verdicts():
+    from dist_gacc.data import label_names, review_pairs_pool
+
+    texts, pairs, labels, names = review_pairs_pool()
+    assert (texts, pairs, labels) == review_pairs_pool()[:3] and names == ["different", "same"]
+    verdict = dict(zip(*dedupe(*rotten_tomatoes_pool()[:2])))
+    assert len(texts) == len(verdict) // 2 == 6376
+    for a, b, label in list(zip(texts, pairs, labels))[:200]:
+        assert label == ("same" if verdict[a] == verdict[b] else "different")
+    assert len(set(texts) | set(pairs)) == 2 * len(texts)  # each review in one pair only
+    assert 0.4 < labels.count("same") / len(labels) < 0.6
+    splits = load_splits(DataConfig(name="review_pairs"), seed=1)
+    assert sum(len(s) for s in splits.values()) == 6376 and label_names(splits) == names
+    for split in splits.values():
+        assert all(t.strip() for t in split["text"]) and all(p.strip() for p in split["text_pair"])
+    assert load_splits(DataConfig(name="review_pairs"), seed=1)["validation"]["text"] == splits["validation"]["text"]
+
+
+def test_pair_and_multi_label_config_is_checked():
+    from dist_gacc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.text_pair_column / data.multi_label apply to data=csv|hub"):
+        DataConfig(name="rotten_tomatoes", multi_label=True)
+    with pytest.raises(ConfigError, match="data.label_separator must be a non-empty string"):
+        DataConfig(name="hub", hub_name="x", label_separator="")
+    with pytest.raises(ConfigError, match="data.text_pair_column='text' is also data.text_column"):
+        DataConfig(name="hub", hub_name="x", text_pair_column="text")
+
+
+# --- multi-label ---------------------------------------------------------------------------------
+
+def test_multi_label_jsonl_lists(tmp_path):
+    from datasets import ClassLabel, List
+
+    from dist_gacc.data import is_multi_label, label_names
+
+    rows = [{"text": "r0", "tags": ["b", "a", "a"]}, {"text": "r1", "tags": []}, {"text": "r2", "tags": ["c"]},
+            {"text": "r3", "tags": ["a", "c"]}]
+    dev = [{"text": "d0", "tags": ["c", "b"]}, {"text": "d1", "tags": []}]
+    splits = load_splits(DataConfig(name="csv", train_file=_write(tmp_path / "t.jsonl", rows), label_column="tags",
+                                    validation_file=_write(tmp_path / "d.jsonl", dev), multi_label=True), seed=0)
+    feature = splits["train"].features["label"]
+    assert isinstance(feature, List) and isinstance(feature.feature, ClassLabel)
+    assert label_names(splits["train"]) == ["a", "b", "c"] and is_multi_label(splits)
+    assert splits["train"]["label"] == [[0, 1], [], [2], [0, 2]]  # duplicates collapsed, empty set kept
+    assert splits["validation"]["label"] == [[1, 2], []]
+
+
+def test_single_label_helpers():
+    from dist_gacc.data import as_dataset, is_multi_label, label_names
+
+    ds = as_dataset(["a", "b"], ["y", "x"], ["x", "y"])
+    assert label_names(ds) == ["x", "y"] and not is_multi_label(ds)
+
+
+def test_multi_label_csv_with_separator_and_integer_labels(tmp_path):
+    from dist_gacc.data import label_names
+
+    train = _csv(tmp_path / "t.csv", ["text,labels", "r0, 10 | 2 ", "r1,", "r2,2", "r3,2|2|1", 'r4,"3"'])
+    splits = load_splits(DataConfig(name="csv", train_file=train, label_column="labels", multi_label=True,
+                                    label_separator="|", validation_file=train), seed=0)
+    assert label_names(splits) == ["1", "2", "3", "10"]  # numeric labels sort numerically
+    assert splits["train"]["label"] == [[1, 3], [], [1], [0, 1], [2]]
+
+
+def test_multi_label_unseen_validation_label_is_named(tmp_path):
+    train = _write(tmp_path / "t.jsonl", [{"text": "a", "labels": ["x", "y"]}, {"text": "b", "labels": ["x"]}])
+    dev = _write(tmp_path / "d.jsonl", [{"text": "c", "labels": ["x", "z", "w"]}])
+    with pytest.raises(DataError, match=r"validation split: label value\(s\) \['w', 'z'\] of column 'labels'"):
+        load_splits(DataConfig(name="csv", train_file=train, validation_file=dev, label_column="labels",
+                               multi_label=True), seed=0)
+
+
+def test_multi_label_bad_cell_and_single_name_are_named(tmp_path):
+    bad = _write(tmp_path / "t.jsonl", [{"text": "a", "labels": ["x"]}, {"text": "b", "labels": [{"k": 1}]}])
+    with pytest.raises(DataError, match=r"t\.jsonl: row 1: column 'labels': label .* is not a string"):
+        load_splits(DataConfig(name="csv", train_file=bad, label_column="labels", multi_label=True), seed=0)
+    one = _write(tmp_path / "o.jsonl", [{"text": "a", "labels": ["x"]}, {"text": "b", "labels": []}])
+    with pytest.raises(DataError, match=r"1 label value\(s\) \['x'\].*multi-label classifier needs at least 2"):
+        load_splits(DataConfig(name="csv", train_file=one, label_column="labels", multi_label=True), seed=0)
+
+
+def test_multi_label_batches_carry_multi_hot_float_labels(tmp_path):
+    import torch
+
+    from dist_gacc.data import eval_loaders, tokenize
+
+    rows = [{"text": "one two", "tags": ["c", "a"]}, {"text": "three", "tags": []},
+            {"text": "four five six", "tags": ["b"]}]
+    path = _write(tmp_path / "t.jsonl", rows)
+    splits = load_splits(DataConfig(name="csv", train_file=path, validation_file=path, label_column="tags",
+                                    multi_label=True), seed=0)
+    tok = _tiny_tokenizer(["one two three four five six"])
+    encoded = tokenize(splits, tok, 32, cache_dir=str(tmp_path / "cache"))
+    batch = next(iter(eval_loaders(encoded, tok, 3, 0, pin_memory=False, seed=0)["validation"]))
+    assert batch["labels"].dtype == torch.float32
+    assert batch["labels"].tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert batch["input_ids"].shape[0] == 3
+
+
+def _crafted_multi_label_rows(n=600):
+    # Label shares: a 50%, b 25%, c 10%, d 4% (24 rows), e in 3 rows (rare); every 7th row has no label.
+    rows = []
+    for i in range(n):
+        tags = [name for name, every in (("a", 2), ("b", 4), ("c", 10), ("d", 25), ("e", 200)) if i % every == 1]
+        rows.append({"text": f"row {i}", "tags": [] if i % 7 == 0 else tags})
+    return rows
+
+
+def test_multi_label_split_is_deterministic_and_stratified(tmp_path):
+    import numpy as np
+
+    path = _write(tmp_path / "t.jsonl", _crafted_multi_label_rows())
+    cfg = DataConfig(name="csv", train_file=path, label_column="tags", multi_label=True,
+                     validation_fraction=0.2, test_fraction=0.1)
+    a, b, c = load_splits(cfg, seed=0), load_splits(cfg, seed=0), load_splits(cfg, seed=1)
+    assert a["validation"]["text"] == b["validation"]["text"] != c["validation"]["text"]
+    assert a["train"].column_names == ["text", "label"] and sum(len(s) for s in a.values()) == 600
+    assert not set(a["train"]["text"]) & set(a["validation"]["text"])
+
+    def shares(split):
+        hot = np.zeros((len(split), 5))
+        for row, ids in enumerate(split["label"]):
+            hot[row, ids] = 1
+        return hot.mean(axis=0), np.mean([not ids for ids in split["label"]])
+
+    (train, train_empty), (val, val_empty) = shares(a["train"]), shares(a["validation"])
+    assert np.abs(train - val).max() < 0.03 and abs(train_empty - val_empty) < 0.03, (train, val)
+    assert (val > 0)[:4].all()  # a..d are all represented in validation
+
+
+def test_multi_label_strata_pool_small_ones():
+    from dist_gacc.data import _strata
+
+    # Rarest label per row (ties: lowest id); 1 is alone -> `rare` (0); a lone rare row joins the largest
+    # stratum (ties: the lowest key, here the empty set = 1).
+    assert _strata([[0], [1], [2], [2], [], [], [0, 2]]) == [2, 1, 4, 4, 1, 1, 2]
+    assert _strata([[0], [1], [3], [2], [2], [0, 2]]) == [2, 0, 0, 4, 4, 2]  # two lone rows: a `rare` stratum
+
+
+def test_hub_pairs_and_multi_label_lists_of_ids(monkeypatch):
+    import datasets
+    from datasets import Dataset
+
+    from dist_gacc.data import label_names
+
+    def hub(hypotheses):
+        return Dataset.from_dict({"premise": ["p0", "p1", "p2", "p3"], "hypothesis": hypotheses,
+                                  "tags": [[0, 2], [1], [], [2, 0, 0]]})
+
+    good = DatasetDict({"train": hub(["h0", "h1", "h2", "h3"]), "validation": hub(["h0", "h1", "h2", "h3"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: good)
+    cfg = DataConfig(name="hub", hub_name="x/y", text_column="premise", text_pair_column="hypothesis",
+                     label_column="tags", multi_label=True)
+    splits = load_splits(cfg, seed=0)
+    assert splits["validation"]["text_pair"] == ["h0", "h1", "h2", "h3"]
+    assert label_names(splits) == ["0", "1", "2"] and splits["train"]["label"] == [[0, 2], [1], [], [0, 2]]
+    bad = DatasetDict({"train": good["train"], "validation": hub(["h0", "", "h2", "h3"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: bad)
+    with pytest.raises(DataError, match=r"x/y\[validation\]: row 1: column 'hypothesis' is empty"):
+        load_splits(cfg, seed=0)
+
+
+def test_review_pairs_and_new_keys_compose(tmp_path):
+    from conftest import compose_cfg
+    from dist_gacc.config import load_config
+
+    assert load_config(compose_cfg("data=review_pairs", "output_dir=/tmp/x")).data.name == "review_pairs"
+    train = _csv(tmp_path / "t.csv", ["text,b,label", "a,b,x|y"])
+    data = load_config(compose_cfg("data=csv", f"data.train_file={train}", "data.text_pair_column=b",
+                                   "data.multi_label=true", "data.label_separator=|", "output_dir=/tmp/x")).data
+    assert (data.text_pair_column, data.multi_label, data.label_separator) == ("b", True, "|")

