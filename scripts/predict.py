@@ -12,7 +12,9 @@ TAB-separated pairs) or a .csv/.tsv/.jsonl table read by column: text_column (de
 text_pair_column (default text_pair; used if the file has it, required if named explicitly).
 
 One line of output per input: label<TAB>score<TAB>text, or label<TAB>score<TAB>text<TAB>text_pair
-for a pair. The model folder is a transformers `save_pretrained` folder, so the same works in Python
+for a pair. A multi-label model (problem_type multi_label_classification in its config) prints the set
+of labels whose sigmoid score is >= threshold (default 0.5), comma-separated (empty if none), then
+every label's score: labels<TAB>name=score,...<TAB>text. The model folder is a transformers `save_pretrained` folder, so the same works in Python
 with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
 {"text": a, "text_pair": b}.
 """
@@ -23,12 +25,12 @@ import sys
 from transformers import pipeline
 
 USAGE = ("usage: predict.py model=<run>/model [file=F] [text_column=C] [text_pair_column=C] "
-         "[batch_size=N] [device=cpu|cuda] [TEXT | TEXT<TAB>TEXT_PAIR ...]")
+         "[batch_size=N] [device=cpu|cuda] [threshold=0.5] [TEXT | TEXT<TAB>TEXT_PAIR ...]")
 
 
 def parse(argv):
     options = {"model": None, "file": None, "batch_size": "32", "device": None, "text_column": None,
-               "text_pair_column": None}
+               "text_pair_column": None, "threshold": "0.5"}
     texts = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -91,7 +93,18 @@ def main(argv):
     options, texts = parse(argv)
     inputs = read_inputs(options, texts)
     classify = pipeline("text-classification", model=options["model"], device=options["device"])
-    for item, out in zip(inputs, classify(inputs, batch_size=int(options["batch_size"]), truncation=True)):
+    multi_label = classify.model.config.problem_type == "multi_label_classification"
+    # Multi-label: every label's score (the pipeline applies a sigmoid per label, from problem_type).
+    outputs = classify(inputs, batch_size=int(options["batch_size"]), truncation=True,
+                       **({"top_k": None} if multi_label else {}))
+    for item, out in zip(inputs, outputs):
+        if multi_label:
+            scores = {o["label"]: o["score"] for o in out}
+            chosen = [name for name in classify.model.config.id2label.values()
+                      if scores[name] >= float(options["threshold"])]
+            listed = ",".join(f"{name}={score:.4f}" for name, score in scores.items())
+            print(f"{','.join(chosen)}\t{listed}\t{shown(item)}")
+            continue
         out = out[0] if isinstance(out, list) else out  # a dict input comes back as a one-item list
         print(f"{out['label']}\t{out['score']:.4f}\t{shown(item)}")
 

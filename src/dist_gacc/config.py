@@ -22,7 +22,7 @@ F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 BATCHNORM_POLICIES = ("warn", "error", "freeze")
 NORMALISATIONS = ("exact", "naive")
 LR_SCALINGS = ("none", "linear", "sqrt")
-DATASETS = ("rotten_tomatoes", "chinese_reviews", "csv", "hub", "review_pairs")
+DATASETS = ("rotten_tomatoes", "chinese_reviews", "debates", "csv", "hub", "review_pairs")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 

