@@ -108,3 +108,13 @@ def test_single_label_report_names_every_label():
     assert task.f1_average == "macro" and out["f1"] == pytest.approx(59 / 90)
     assert out["per_label"]["neu"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
     assert list(out["per_label"]) == ["neg", "neu", "pos"]
+
+
+def test_class_weights_overrides_compose_as_list_mapping_or_name():
+    from conftest import compose_cfg
+    from dist_gacc.config import load_config
+
+    for override, expected in [("trainer.class_weights=[1.0,4.0]", [1.0, 4.0]),
+                               ("trainer.class_weights={rotten: 1.0, fresh: 4.0}", {"rotten": 1.0, "fresh": 4.0}),
+                               ("trainer.class_weights=balanced", "balanced")]:
+        assert load_config(compose_cfg(override, "output_dir=/tmp/x")).trainer.class_weights == expected
