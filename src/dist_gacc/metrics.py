@@ -73,7 +73,7 @@ def plot_report(path: str, task, predictions: np.ndarray, references: np.ndarray
         ax.set_ylabel("F1")
     else:
         matrix = confusion_matrix(references, predictions, labels=list(range(len(names))))
-        fig, ax = plt.subplots(figsize=(max(3.5, 0.7 * len(names) + 2),) * 2)
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(names) + 2),) * 2)
         ax.imshow(matrix, cmap="Blues")
         for (row, col), count in np.ndenumerate(matrix):
             ax.text(col, row, str(count), ha="center", va="center",
@@ -82,7 +82,7 @@ def plot_report(path: str, task, predictions: np.ndarray, references: np.ndarray
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
