@@ -44,7 +44,8 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every row, not speed")
     p.add_argument("--models", help="comma list of tiny,minilm,bert-base (default: cpu tiny,minilm; cuda bert-base)")
-    p.add_argument("--sections", default="speed,math,memory,comm,features")
+    p.add_argument("--sections", default="speed,math,memory,comm,features,levers")
+    p.add_argument("--budgets-gib", default="2,4,8", help="levers: memory budgets for the what-fits table")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each speed comparison")
     p.add_argument("--accum", type=int, default=4, help="N, micro-batches per update")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
@@ -221,6 +222,51 @@ def section_memory(args, inputs):
             for n in ns]
 
 
+LEVERS = ["plain", "checkpointing", "lora", "lora+checkpointing"]
+
+
+def section_levers(args, inputs):
+    """Memory levers on a BERT-base-sized model (random init, sequence 128, every row padded to 128):
+    {plain, gradient checkpointing, LoRA (r 8, query/value, head trainable), both} x micro-batch. Peak memory
+    per process: live (fixed mmap threshold, so freed tensors leave RSS) and peak RSS (with glibc's
+    retention), or max_memory_allocated on CUDA; samples/s of one timed update (N = 1) after one warm-up.
+    Quick mode runs every row in one process (rows checked; memory and speed not meaningful)."""
+    model = "tiny" if args.quick else "bert-base"
+    micros = [2, 4] if args.quick else [2, 4, 8, 16]
+    specs = [base_spec(args, model, inputs, variant="dist_gacc", micro=micro, accum=1, warmup=1, updates=1,
+                       lever=lever) for micro in micros for lever in LEVERS]
+    rows = []
+    for spec, rss in zip(specs, measure(specs, args.quick)):
+        live = rss if args.quick or args.device == "cuda" else \
+            run_workers([{**spec, "env": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}])[0]
+        rows.append({"model": model, "lever": spec["lever"], "micro": spec["micro"], "live_peak_mb": live["peak_mb"],
+                     "rss_peak_mb": rss["peak_mb"], "samples_per_s": rss["samples_per_s"],
+                     "trainable_params": rss["trainable_params"]})
+        print(f"  levers: {spec['lever']} micro {spec['micro']}: live {live['peak_mb']:.0f} MB, "
+              f"RSS {rss['peak_mb']:.0f} MB, {rss['samples_per_s']:.2f} samples/s", flush=True)
+    return rows
+
+
+def fits(rows: list[dict], budgets_gib: list[float], effective: int = 256) -> list[dict]:
+    """Under each budget, the largest power-of-two micro-batch of each lever whose live peak fits (a straight
+    line through the measured peaks: memory = fixed + per-example x micro), and `effective` as micro x N."""
+    out = []
+    for lever in sorted({r["lever"] for r in rows}, key=LEVERS.index):
+        points = [(r["micro"], r["live_peak_mb"]) for r in rows if r["lever"] == lever]
+        mean_x, mean_y = statistics.mean(x for x, _ in points), statistics.mean(y for _, y in points)
+        slope = (sum((x - mean_x) * (y - mean_y) for x, y in points)
+                 / max(sum((x - mean_x) ** 2 for x, _ in points), 1e-9))
+        fixed = mean_y - slope * mean_x
+        row = {"lever": lever, "fixed_mb": fixed, "mb_per_example": slope}
+        for budget in budgets_gib:
+            fitting = [2 ** k for k in range(effective.bit_length()) if fixed + slope * 2 ** k <= budget * 1024]
+            micro = max(fitting) if fitting else 0
+            extrapolated = " (extrapolated)" if micro > max(x for x, _ in points) else ""
+            row[f"{budget:g} GiB"] = f"{micro} x N {effective // micro}{extrapolated}" if micro else "does not fit"
+        out.append(row)
+    return out
+
+
 def section_comm(args, inputs):
     """Gradient all-reduces per update with 2 processes (gloo on CPU): accumulate() vs syncing every micro-batch."""
     model = "tiny" if args.quick else "minilm"
@@ -351,11 +397,12 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
     needed = set(models) | {"tiny"} | ({"tiny" if args.quick else "minilm"} if {"memory", "comm", "features"} & set(sections) else set())
+    needed |= {"tiny" if args.quick else "bert-base"} if "levers" in sections else set()
     inputs = {m: prepare(m, work) for m in sorted(needed)}
     results = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {"speed": lambda: section_speed(args, models, inputs), "math": lambda: section_math(args, inputs, work),
                "memory": lambda: section_memory(args, inputs), "comm": lambda: section_comm(args, inputs),
-               "features": lambda: section_features(args, inputs)}
+               "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine']}; threads per process: {args.threads}"]
@@ -368,6 +415,13 @@ def main():
         text.append(block)
         if name == "memory":
             plot_memory(rows, out / "memory.png")
+        if name == "levers":
+            budgets = [float(b) for b in args.budgets_gib.split(",")]
+            results["levers_fit"] = fits(rows, budgets)
+            block = ("\nWhat fits (largest power-of-two micro-batch under the budget, live memory; effective batch "
+                     f"256 as micro x N):\n\n{table(results['levers_fit'], floatfmt='.4g')}\n")
+            print(block, flush=True)
+            text.append(block)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "tables.md").write_text("\n".join(text))
     print(f"\nwrote {out}/results.json, tables.md" + (", memory.png" if "memory" in sections else ""))

@@ -34,7 +34,16 @@ def load_model(spec):
     if spec.get("dropout") is not None:
         overrides = {"hidden_dropout_prob": spec["dropout"], "attention_probs_dropout_prob": spec["dropout"]}
     torch.manual_seed(SEED)
-    return AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], **overrides)
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], **overrides)
+    if spec.get("lever"):  # the memory levers through the trainer's own code path (models.apply_memory_levers)
+        from dist_gacc.config import ModelConfig, PeftConfig
+        from dist_gacc.models import apply_memory_levers
+
+        lever = spec["lever"]
+        model = apply_memory_levers(
+            model, ModelConfig(name_or_path=spec["model_dir"], gradient_checkpointing="checkpointing" in lever),
+            PeftConfig(name="lora" if "lora" in lever else "none", dropout=0.0))
+    return model
 
 
 def load_data(spec, world_size: int = 1):
@@ -292,6 +301,7 @@ def train(spec):
         "tokens_per_sample": sum(b * t for b, t in timed) / max(len(timed) * spec["micro"], 1),
         "peak_mb": memory_mb(spec["device"]), "setup_rss_mb": rss_setup,
         "first_grad_norm": first_norm, "first_loss": first_loss, **extra,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if spec.get("save_params"):
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec["save_params"])

@@ -117,3 +117,21 @@ def test_one_gradient_allreduce_per_update_for_n1_and_n4(bench):
     assert each["grad_allreduces_per_update"] == [4, 4, 4]
     # every backward exchanges gradients, so the out-of-memory vote follows every forward pass (4), + totals
     assert each["scalar_allreduces_per_update"] == 5
+
+
+@pytest.mark.slow
+def test_levers_table_has_every_lever_and_micro_batch(bench):
+    """The memory-levers rows (quick: tiny model, one process, so the memory figures are not meaningful):
+    every lever x micro-batch, LoRA training a small fraction, checkpointing training everything."""
+    results, stdout, _ = bench
+    rows = results["levers"]
+    assert [(r["lever"], r["micro"]) for r in rows] == [(lever, micro) for micro in (2, 4) for lever in
+                                                       ("plain", "checkpointing", "lora", "lora+checkpointing")]
+    trainable = {r["lever"]: r["trainable_params"] for r in rows}
+    assert trainable["plain"] == trainable["checkpointing"] == TINY_PARAMS
+    # LoRA r 8 on query and value of 2 layers: 2 x 2 x (128 x 8 + 8 x 128) = 8,192, plus the head
+    # (pooler is frozen; the classifier 128 x 2 + 2 trains): 8,450
+    assert trainable["lora"] == trainable["lora+checkpointing"] == 2 * 2 * (128 * 8 + 8 * 128) + 128 * 2 + 2
+    assert all(r["samples_per_s"] > 0 and r["live_peak_mb"] > 0 for r in rows)
+    fit = {r["lever"]: r for r in results["levers_fit"]}
+    assert set(fit) == {"plain", "checkpointing", "lora", "lora+checkpointing"} and "2 GiB" in fit["plain"]
