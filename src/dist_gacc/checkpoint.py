@@ -86,7 +86,7 @@ class Checkpointer:
         if acc.is_main_process:
             if self.before_rename is not None:
                 self.before_rename(tmp)
-            record = {"state": dataclasses.asdict(state), "position": position,
+            record = {"state": dataclasses.asdict(state), "position": position, "world_size": acc.num_processes,
                       "fingerprint": self.fingerprint, "files": _manifest(tmp)}
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(record, f)
@@ -163,8 +163,21 @@ def _choose(run_dir: str, resume: str | None):
     return None
 
 
+def saved_world_size(record: dict) -> int:
+    """Processes that wrote the checkpoint (older checkpoints kept it in their fingerprint)."""
+    return int(record.get("world_size") or record["fingerprint"].get("world_size") or 1)
+
+
+# Recorded by older checkpoints' fingerprints, no longer part of the math: a resume may change them.
+NOT_MATH = ("world_size",)
+
+
 def check_fingerprint(saved: dict, current: dict, path: str, force: bool) -> None:
-    """Refuse to resume with settings that change the math, listing each difference."""
+    """Refuse to resume with settings that change the math, listing each difference. (The world size and the
+    micro-batch may change: see elastic.py.)"""
+    saved = {k: v for k, v in saved.items() if k not in NOT_MATH}
+    if saved.get("engine") == "single":  # older checkpoints told one process from DDP: the same math
+        saved["engine"] = "ddp"
     keys = sorted(set(saved) | set(current))
     diffs = [f"  {k}: checkpoint {saved.get(k)!r} -> now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if not diffs:

@@ -158,17 +158,21 @@ class MemoryGuard:
         self.armed = None
 
 
-def resplit(state, accelerator, micro_batch_size: int, reason: str) -> None:
-    """Change the micro-batch, keeping micro x N (the effective batch) fixed; logged in the state."""
-    if micro_batch_size == state.micro_batch_size:
+def resplit(state, accelerator, micro_batch_size: int, reason: str, grad_accum_steps: int | None = None) -> None:
+    """Change the micro-batch (and N), keeping the effective batch fixed; logged in the state.
+
+    `grad_accum_steps`: the new N when the world size changed too (a resume on another process count, where
+    micro x N per process changes); by default micro x N per process is kept."""
+    if grad_accum_steps is None:
+        effective_per_rank = state.micro_batch_size * state.grad_accum_steps
+        if effective_per_rank % micro_batch_size:
+            raise ConfigError(f"trainer.micro_batch_size={micro_batch_size} does not divide the {effective_per_rank} "
+                              "examples per process of each update; choose a divisor to keep the effective batch")
+        grad_accum_steps = effective_per_rank // micro_batch_size
+    if (micro_batch_size, grad_accum_steps) == (state.micro_batch_size, state.grad_accum_steps):
         return
-    effective_per_rank = state.micro_batch_size * state.grad_accum_steps
-    if effective_per_rank % micro_batch_size:
-        raise ConfigError(f"trainer.micro_batch_size={micro_batch_size} does not divide the {effective_per_rank} "
-                          "examples per process of each update; choose a divisor to keep the effective batch")
     change = {"update": state.updates, "epoch": state.epoch, "reason": reason,
-              "from": [state.micro_batch_size, state.grad_accum_steps],
-              "to": [micro_batch_size, effective_per_rank // micro_batch_size]}
+              "from": [state.micro_batch_size, state.grad_accum_steps], "to": [micro_batch_size, grad_accum_steps]}
     state.micro_batch_size, state.grad_accum_steps = change["to"]
     state.batch_size_changes.append(change)
     accelerator.gradient_accumulation_steps = state.grad_accum_steps

@@ -31,7 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, data, engines, metrics, models, oom, optim, teardown
+from . import checkpoint, data, elastic, engines, metrics, models, oom, optim, teardown
 from .batchnorm import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, ConfigError,
@@ -214,15 +214,18 @@ def log_plan(job: Job, engine_name: str) -> None:
 
 def fingerprint(job: Job) -> dict:
     """The settings that define the sequence of updates; a resume must not change them silently.
-    (Not the micro-batch: any split of the effective batch gives the same updates.)"""
+    (Not the micro-batch, N or the world size: any split of the effective batch over any number of processes
+    gives the same updates; elastic.py.)"""
     rc = job.rc
     record = {
         "effective_batch_size": job.effective_batch_size, "lr": job.lr, "total_updates": job.total_updates,
-        "seed": rc.seed, "world_size": job.accelerator.num_processes, "mixed_precision": rc.trainer.mixed_precision,
+        "seed": rc.seed, "mixed_precision": rc.trainer.mixed_precision,
         "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
         "class_weights": job.task.class_weights,
         "optim": dataclasses.asdict(rc.optim), "model": dataclasses.asdict(rc.model),
-        "data": dataclasses.asdict(rc.data), "engine": engines.engine_name(job.accelerator),
+        "data": dataclasses.asdict(rc.data),
+        # One process and DDP are the same math (a resume may move between them); FSDP and DeepSpeed are not.
+        "engine": {"single": "ddp"}.get(engines.engine_name(job.accelerator), engines.engine_name(job.accelerator)),
     }
     return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
 
@@ -232,21 +235,28 @@ def fingerprint(job: Job) -> dict:
 def resume(job: Job) -> tuple[TrainState, str | None]:
     """The newest good checkpoint (auto) or the one named, with its state; else a fresh state.
 
-    The configured micro-batch wins over the checkpoint's (same effective batch, so the same windows):
-    the state is resplit to it and the change is logged in `batch_size_changes`."""
+    The configured split wins over the checkpoint's: the same effective batch (the fingerprint checks it) on
+    this run's world size, with the configured micro-batch and the N derived for it. The state is resplit to
+    it (logged in `batch_size_changes`); the epoch continues at the same window."""
     acc, rc = job.accelerator, job.rc
     path, record = checkpoint.choose(acc, rc.output_dir, rc.resume)
     if path is None:
         return TrainState(job.micro_batch_size, job.grad_accum_steps, total_updates=job.total_updates), None
     checkpoint.check_fingerprint(record["fingerprint"], fingerprint(job), path, rc.resume_force)
-    acc.load_state(path)  # model, optimizer, scheduler, scaler, every rank's RNG
+    saved_world, world = checkpoint.saved_world_size(record), acc.num_processes
+    elastic.check_world_change(engines.engine_name(acc), saved_world, world, path)
+    acc.load_state(path)  # model, optimizer, scheduler, scaler, the RNG of every rank that has a saved state
     state = TrainState(**{**record["state"], "epoch": record["position"]["epoch"],
                           "window": record["position"]["window"], "total_updates": job.total_updates})
+    elastic.restore_rng(acc, saved_world, rc.seed, state.updates)
     acc.gradient_accumulation_steps = state.grad_accum_steps
-    oom.resplit(state, acc, job.micro_batch_size, "resume with trainer.micro_batch_size="
-                f"{job.micro_batch_size}")
-    log.info("resumed from %s: update %d, epoch %d, window %d, micro-batch %d x N %d", path, state.updates,
-             state.epoch, state.window, state.micro_batch_size, state.grad_accum_steps)
+    saved_split = (state.micro_batch_size, state.grad_accum_steps)
+    reason = (f"resume on {world} process(es) (checkpoint: {saved_world})" if world != saved_world
+              else f"resume with trainer.micro_batch_size={job.micro_batch_size}")
+    oom.resplit(state, acc, job.micro_batch_size, reason, grad_accum_steps=job.grad_accum_steps)
+    log.info("resumed from %s: update %d, epoch %d, window %d | world size %d -> %d, micro-batch %d -> %d, N %d -> %d "
+             "(effective batch %d)", path, state.updates, state.epoch, state.window, saved_world, world,
+             saved_split[0], state.micro_batch_size, saved_split[1], state.grad_accum_steps, job.effective_batch_size)
     return state, path
 
 
