@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 from tokenizers import BertWordPieceTokenizer
@@ -180,7 +181,9 @@ def apply_lora(model, peft_cfg):
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
                              lora_dropout=peft_cfg.dropout, target_modules=targets)
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as err:  # e.g. a target that exists but is no layer type LoRA can adapt
         raise ConfigError(f"peft.target_modules={targets}: peft refused them: {err} (linear modules of "
                           f"{type(model).__name__}: {', '.join(linear_module_names(model))})") from err
