@@ -188,7 +188,7 @@ def test_lora_best_model_is_reloaded_from_the_adapter(tmp_path):
     """save_best: model/ holds the best evaluation's merged model; the final scores are that model's
     (load_saved_model puts model/adapter/ back into the trained PeftModel)."""
     run_dir = tmp_path / "run"
-    launch(run_dir, *RAGGED, *LORA, "trainer.micro_batch_size=12", "trainer.epochs=4", "trainer.eval_every=1",
+    launch(run_dir, *RAGGED, *LORA, "trainer.micro_batch_size=12", "trainer.eval_every=1",
            "trainer.save_best=true", "optim.lr=3e-2")
     m = read_metrics(run_dir)
     assert m["model"] == "best" and m["eval"]["f1"] == m["best"]["f1"]
@@ -201,6 +201,40 @@ def test_lora_best_model_is_reloaded_from_the_adapter(tmp_path):
     labels = [out["label"] for out in classify(list(predictions["text"]), batch_size=64, truncation=True)]
     assert labels == list(predictions["prediction"])  # the reloaded adapter is the merged model/
     print("best update", m["best"]["update"], "of", m["updates"], [h["f1"] for h in m["history"]])
+
+
+def test_save_model_and_best_model_reload_round_trip_under_lora(tmp_path):
+    """run.save_model writes the merged model and the adapter; run.load_saved_model puts the adapter back
+    into the trained PeftModel (as finish does with save_best): weights and logits as saved."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    from dist_gacc.run import load_saved_model, save_model
+
+    model = models.apply_lora(_tiny_bert(), PeftConfig(name="lora", dropout=0.0))
+    with torch.no_grad():  # as after training: B != 0 and a changed head
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    job = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model,
+                          rc=SimpleNamespace(output_dir=str(tmp_path)),
+                          tokenizer=SimpleNamespace(save_pretrained=lambda d: None))
+    save_model(job)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 50, (4, 7))
+    model.eval()
+    expected = model(input_ids=ids).logits
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model")).eval()
+    assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-6)  # model/ is the merged model
+    with torch.no_grad():  # training goes on past the best evaluation
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    load_saved_model(job)
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    assert torch.equal(model(input_ids=ids).logits, expected)
+    assert (tmp_path / "model" / "adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # model.tmp swapped in
 
 
 # --- bad input -------------------------------------------------------------------------------------
