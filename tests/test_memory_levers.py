@@ -343,3 +343,14 @@ def test_cli_refuses_unmatched_target_modules_before_training(tmp_run):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: peft.target_modules=['nope'] matches no module" in proc.stderr
     assert "updates:" not in proc.stderr and not (tmp_run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_verify_equivalence_passes_with_lora_and_checkpointing_on_two_ranks(tmp_run):
+    """scripts/verify_equivalence.py's reference is a deep copy of the PeftModel: it trains the adapters and
+    the head only, as the run does (float64)."""
+    proc = launch(tmp_run, *RAGGED, *LORA, *GC, "trainer.epochs=1", "trainer.micro_batch_size=4",
+                  "trainer.grad_accum_steps=3", "verify.updates=2", processes=2,
+                  script=ROOT / "scripts" / "verify_equivalence.py")
+    assert "windows of 24, 13 examples" in proc.stdout and "base_model.model.bert.encoder.layer.0" in proc.stdout
+    assert proc.stdout.strip().endswith("PASS")
