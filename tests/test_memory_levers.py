@@ -202,7 +202,6 @@ def test_lora_best_model_is_reloaded_from_the_adapter(tmp_path):
     classify = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
     labels = [out["label"] for out in classify(list(predictions["text"]), batch_size=64, truncation=True)]
     assert labels == list(predictions["prediction"])  # the reloaded adapter is the merged model/
-    print("best update", m["best"]["update"], "of", m["updates"], [h["f1"] for h in m["history"]])
 
 
 def test_save_model_and_best_model_reload_round_trip_under_lora(tmp_path):
