@@ -62,9 +62,15 @@ def check_launch(accelerator) -> None:
             )
 
 
-def check_supported(accelerator, trainer) -> None:
-    """Settings an engine cannot honour, refused before any work."""
+def check_supported(accelerator, trainer, peft=None) -> None:
+    """Settings an engine cannot honour, refused before any work. `peft`: the PeftConfig slice (None: none)."""
     engine = engine_name(accelerator)
+    if peft is not None and peft.name != "none" and engine in ("fsdp", "deepspeed"):
+        raise ConfigError(
+            f"peft={peft.name} is not supported under {engine}: the merged model/ and the best-model reload read "
+            "and write the unwrapped PeftModel's full parameters on one process, which FSDP shards (and its flat "
+            "parameters would mix frozen and trainable weights) and DeepSpeed owns; neither path is implemented "
+            "or tested here. Use DDP (or one process), or peft=none.")
     if engine == "deepspeed":
         if trainer.micro_batch_size == "auto":
             raise ConfigError("trainer.micro_batch_size=auto is not supported under DeepSpeed: DeepSpeed fixes "

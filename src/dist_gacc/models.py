@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 from tokenizers import BertWordPieceTokenizer
@@ -104,3 +105,128 @@ def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
     if getattr(config, "classifier_dropout", None) is not None:
         config.classifier_dropout = cfg.dropout
     return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, config=config)
+
+
+# --- memory levers: gradient checkpointing, LoRA ----------------------------------------------------
+
+# LoRA's default targets per config.model_type: the attention query and value projections, as in the LoRA
+# paper. Other architectures name theirs with peft.target_modules.
+LORA_DEFAULT_TARGETS = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert",
+                     "data2vec-text", "xmod", "roc_bert", "layoutlm"), ["query", "value"]),
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+
+def _import_peft():
+    """peft, imported only where LoRA is asked for (tests replace this to simulate its absence)."""
+    import peft
+
+    return peft
+
+
+def require_peft():
+    """peft, or a ConfigError saying how to install it."""
+    try:
+        return _import_peft()
+    except ImportError as err:
+        raise ConfigError(f"peft.name=lora needs the peft package, which is not importable here ({err}): "
+                          "pip install peft (pip install -e . installs it), or train with peft=none") from err
+
+
+def is_peft_model(model) -> bool:
+    """A peft PeftModel (checked by attribute, so peft need not be imported for plain models)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters. Under LoRA the total includes the adapters and peft's frozen copy
+    of the original classification head (the trained head is a second, trainable copy)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_targets(model, peft_cfg) -> list[str]:
+    if peft_cfg.target_modules is not None:
+        return list(peft_cfg.target_modules)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in LORA_DEFAULT_TARGETS:
+        raise ConfigError(f"peft=lora: no default LoRA target modules for model_type {model_type!r} "
+                          f"({type(model).__name__}); set peft.target_modules, e.g. "
+                          f"peft.target_modules=[{','.join(linear_module_names(model)[:2])}] "
+                          f"(linear modules here: {', '.join(linear_module_names(model))})")
+    return list(LORA_DEFAULT_TARGETS[model_type])
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last parts of the names of the model's Linear layers: what target_modules can name."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
+def apply_lora(model, peft_cfg):
+    """Wrap `model` in a peft PeftModel with LoRA adapters; only the adapters and the head train.
+
+    TaskType.SEQ_CLS makes peft keep the classification head (`classifier` / `score`) fully trainable
+    (modules_to_save: a trainable copy beside a frozen original). Target names that match nothing are a
+    ConfigError naming peft.target_modules and the names that exist."""
+    peft = require_peft()
+    targets = lora_targets(model, peft_cfg)
+    names = [name for name, _ in model.named_modules()]
+    if not any(name == t or name.endswith("." + t) for name in names for t in targets):
+        raise ConfigError(f"peft.target_modules={targets} matches no module of {type(model).__name__}; "
+                          f"its linear modules are named {', '.join(linear_module_names(model))}")
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
+                             lora_dropout=peft_cfg.dropout, target_modules=targets)
+    try:
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
+    except ValueError as err:  # e.g. a target that exists but is no layer type LoRA can adapt
+        raise ConfigError(f"peft.target_modules={targets}: peft refused them: {err} (linear modules of "
+                          f"{type(model).__name__}: {', '.join(linear_module_names(model))})") from err
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward. Non-reentrant checkpointing (torch.utils.checkpoint with
+    use_reentrant=False) is plain autograd, so it is safe under DDP and inside no_sync: the reentrant
+    variant recomputes inside a nested backward that DDP's reducer does not follow (errors such as "Expected
+    to mark a variable ready only once" with unused parameters or a static graph). It also needs no input
+    that requires grad: a reentrant segment whose inputs do not (frozen embeddings under LoRA) gives its
+    parameters no gradient unless enable_input_require_grads is called. The recomputation restores the RNG
+    state, so dropout masks repeat: the math is unchanged.
+    `model` is the transformers model (under LoRA, the PeftModel's base model)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support "
+                          "gradient checkpointing (supports_gradient_checkpointing is False); set "
+                          "model.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def apply_memory_levers(model, model_cfg: ModelConfig, peft_cfg):
+    """LoRA (peft.name=lora), then gradient checkpointing on the transformers model underneath; both before
+    accelerator.prepare. Returns the model to train (a PeftModel under LoRA).
+
+    Order: LoRA first, so peft does not install its input-requires-grad hook for checkpointing (it does when
+    the model it wraps already checkpoints); transformers installs one when checkpointing is enabled on a
+    model fed input_ids. With non-reentrant checkpointing that hook is not needed, and it changes no
+    gradient of a trainable parameter."""
+    if peft_cfg.name == "lora":
+        model = apply_lora(model, peft_cfg)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model.get_base_model() if is_peft_model(model) else model)
+    return model
+
+
+def merged_copy(peft_model):
+    """A plain transformers model with the adapters merged into the weights, from a deep copy: the trained
+    PeftModel is untouched (merging in place and unmerging afterwards would round the base weights)."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()

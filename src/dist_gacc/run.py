@@ -107,6 +107,8 @@ class Job:
     engine: engines.Engine
     oom_policy: oom.Policy
     hooks: Hooks
+    trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
+    total_parameters: int = 0
 
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
@@ -127,7 +129,9 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
     accelerator = build_accelerator(rc)
     engine_name = engines.engine_name(accelerator)
     engines.check_launch(accelerator)
-    engines.check_supported(accelerator, rc.trainer)
+    engines.check_supported(accelerator, rc.trainer, rc.peft)
+    if rc.peft.name == "lora":
+        models.require_peft()  # before any data is loaded
     t, world = rc.trainer, accelerator.num_processes
     oom_policy = oom.policy(engine_name, t.oom_fallback, t.sync_each_batch and world > 1, t.micro_batch_size == "auto")
     if not accelerator.is_main_process:  # only the main process prints
@@ -138,6 +142,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
                           f"accelerate launch --num_processes {cfg.num_processes}, or through hydra/launcher=accelerate")
     set_seed(rc.seed)
     splits, tokenizer, model, encoded, metric, task = build_data_and_model(rc, accelerator, dtype)
+    trainable_parameters, total_parameters = models.parameter_counts(model)  # before prepare (FSDP shards)
     if engine_name == "deepspeed" and task.weighted_normaliser:
         raise ConfigError("trainer.class_weights under DeepSpeed: the update divides by the window's sum of weights, "
                           "known only after its last backward, and DeepSpeed steps inside that backward. Use DDP "
@@ -169,7 +174,8 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16")
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
-              micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks)
+              micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
+              trainable_parameters, total_parameters)
     log_plan(job, engine_name)
     return job
 
@@ -182,6 +188,9 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
+    # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
+    # parameters that require grad (LoRA: the adapters and the classification head).
+    model = models.apply_memory_levers(model, rc.model, rc.peft)
     if dtype is not None:
         model = model.to(dtype)
     with accelerator.main_process_first():
@@ -210,6 +219,12 @@ def log_plan(job: Job, engine_name: str) -> None:
              f" {task.describe_weights()}" + (" (positive weights per label)" if task.multi_label else
                                                "; an update divides by its window's sum of weights")
              if task.class_weights else "")
+    p = rc.peft
+    log.info("parameters: %d trainable of %d (%.2f%%)%s | gradient checkpointing %s", job.trainable_parameters,
+             job.total_parameters, 100 * job.trainable_parameters / max(job.total_parameters, 1),
+             f" | LoRA r={p.r} alpha={p.alpha:g} dropout={p.dropout:g} on "
+             f"{models.lora_targets(job.accelerator.unwrap_model(job.model).get_base_model(), p)}"
+             if p.name == "lora" else "", "on" if rc.model.gradient_checkpointing else "off")
 
 
 def fingerprint(job: Job) -> dict:
@@ -222,11 +237,15 @@ def fingerprint(job: Job) -> dict:
         "seed": rc.seed, "mixed_precision": rc.trainer.mixed_precision,
         "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
         "class_weights": job.task.class_weights,
-        "optim": dataclasses.asdict(rc.optim), "model": dataclasses.asdict(rc.model),
+        "optim": dataclasses.asdict(rc.optim),
+        # Gradient checkpointing changes memory, not the updates: a resume may switch it.
+        "model": {k: v for k, v in dataclasses.asdict(rc.model).items() if k != "gradient_checkpointing"},
         "data": dataclasses.asdict(rc.data),
         # One process and DDP are the same math (a resume may move between them); FSDP and DeepSpeed are not.
         "engine": {"single": "ddp"}.get(engines.engine_name(job.accelerator), engines.engine_name(job.accelerator)),
     }
+    if rc.peft.name != "none":  # absent without peft: checkpoints written before the peft group still resume
+        record["peft"] = dataclasses.asdict(rc.peft)
     return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
 
 
@@ -377,6 +396,10 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "class_weights_setting": job.task.class_weights_setting,
         "multi_label_threshold": job.task.threshold if job.task.multi_label else None,
         "run_name": run_name(job.rc),
+        "trainable_parameters": job.trainable_parameters,
+        "total_parameters": job.total_parameters,
+        "peft": job.rc.peft.name,
+        "gradient_checkpointing": job.rc.model.gradient_checkpointing,
     }, scored
 
 
@@ -394,6 +417,9 @@ def run_name(rc: RunConfig) -> str:
 
 # --- outputs ------------------------------------------------------------------------------------------
 
+ADAPTER_DIR = "adapter"  # model/adapter/: the LoRA adapter (peft's save_pretrained), beside the merged model
+
+
 def save_model(job: Job) -> None:
     """Collective: rank 0 writes model/ (weights, config with label names, tokenizer) atomically.
 
@@ -405,10 +431,20 @@ def save_model(job: Job) -> None:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
     acc.wait_for_everyone()
-    acc.unwrap_model(job.model).save_pretrained(
-        tmp, is_main_process=acc.is_main_process, save_function=acc.save,
-        state_dict=acc.get_state_dict(job.model),  # collective under FSDP/DeepSpeed
-    )
+    unwrapped = acc.unwrap_model(job.model)
+    if models.is_peft_model(unwrapped):
+        # LoRA runs on one process or under DDP only (engines.check_supported): every rank holds the whole
+        # model, and the main process writes. model/ is the merged model, a plain transformers folder
+        # (pipeline() loads it without peft); model/adapter/ the adapter alone (LoRA weights and the head).
+        if acc.is_main_process:
+            models.merged_copy(unwrapped).save_pretrained(tmp)
+            # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base model up.
+            unwrapped.save_pretrained(os.path.join(tmp, ADAPTER_DIR), save_embedding_layers=False)
+    else:
+        unwrapped.save_pretrained(
+            tmp, is_main_process=acc.is_main_process, save_function=acc.save,
+            state_dict=acc.get_state_dict(job.model),  # collective under FSDP/DeepSpeed
+        )
     if acc.is_main_process:
         job.tokenizer.save_pretrained(tmp)
     acc.wait_for_everyone()  # every rank is done with model.tmp/ before it is renamed
@@ -422,7 +458,19 @@ def save_model(job: Job) -> None:
 
 def load_saved_model(job: Job) -> None:
     """Load model/ (the best model) into the trained model on every rank, with transformers' own loader
-    (single or sharded safetensors, as save_pretrained wrote them)."""
+    (single or sharded safetensors, as save_pretrained wrote them). Under LoRA the adapter in model/adapter/
+    (LoRA weights and the head) goes back into the trained PeftModel; its frozen base never changed."""
+    unwrapped = job.accelerator.unwrap_model(job.model)
+    if models.is_peft_model(unwrapped):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR, "adapter_model.safetensors"),
+                            device=str(next(unwrapped.parameters()).device))
+        result = set_peft_model_state_dict(unwrapped, weights)
+        if result.unexpected_keys:
+            raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")
+        return
     saved = transformers.AutoModelForSequenceClassification.from_pretrained(
         os.path.join(job.rc.output_dir, "model"), dtype=next(job.model.parameters()).dtype)
     job.accelerator.unwrap_model(job.model).load_state_dict(saved.state_dict())

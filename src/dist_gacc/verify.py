@@ -53,6 +53,7 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
     model = copy.deepcopy(acc.unwrap_model(job.model, keep_fp32_wrapper=False))
     model.load_state_dict(initial_state)
     model.train()
+    # The copy keeps requires_grad: under LoRA the reference trains the adapters and the head only, as the run.
     optimizer = optim.build_optimizer(model, rc.optim, job.lr)
     scheduler = optim.build_scheduler(optimizer, rc.optim, job.total_updates)
     collate = DataCollatorWithPadding(job.tokenizer)
@@ -75,6 +76,8 @@ def verify(cfg: DictConfig) -> bool:
     """Print the per-group difference table and PASS/FAIL on the main process; same verdict on all ranks."""
     with open_dict(cfg):
         cfg.model.dropout = 0.0  # dropout would make the two computations differ by design
+        if "dropout" in cfg.get("peft", {}):
+            cfg.peft.dropout = 0.0  # LoRA's dropout too
         cfg.trainer.max_steps = cfg.verify.updates
     tolerance = float(cfg.verify.tolerance)
     job = build(cfg, dtype=torch.float64 if cfg.trainer.mixed_precision == "no" else None)
