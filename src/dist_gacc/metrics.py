@@ -58,7 +58,7 @@ def plot_report(path: str, task, predictions: np.ndarray, references: np.ndarray
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     names = task.label_names
     if task.multi_label:
@@ -72,16 +72,10 @@ def plot_report(path: str, task, predictions: np.ndarray, references: np.ndarray
         ax.set_ylim(0, 1.1)
         ax.set_ylabel("F1")
     else:
-        matrix = confusion_matrix(references, predictions, labels=list(range(len(names))))
         fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(names) + 2),) * 2)
-        ax.imshow(matrix, cmap="Blues")
-        for (row, col), count in np.ndenumerate(matrix):
-            ax.text(col, row, str(count), ha="center", va="center",
-                    color="white" if count > matrix.max() / 2 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ConfusionMatrixDisplay.from_predictions(references, predictions, labels=list(range(len(names))),
+                                                display_labels=names, cmap="Blues", colorbar=False, ax=ax,
+                                                xticks_rotation=30)
     ax.set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -39,12 +39,13 @@ class _Weighted:
         self.label_weights = label_weights
         self._cache: dict = {}
 
-    def _weights_like(self, like: torch.Tensor) -> torch.Tensor | None:
+    def _weights_like(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The weights on `like`'s device, in `dtype` (default: `like`'s)."""
         if self.label_weights is None:
             return None
-        key = (like.device, like.dtype)
+        key = (like.device, dtype or like.dtype)
         if key not in self._cache:
-            self._cache[key] = torch.tensor(self.label_weights, dtype=like.dtype, device=like.device)
+            self._cache[key] = torch.tensor(self.label_weights, dtype=key[1], device=key[0])
         return self._cache[key]
 
 
@@ -58,9 +59,9 @@ class CrossEntropy(_Weighted):
 
     def weights(self, batch: dict) -> torch.Tensor | None:
         """Each row's class weight: its share of the window's normaliser."""
-        if self.label_weights is None:
-            return None
-        return self._weights_like(torch.empty(0, dtype=torch.float64, device=batch["labels"].device))[batch["labels"]]
+        labels = batch["labels"]
+        weights = self._weights_like(labels, torch.float64)  # summed over the window: float64 loses nothing
+        return None if weights is None else weights[labels]
 
     def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """torch's own weighted mean of one batch (verify_equivalence's definition of an update)."""

@@ -231,7 +231,7 @@ def fingerprint(job: Job) -> dict:
     """The settings that define the sequence of updates; a resume must not change them silently.
     (Not the micro-batch, N or the world size: any split of the effective batch over any number of processes
     gives the same updates; elastic.py.)"""
-    rc = job.rc
+    rc, engine = job.rc, engines.engine_name(job.accelerator)
     record = {
         "effective_batch_size": job.effective_batch_size, "lr": job.lr, "total_updates": job.total_updates,
         "seed": rc.seed, "mixed_precision": rc.trainer.mixed_precision,
@@ -242,7 +242,7 @@ def fingerprint(job: Job) -> dict:
         "model": {k: v for k, v in dataclasses.asdict(rc.model).items() if k != "gradient_checkpointing"},
         "data": dataclasses.asdict(rc.data),
         # One process and DDP are the same math (a resume may move between them); FSDP and DeepSpeed are not.
-        "engine": {"single": "ddp"}.get(engines.engine_name(job.accelerator), engines.engine_name(job.accelerator)),
+        "engine": "ddp" if engine == "single" else engine,
     }
     if rc.peft.name != "none":  # absent without peft: checkpoints written before the peft group still resume
         record["peft"] = dataclasses.asdict(rc.peft)
@@ -463,10 +463,10 @@ def load_saved_model(job: Job) -> None:
     unwrapped = job.accelerator.unwrap_model(job.model)
     if models.is_peft_model(unwrapped):
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from peft.utils import load_peft_weights
 
-        weights = load_file(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR, "adapter_model.safetensors"),
-                            device=str(next(unwrapped.parameters()).device))
+        weights = load_peft_weights(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR),
+                                    device=str(next(unwrapped.parameters()).device))
         result = set_peft_model_state_dict(unwrapped, weights)
         if result.unexpected_keys:
             raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")

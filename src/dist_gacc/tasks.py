@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.preprocessing import MultiLabelBinarizer
+from sklearn.utils.class_weight import compute_class_weight
 
 from .errors import ConfigError
 from .objectives import BinaryCrossEntropy, CrossEntropy
@@ -62,16 +64,6 @@ def resolve_average(setting: str, num_labels: int, multi_label: bool = False) ->
     return "binary" if num_labels == 2 else "macro"
 
 
-def label_matrix(labels, num_labels: int, multi_label: bool) -> np.ndarray:
-    """Training labels as a (rows, labels) 0/1 matrix (multi-label) or a vector of ids."""
-    if not multi_label:
-        return np.asarray(labels, dtype=np.int64)
-    matrix = np.zeros((len(labels), num_labels), dtype=np.int64)
-    for row, ids in enumerate(labels):
-        matrix[row, list(ids)] = 1
-    return matrix
-
-
 def class_weights(setting, label_names: list[str], train_labels, multi_label: bool) -> tuple[list[float] | None, str]:
     """trainer.class_weights resolved against the training split: (weights in label order, or None; the kind).
 
@@ -81,12 +73,13 @@ def class_weights(setting, label_names: list[str], train_labels, multi_label: bo
         return None, "none"
     k = len(label_names)
     if setting == "balanced":
-        y = label_matrix(train_labels, k, multi_label)
         if multi_label:
+            y = MultiLabelBinarizer(classes=range(k)).fit_transform(train_labels)
             positives = y.sum(axis=0)
             return [float((len(y) - p) / p) for p in positives], "balanced"
-        counts = np.bincount(y, minlength=k)
-        return [float(len(y) / (k * c)) if c else 0.0 for c in counts], "balanced"
+        # Every label name comes from the training split, so each class has a count.
+        weights = compute_class_weight("balanced", classes=np.arange(k), y=np.asarray(train_labels))
+        return [float(w) for w in weights], "balanced"
     if isinstance(setting, dict):
         unknown = sorted(set(map(str, setting)) - set(label_names))
         missing = [name for name in label_names if name not in set(map(str, setting))]
