@@ -12,7 +12,8 @@ import pytest
 # Offline before any Hugging Face import: a Hub name would otherwise retry for ~23 s before failing.
 _HF_HOME = tempfile.mkdtemp(prefix="dist-gacc-hf-")
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=_HF_HOME,
-                  TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+                  TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+                  DIST_GACC_CACHE_DIR=os.path.join(_HF_HOME, "dist_gacc"))  # the precision probe's cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -24,6 +25,9 @@ TINY = [
     "model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
     "data.max_train_samples=64", "data.max_eval_samples=37", "data.max_length=64",
     "trainer.log_every=1", "optim.lr=1e-3", "optim.warmup_ratio=0.25",
+    # fp32 pinned: `auto` (the default) may pick bf16 on a CPU with native bf16, and these runs compare
+    # parameters to 1e-5. tests/test_precision.py checks `auto` itself.
+    "trainer.mixed_precision=no",
 ]
 
 

@@ -13,7 +13,7 @@ def test_defaults_compose_to_the_documented_keys():
     cfg = compose_cfg("output_dir=/tmp/x")
     rc = load_config(cfg)
     assert (cfg.data.name, rc.model.name_or_path is not None) == ("rotten_tomatoes", True)
-    assert (rc.trainer.micro_batch_size, rc.trainer.grad_accum_steps, rc.trainer.mixed_precision) == (32, 1, "no")
+    assert (rc.trainer.micro_batch_size, rc.trainer.grad_accum_steps, rc.trainer.mixed_precision) == (32, 1, "auto")
     assert rc.optim.scheduler == "linear" and rc.optim.lr == pytest.approx(5e-5)
     for key in ("max_steps", "max_grad_norm", "eval_every", "epochs"):
         assert key in cfg.trainer
@@ -40,7 +40,7 @@ def test_mistyped_key_fails_in_struct_mode():
     ("trainer.micro_batch_size=2.5", "trainer.micro_batch_size must be an integer >= 1, got 2.5"),
     ("optim.lr=0", "optim.lr must be a number > 0.0, got 0"),
     ("optim.lr=-1e-5", "optim.lr must be a number > 0.0, got -1e-05"),
-    ("trainer.mixed_precision=fp32", "trainer.mixed_precision must be one of no|bf16|fp16, got 'fp32'"),
+    ("trainer.mixed_precision=fp32", "trainer.mixed_precision must be one of auto|no|bf16|fp16, got 'fp32'"),
     ("optim.scheduler=step", "optim.scheduler must be one of linear|cosine|constant, got 'step'"),
     ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1 or null, got 0"),
     ("data.name=imdb", "data.name must be one of rotten_tomatoes|chinese_reviews|debates|csv|hub|review_pairs, got 'imdb'"),

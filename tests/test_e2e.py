@@ -109,6 +109,11 @@ def test_bf16_runs_on_cpu_and_changes_the_numerics(tmp_run, equivalent_runs):
     launch(tmp_run, *TINY, "trainer.micro_batch_size=8", "trainer.epochs=2", "trainer.mixed_precision=bf16")
     m, fp32 = read_metrics(tmp_run), read_metrics(equivalent_runs["1x8x1"])
     assert m["mixed_precision"] == "bf16" and m["optimizer_steps"] == 16
+    # An explicit bf16 on a CPU is measured: a warning with both figures where bf16 is the slower one.
+    probe, log = m["precision"]["probe"], (tmp_run / "train.log").read_text()
+    slower = probe["bf16_gflops"] < 1.1 * probe["fp32_gflops"]
+    assert ("bf16 measured slower than fp32: bf16 %g vs fp32 %g GFLOP/s" % (probe["bf16_gflops"],
+                                                                             probe["fp32_gflops"]) in log) is slower
     diff = max_abs_diff(load_params(tmp_run), load_params(equivalent_runs["1x8x1"]))
     # Silently falling back to fp32 would reproduce the fp32 run's parameters exactly.
     # Measured: 7.1e-3 (layer 1's attention value weight), each run 6.7e-3 from the shared initial

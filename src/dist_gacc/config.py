@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 BATCHNORM_POLICIES = ("warn", "error", "freeze")
@@ -63,7 +63,7 @@ class TrainerConfig:
     auto_micro_batch_cap: int = 64
     epochs: int = 1
     max_steps: int | None = None
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None
     eval_batch_size: int = 64

@@ -26,12 +26,13 @@ import pandas as pd
 import torch
 import transformers
 from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
-                        InitProcessGroupKwargs)
+                        InitProcessGroupKwargs, PartialState)
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list,
+                              parse_flag_from_env, set_seed)
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, data, elastic, engines, metrics, models, oom, optim, teardown
+from . import checkpoint, data, elastic, engines, metrics, models, oom, optim, precision, teardown
 from .batchnorm import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, ConfigError,
@@ -56,7 +57,21 @@ def trackers(log_with) -> list[str] | None:
     return names or None
 
 
+def choose_precision(rc: RunConfig) -> precision.PrecisionChoice:
+    """trainer.mixed_precision resolved for this machine (`auto`: measured; precision.py). The process group
+    starts here, before the Accelerator that needs the answer: the main process decides (it alone may probe
+    and write the probe's cache) and every rank takes its answer."""
+    # The same arguments AcceleratorState would pass; the Accelerator then reuses this PartialState.
+    state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         **InitProcessGroupKwargs(timeout=timedelta(seconds=rc.trainer.dist_timeout_s)).to_kwargs())
+    choice = [precision.resolve(rc.trainer.mixed_precision, state.device.type) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)  # collective: one small object, once per run
+    return choice[0]
+
+
 def build_accelerator(rc: RunConfig) -> Accelerator:
+    """The Accelerator for rc, whose trainer.mixed_precision is already resolved (no | bf16 | fp16)."""
     t = rc.trainer
     return Accelerator(
         mixed_precision=t.mixed_precision,
@@ -109,6 +124,7 @@ class Job:
     hooks: Hooks
     trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
     total_parameters: int = 0
+    precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
 
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
@@ -118,14 +134,21 @@ class Job:
         return self.accelerator.prepare(loader)
 
 
-def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None = None) -> Job:
+def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     """Validate the config and build data, model, optimizer and schedule. Raises UserError on bad input.
 
-    `dtype` casts the model's parameters (scripts/verify_equivalence.py checks the math in float64).
+    `dtype` casts the model's parameters: a torch dtype, or a function of the resolved precision
+    (scripts/verify_equivalence.py checks fp32 runs in float64).
     """
     hooks = hooks or Hooks()
     rc = load_config(cfg)  # every value checked before any work
     check_machine(rc.trainer)
+    choice = choose_precision(rc)
+    if choice.warning:
+        log.warning(choice.warning, main_process_only=True)
+    # From here on trainer.mixed_precision is what runs (no | bf16 | fp16); the request stays in job.precision.
+    rc = dataclasses.replace(rc, trainer=dataclasses.replace(rc.trainer, mixed_precision=choice.resolved))
+    dtype = dtype(choice.resolved) if callable(dtype) else dtype
     accelerator = build_accelerator(rc)
     engine_name = engines.engine_name(accelerator)
     engines.check_launch(accelerator)
@@ -175,7 +198,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype: torch.dtype | None
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16")
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
-              trainable_parameters, total_parameters)
+              trainable_parameters, total_parameters, choice)
     log_plan(job, engine_name)
     return job
 
@@ -211,7 +234,8 @@ def log_plan(job: Job, engine_name: str) -> None:
     log.info("lr in effect %.3g%s (schedule %s, warmup %d of %d updates; starts at %.3g) | precision %s | "
              "device %s | train/validation examples %d/%d", job.lr, scaling, rc.optim.scheduler,
              optim.warmup_updates(rc.optim, job.total_updates), job.total_updates, job.scheduler.get_last_lr()[0],
-             t.mixed_precision, job.accelerator.device, len(job.splits["train"]), len(job.splits["validation"]))
+             describe_precision(job.precision, t.mixed_precision), job.accelerator.device, len(job.splits["train"]),
+             len(job.splits["validation"]))
     task = job.task
     log.info("task %s, %d labels %s%s | F1 average %s | class weights %s%s", task.problem_type, len(task.label_names),
              task.label_names, " | text pairs" if "text_pair" in job.splits["train"].column_names else "",
@@ -225,6 +249,12 @@ def log_plan(job: Job, engine_name: str) -> None:
              f" | LoRA r={p.r} alpha={p.alpha:g} dropout={p.dropout:g} on "
              f"{models.lora_targets(job.accelerator.unwrap_model(job.model).get_base_model(), p)}"
              if p.name == "lora" else "", "on" if rc.model.gradient_checkpointing else "off")
+
+
+def describe_precision(choice: precision.PrecisionChoice | None, resolved: str) -> str:
+    if choice is None or choice.requested != "auto" and choice.probe is None:
+        return resolved
+    return f"{choice.requested} -> {choice.resolved} ({choice.reason})"
 
 
 def fingerprint(job: Job) -> dict:
@@ -386,6 +416,7 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "lr_scaling": job.rc.optim.lr_scaling,
         "final_lr": job.scheduler.get_last_lr()[0],
         "mixed_precision": t.mixed_precision,
+        "precision": job.precision.record() if job.precision else None,
         "loss_normalisation": t.loss_normalisation,
         "engine": engines.engine_name(acc),
         "sync_each_batch": t.sync_each_batch,

@@ -80,7 +80,7 @@ def verify(cfg: DictConfig) -> bool:
             cfg.peft.dropout = 0.0  # LoRA's dropout too
         cfg.trainer.max_steps = cfg.verify.updates
     tolerance = float(cfg.verify.tolerance)
-    job = build(cfg, dtype=torch.float64 if cfg.trainer.mixed_precision == "no" else None)
+    job = build(cfg, dtype=lambda precision: torch.float64 if precision == "no" else None)  # fp32 checked in float64
     acc = job.accelerator
     initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}
     state = train_only(job)

@@ -56,6 +56,13 @@ def use_cpu(setting: Optional[bool], cuda_available: bool) -> bool:
     return (not cuda_available) if setting is None else bool(setting)
 
 
+def launcher_precision(mixed_precision) -> str:
+    """accelerate launch's --mixed_precision. The trainer passes its own (resolved) precision to the
+    Accelerator, which wins over the launcher's; `auto` is resolved in the job, so the launcher says no."""
+    value = "no" if mixed_precision in (False, None) else str(mixed_precision)
+    return "no" if value == "auto" else value
+
+
 def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_processes: int,
                        mixed_precision: str, extra_args: Sequence[str]) -> list[str]:
     flags = ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision",
@@ -114,7 +121,7 @@ class AccelerateLauncher(Launcher):
         # A job may ask for its own process count with the task key num_processes (sweepable).
         processes = int(sweep_config.get("num_processes") or sweep_config.hydra.launcher.num_processes)
         cmd = accelerate_command(self.script, overrides, str(run_dir), processes,
-                                 str(sweep_config.trainer.mixed_precision), self.extra_args)
+                                 launcher_precision(sweep_config.trainer.mixed_precision), self.extra_args)
         env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if self.cpu else {})}
         log_path = run_dir / "launch.log"
         shown = " ".join(filter_overrides(overrides))
