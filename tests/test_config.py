@@ -5,7 +5,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from conftest import compose_cfg, launch
-from dist_gacc.config import PRECISIONS, TrainerConfig, check_machine, load_config
+from dist_gacc.config import TrainerConfig, check_machine, load_config
 from dist_gacc.errors import ConfigError
 
 
@@ -96,8 +96,6 @@ def test_cli_refuses_fp16_on_cpu(tmp_run):
 def test_seed_table_cpu_grid_composes(task, setting, lr, micro, n, train_cap):
     cfg = compose_cfg("experiment=seed_table_cpu", f"+task={task}", f"+setting={setting}", "output_dir=/tmp/x")
     assert cfg.trainer.mixed_precision == "auto"  # fp32 on CPUs without native bf16
-    if "auto" not in PRECISIONS:  # until config.py accepts it; the grid's other settings are checked the same
-        cfg.trainer.mixed_precision = "no"
     rc = load_config(cfg)
     assert rc.optim.lr == pytest.approx(lr)
     assert (rc.trainer.micro_batch_size, rc.trainer.grad_accum_steps) == (micro, n)
