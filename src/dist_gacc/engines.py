@@ -138,7 +138,9 @@ def _prescaled(real_sum, losses, window):
     return real_sum * window.prescale
 
 
-def build_engine(engine: str, loss_normalisation: str, fp16: bool) -> Engine:
+def build_engine(engine: str, loss_normalisation: str, fp16: bool, weighted: bool = False) -> Engine:
+    """`weighted`: the objective's rows carry weights (class weights), so the window's normaliser is known
+    only after its last micro-batch."""
     if engine == "deepspeed":
         # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front).
         return Engine("deepspeed", _prescaled, _apply_deepspeed)
@@ -146,13 +148,24 @@ def build_engine(engine: str, loss_normalisation: str, fp16: bool) -> Engine:
         # Accelerate's plain loss/N on the micro-batch mean, repeats included: only to show what it gets wrong.
         return Engine("naive", lambda real_sum, losses, window: losses.mean(),
                       functools.partial(_apply, rescale=False, fp16=fp16))
-    # exact: backpropagate the loss sum; rescale the summed gradients once the window's count is known.
+    if weighted:
+        return rescaled_engine(fp16)
+    # exact, unweighted: the window's real examples are counted up front (windows.window_examples), so each
+    # micro-batch's loss sum is pre-scaled by N*W/count and the summed gradients ARE the window mean: no
+    # extra pass over every gradient after backward (measured ~0.3-0.7 % of a MiniLM update on CPU).
+    return Engine("exact", _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
+
+
+def rescaled_engine(fp16: bool = False) -> Engine:
+    """exact, weighted: backpropagate the (weighted) loss sum; rescale the summed gradients by N*W/(sum of
+    weights) once the window's weights are all known (step.train_step all-reduces them)."""
     return Engine("exact", lambda real_sum, losses, window: real_sum, functools.partial(_apply, rescale=True, fp16=fp16))
 
 
 def prescaled_engine(fp16: bool = False) -> Engine:
-    """DeepSpeed's arithmetic without DeepSpeed (pre-scaled losses, no rescale afterwards, our own step):
-    tests/dist/comm_count.py checks it equals the exact engine on 2 DDP ranks."""
+    """DeepSpeed's arithmetic without DeepSpeed (pre-scaled losses, no rescale afterwards, our own step): the
+    exact engine of unweighted objectives. tests/dist/comm_count.py checks it equals the rescaled one on 2 DDP
+    ranks."""
     return Engine("prescaled", _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
 
 

@@ -195,7 +195,8 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
-    engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16")
+    engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",
+                                  weighted=task.weighted_normaliser)
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
               trainable_parameters, total_parameters, choice)

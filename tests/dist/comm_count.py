@@ -18,7 +18,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from conftest import TINY, compose_cfg
-from dist_gacc.engines import prescaled_engine
+from dist_gacc.engines import prescaled_engine, rescaled_engine
 from dist_gacc.run import build, train_only
 from dist_gacc.teardown import shutdown
 
@@ -38,7 +38,8 @@ def trained(name: str, *overrides: str, prescale: bool = False) -> dict:
 
     job.model.register_comm_hook(None, counting_allreduce)
     initial = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
-    state = train_only(job, engine=prescaled_engine() if prescale else None)
+    # the job's exact engine pre-scales (unweighted); the baselines rescale after backward, as weighted runs do
+    state = train_only(job, engine=prescaled_engine() if prescale else rescaled_engine())
     params = {k: v.detach().clone() for k, v in job.accelerator.unwrap_model(job.model).state_dict().items()}
     MODELS.append(job.model)
     return {"allreduces": calls[0], "params": params, "initial": initial, "losses": state.losses,
