@@ -1,14 +1,33 @@
 #!/usr/bin/env python
-"""Benchmarks: this trainer's loop against a hand-written loop and the transformers Trainer, memory
-under accumulation, gradient all-reduces per update, and the speed features. Prints tables and
+"""Benchmarks: this trainer's loop against a hand-written loop and the transformers Trainer, time to F1 end to
+end, memory under accumulation, gradient all-reduces per update, and the speed features. Prints tables and
 writes them (markdown, JSON, a PNG) to --out.
 
-    python scripts/bench.py                      # CPU: tiny BERT + MiniLM, every section (~25 min on 2 cores)
-    python scripts/bench.py --quick              # every row in ~1 min, tiny sizes: timings are not meaningful
+    python scripts/bench.py                      # CPU: tiny BERT + MiniLM, every section (~25 min on 2 cores,
+                                                 #   plus time_to_f1: 2 x --repeats default runs, ~10 min each)
+    python scripts/bench.py --quick              # every row in ~2 min, tiny sizes: timings are not meaningful
     python scripts/bench.py --device cuda        # GPU: BERT-base-sized config, bf16, seq 128
+    python scripts/bench.py --sections speed --models minilm --repeats 9 --profile cprofile   # the last percent
 
 Each measurement runs in its own process (scripts/bench_worker.py); the variants of a comparison
 are interleaved and repeated, and tables quote medians and ratios to the hand-written loop.
+
+speed: every repeat runs (a) this loop, (b) the hand-written loop and (c) the Trainer back to back, each in a
+fresh process, in rotating order; the paired table (speed_paired) gives the median over repeats of the
+per-repeat ratios a/b and a/c with half their interquartile range (and min-max). The spread of a ratio shrinks
+with the repeats: 3 (the default) gives a few percent on a quiet 2-core machine, 9 or more are needed for a
+half-IQR under 1 %. --profile runs (a) and (b) once more under cProfile (or torch.profiler) over the timed
+updates only and writes the top entries to --out (profile-<model>-<variant>.txt), to attribute the last percent.
+
+time_to_f1: the default job (Rotten Tomatoes, MiniLM, 1 epoch, conf/ defaults, trainer.log_with=none) by
+`python scripts/train.py` and by `python scripts/trainer_baseline.py` (transformers' Trainer, the same job),
+each a fresh process, interleaved, --repeats times: wall seconds from Popen to the moment the child's final
+validation F1 line reaches this process, and that F1 (quick: a tiny model on 64 examples).
+
+Every figure names its machine (dist_gacc.machine: CPU model, torch's CPU capability, threads, measured fp32
+ceiling, GPU): results.json and tables.md carry the record, and by default go to
+docs/benchmarks/<cpu-model>-<capability>-<threads>t/, so a new machine's run gets its own tables. An --out
+folder that already holds another machine's results.json gets a per-machine subfolder instead.
 """
 
 from __future__ import annotations
@@ -16,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -44,12 +65,15 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every row, not speed")
     p.add_argument("--models", help="comma list of tiny,minilm,bert-base (default: cpu tiny,minilm; cuda bert-base)")
-    p.add_argument("--sections", default="speed,math,memory,comm,features,levers")
+    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,time_to_f1")
     p.add_argument("--budgets-gib", default="2,4,8", help="levers: memory budgets for the what-fits table")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each speed comparison")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed and time_to_f1 comparisons "
+                   "(9+ for a paired-ratio spread under 1 %%; quick mode: 1)")
+    p.add_argument("--profile", choices=["cprofile", "torch"], help="speed: also profile (a) and (b) once per model")
     p.add_argument("--accum", type=int, default=4, help="N, micro-batches per update")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), help="folder for tables, JSON and plot")
+    p.add_argument("--out", help="folder for tables, JSON and plot (default: docs/benchmarks/<machine slug>; a folder "
+                   "holding another machine's results.json gets a <machine slug> subfolder)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "dist-gacc-bench"))
     return p.parse_args()
 
@@ -145,8 +169,12 @@ def base_spec(args, model: str, inputs: dict, **kw) -> dict:
 # --- sections ------------------------------------------------------------------------------------------
 
 def section_speed(args, models, inputs):
-    """(a), (b), (c) on identical work, interleaved, with the matmul ceiling measured in the same run."""
-    rows = []
+    """(a), (b), (c) on identical work, interleaved, with the matmul ceiling measured in the same run.
+
+    Two tables: `speed` (each variant's median over repeats) and `speed_paired` (the median of the per-repeat
+    ratios a/b and a/c: each repeat runs the three back to back, so a ratio compares runs under the same
+    machine load)."""
+    rows, paired = [], []
     for model in models:
         samples = {v: [] for v in VARIANTS}
         ceilings, last = [], {}
@@ -173,7 +201,31 @@ def section_speed(args, models, inputs):
                          "matmul_ceiling_tflops": ceiling, "peak_mb": last[v]["peak_mb"],
                          "micro x N": f"{last[v]['spec']['micro']} x {args.accum}",
                          "tokens_per_sample": last[v]["tokens_per_sample"]})
-    return rows
+        for other in ("hand", "hf_trainer"):
+            paired.append(paired_row(model, "dist_gacc", other, samples))
+        if args.profile:
+            profile_loops(args, model, inputs)
+    return {"speed": rows, "speed_paired": paired}
+
+
+def paired_row(model: str, variant: str, other: str, samples: dict) -> dict:
+    """Per-repeat speed ratios variant/other (> 1: `variant` faster); median, half the interquartile range."""
+    ratios = [a / b for a, b in zip(samples[variant], samples[other])]
+    q1, q3 = (statistics.quantiles(ratios, n=4, method="inclusive")[i] for i in (0, 2)) if len(ratios) > 1 \
+        else (ratios[0], ratios[0])
+    median = statistics.median(ratios)
+    return {"model": model, "pair": f"{LABELS[variant][:3]} / {LABELS[other][:3]}", "repeats": len(ratios),
+            "median_ratio": median, "half_iqr": (q3 - q1) / 2, "half_iqr_pct": 100 * (q3 - q1) / 2 / median,
+            "min_ratio": min(ratios), "max_ratio": max(ratios), "ratios": [round(r, 4) for r in ratios]}
+
+
+def profile_loops(args, model: str, inputs: dict) -> None:
+    """(a) and (b) once each, in their own process, profiled over the timed updates only (bench_worker.Timer):
+    the top entries by own time and by cumulative time go to --out/profile-<model>-<variant>.txt."""
+    for variant in ("dist_gacc", "hand"):
+        path = Path(args.out) / f"profile-{model}-{variant}.txt"
+        run_workers([base_spec(args, model, inputs, variant=variant, profile=args.profile, profile_path=str(path))])
+        print(f"  profile ({args.profile}) of {LABELS[variant]}, {model}: {path}", flush=True)
 
 
 def section_math(args, inputs, work: Path):
@@ -337,6 +389,112 @@ def section_features(args, inputs):
     return rows
 
 
+# --- time to F1, end to end ---------------------------------------------------------------------------
+
+TTF1_SIDES = {"dist_gacc": ROOT / "scripts" / "train.py", "hf_trainer": ROOT / "scripts" / "trainer_baseline.py"}
+TTF1_LABELS = {"dist_gacc": "scripts/train.py", "hf_trainer": "Trainer (scripts/trainer_baseline.py)"}
+TTF1_QUICK = ["model=tiny", "data.max_train_samples=64", "data.max_eval_samples=32", "data.max_length=64"]
+# The evaluator's log line (dist_gacc.evaluation.Evaluator.run), on stdout through Hydra's console handler:
+#   [2026-11-26 00:42:53,337][dist_gacc.evaluation][INFO] - [RANK 0] update 8: train loss 0.6880 | validation f1 ...
+OURS_F1 = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]\[dist_gacc\.evaluation\].* update (\d+): "
+                     r"train loss \S+ \| validation f1 (\S+) accuracy")
+THEIRS_F1 = re.compile(r"^FINAL_F1 (\S+) (\S+)$")  # scripts/trainer_baseline.py: F1, the child's time.time()
+
+
+def section_time_to_f1(args, work: Path) -> dict:
+    """The default job by scripts/train.py and by the Trainer (scripts/trainer_baseline.py), fresh processes,
+    interleaved (the order alternates), --repeats times: wall seconds from Popen to the arrival of the child's
+    final validation-F1 line on this side of the pipe (both sides timed the same way), and that F1."""
+    overrides = ["trainer.log_with=none", *(TTF1_QUICK if args.quick else [])]
+    cache_s = warm_tokenize_cache(overrides)  # both sides then load the tokenized splits from the datasets cache
+    print(f"  time_to_f1: tokenization cache filled ({cache_s:.1f} s); {' '.join(overrides)}", flush=True)
+    repeats = 1 if args.quick else args.repeats
+    runs = []
+    for rep in range(repeats):
+        order = list(TTF1_SIDES) if rep % 2 == 0 else list(reversed(TTF1_SIDES))
+        for position, side in enumerate(order):
+            run = launch_to_f1(args, side, overrides, work / "time_to_f1" / f"repeat{rep}-{side}")
+            runs.append({"repeat": rep, "position": position, **run})
+            print(f"  time_to_f1: repeat {rep} {side}: F1 {run['f1']:.4f} after {run['seconds_to_f1']:.1f} s "
+                  f"(process {run['process_seconds']:.1f} s)", flush=True)
+    table, by = [], {(r["repeat"], r["side"]): r for r in runs}
+    for rep in range(repeats):
+        ours, theirs = by[(rep, "dist_gacc")], by[(rep, "hf_trainer")]
+        table.append({"repeat": rep, "first": "ours" if ours["position"] == 0 else "Trainer",
+                      "ours_s": ours["seconds_to_f1"], "trainer_s": theirs["seconds_to_f1"],
+                      "ratio_ours_to_trainer": ours["seconds_to_f1"] / theirs["seconds_to_f1"],
+                      "ours_f1": ours["f1"], "trainer_f1": theirs["f1"]})
+    median = {key: statistics.median(row[key] for row in table) for key in table[0] if key not in ("repeat", "first")}
+    table.append({"repeat": "median", "first": "", **median})
+    return {"time_to_f1": table, "time_to_f1_runs": runs}
+
+
+def warm_tokenize_cache(overrides: list[str]) -> float:
+    """Tokenize the job's splits into the datasets cache as a run does (trainer.cache_tokenized), so no repeat
+    of either side pays for it and the first one is not special."""
+    import datasets
+    from hydra import compose, initialize_config_dir
+
+    from dist_gacc import data, models
+    from dist_gacc.config import load_config
+
+    started = time.perf_counter()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        rc = load_config(compose("train", overrides=[*overrides, "output_dir=/tmp/unused"]))
+    splits = data.load_splits(rc.data, rc.seed)
+    tokenizer = models.build_tokenizer(rc.model, data.train_texts(splits["train"]), rc.data.max_length)
+    if rc.trainer.cache_tokenized:
+        data.tokenize(splits, tokenizer, rc.data.max_length,
+                      cache_dir=os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized"))
+    return time.perf_counter() - started
+
+
+def launch_to_f1(args, side: str, overrides: list[str], run_dir: Path) -> dict:
+    """Start one side, read its stdout line by line, and time the arrival of its (last) validation-F1 line from
+    the launch. The process then finishes (ours: model/, test split, metrics.json) before the next one starts."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, str(TTF1_SIDES[side]), *overrides, f"hydra.run.dir={run_dir}"]
+    stderr_path = run_dir.parent / f"{run_dir.name}.stderr"
+    pattern = OURS_F1 if side == "dist_gacc" else THEIRS_F1
+    marks, tail = [], []
+    with open(stderr_path, "w") as stderr:
+        launched_wall, launched = time.time(), time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)
+        for line in proc.stdout:
+            arrived = time.perf_counter() - launched
+            match = pattern.search(line.rstrip("\n"))
+            if match:
+                marks.append((arrived, match.groups()))
+            tail = [*tail[-40:], line]
+        code = proc.wait()
+        process_seconds = time.perf_counter() - launched
+    if code != 0 or not marks:
+        raise SystemExit(f"time_to_f1: {' '.join(cmd)} exited {code}, {len(marks)} F1 lines:\n{''.join(tail)}\n"
+                         f"{stderr_path.read_text()[-4000:]}")
+    seconds, groups = marks[-1]
+    run = {"side": side, "seconds_to_f1": seconds, "process_seconds": process_seconds, "run_dir": str(run_dir),
+           "f1_lines": len(marks)}
+    if side == "dist_gacc":
+        stamp, millis, update, logged_f1 = groups
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        final = metrics["history"][-1]
+        if int(update) != final["update"] or abs(float(logged_f1) - final["f1"]) > 5e-5:
+            raise SystemExit(f"time_to_f1: the timed line (update {update}, F1 {logged_f1}) is not the final "
+                             f"evaluation in {run_dir}/metrics.json ({final})")
+        child_time = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+        run.update(f1=final["f1"], logged_f1=float(logged_f1), update=final["update"], eval_f1=metrics["eval"]["f1"])
+    else:
+        f1, child_time = float(groups[0]), float(groups[1])
+        record = json.loads((run_dir / "trainer_baseline.json").read_text())
+        run.update(f1=f1, update=record["updates"])
+    # The child's own clock at the same moment (log timestamp / time.time()), as a check of the pipe's delay.
+    run["child_clock_seconds_to_f1"] = child_time - launched_wall
+    return run
+
+
 # --- output --------------------------------------------------------------------------------------------
 
 def table(rows: list[dict], floatfmt=".3g") -> str:
@@ -366,18 +524,48 @@ def plot_memory(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def machine() -> str:
-    import platform
-
+def machine_record(args) -> dict:
+    """dist_gacc.machine.describe() at the benchmark's thread count (the fp32 ceiling is measured with it)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+    from dist_gacc import machine
+
+    torch.set_num_threads(args.threads)
+    record = machine.describe()
+    record["threads_per_process"] = args.threads
+    return record
+
+
+def machine_slug(info: dict) -> str:
+    """docs/benchmarks/<this>: CPU model, torch's CPU capability, threads (and the GPU, if any)."""
+    parts = [info["cpu_model"], info["cpu_capability"], f"{info['torch_threads']}t", info.get("gpu") or ""]
+    return re.sub(r"[^a-z0-9]+", "-", " ".join(parts).lower()).strip("-")
+
+
+def same_machine(old, info: dict) -> bool:
+    """Another run's record (results.json "machine") names this machine: same CPU model, capability, threads and
+    GPU, and an fp32 ceiling within 1.5x (two 2-core "AMD EPYC" machines measured 63 and 190 GFLOP/s)."""
+    if not isinstance(old, dict):  # results written before the machine record (a one-line string)
+        return False
+    keys = ("cpu_model", "cpu_capability", "torch_threads", "gpu")
+    if any(old.get(k) != info.get(k) for k in keys):
+        return False
+    a, b = old.get("fp32_gflops"), info.get("fp32_gflops")
+    return not (a and b) or max(a, b) / min(a, b) < 1.5
+
+
+def output_folder(arg: str | None, info: dict) -> Path:
+    """--out, or docs/benchmarks/<machine slug>; never over another machine's results (a subfolder instead)."""
+    slug = machine_slug(info)
+    out = Path(arg) if arg else ROOT / "docs" / "benchmarks" / slug
+    previous = out / "results.json"
+    if previous.exists() and not same_machine(json.loads(previous.read_text()).get("machine"), info):
+        out = out / slug
+        previous = out / "results.json"
+        if previous.exists() and not same_machine(json.loads(previous.read_text()).get("machine"), info):
+            out = out.parent / f"{slug}-fp32-{round(info['fp32_gflops'] or 0)}"
+        print(f"{arg or out.parent} holds another machine's results.json: writing to {out}", flush=True)
+    return out
 
 
 def main():
@@ -399,20 +587,32 @@ def main():
     needed = set(models) | {"tiny"} | ({"tiny" if args.quick else "minilm"} if {"memory", "comm", "features"} & set(sections) else set())
     needed |= {"tiny" if args.quick else "bert-base"} if "levers" in sections else set()
     inputs = {m: prepare(m, work) for m in sorted(needed)}
-    results = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from dist_gacc import machine
+
+    record = machine_record(args)  # every figure names its machine
+    out = output_folder(args.out, record)
+    args.out = str(out)
+    results = {"machine": record, "machine_label": machine.label(record), "args": vars(args),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {"speed": lambda: section_speed(args, models, inputs), "math": lambda: section_math(args, inputs, work),
                "memory": lambda: section_memory(args, inputs), "comm": lambda: section_comm(args, inputs),
-               "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs)}
-    out = Path(args.out)
+               "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs),
+               "time_to_f1": lambda: section_time_to_f1(args, work)}
     out.mkdir(parents=True, exist_ok=True)
-    text = [f"machine: {results['machine']}; threads per process: {args.threads}"]
+    text = [f"machine: {results['machine_label']}; threads per process: {args.threads}"]
+    print(text[0], flush=True)
     for name in sections:
         started = time.perf_counter()
-        rows = runners[name]()
-        results[name] = rows
-        block = f"\n## {name} ({time.perf_counter() - started:.0f} s)\n\n{table(rows)}\n"
-        print(block, flush=True)
-        text.append(block)
+        produced = runners[name]()  # a section's rows, or {table name: rows} (speed: speed, speed_paired)
+        tables = produced if isinstance(produced, dict) else {name: produced}
+        results.update(tables)
+        rows = tables[name]
+        for title, table_rows in tables.items():
+            if title.endswith("_runs"):  # raw per-run records: results.json only
+                continue
+            block = f"\n## {title} ({time.perf_counter() - started:.0f} s)\n\n{table(table_rows)}\n"
+            print(block, flush=True)
+            text.append(block)
         if name == "memory":
             plot_memory(rows, out / "memory.png")
         if name == "levers":

@@ -95,18 +95,70 @@ class Timer:
     def __init__(self, spec):
         self.warmup, self.last, self.cuda = spec["warmup"], total_updates(spec), spec["device"] == "cuda"
         self.t0 = self.t1 = None
+        self.profiler = Profiler(spec) if spec.get("profile") else None
 
     def on_update(self, update: int) -> None:
         if update in (self.warmup, self.last):
             if self.cuda:
                 torch.cuda.synchronize()
+            if update == self.last and self.profiler:
+                self.profiler.stop()
             if update == self.warmup:
                 self.t0 = time.perf_counter()
             if update == self.last:
                 self.t1 = time.perf_counter()
+            if update == self.warmup and self.profiler:
+                self.profiler.start()
 
     def seconds(self) -> float:
         return max(self.t1 - self.t0, 1e-9)  # 0 timed updates (memory rows): no speed
+
+
+class Profiler:
+    """cProfile or torch.profiler over the timed updates only (bench.py --profile): the top entries by own
+    time and by cumulative time, written to spec["profile_path"]."""
+
+    TOP = 40
+
+    def __init__(self, spec):
+        self.kind, self.path, self.spec = spec["profile"], spec["profile_path"], spec
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        if self.kind == "cprofile":
+            import cProfile
+
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+
+    def stop(self) -> None:
+        import io
+
+        seconds = time.perf_counter() - self.started
+        head = (f"{self.spec['variant']}, {self.spec['model']}: micro {self.spec['micro']} x N {self.spec['accum']}, "
+                f"{self.spec['updates']} updates profiled ({seconds:.3f} s with the profiler on)\n\n")
+        if self.kind == "cprofile":
+            import pstats
+
+            self.prof.disable()
+            text = io.StringIO()
+            for order in ("tottime", "cumulative"):
+                text.write(f"--- top {self.TOP} by {order} ---\n")
+                pstats.Stats(self.prof, stream=text).sort_stats(order).print_stats(self.TOP)
+            body = text.getvalue()
+        else:
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            body = "".join(f"--- top {self.TOP} by {order} ---\n{averages.table(sort_by=order, row_limit=self.TOP)}\n"
+                           for order in ("self_cpu_time_total", "cpu_time_total"))
+        with open(self.path, "w") as f:
+            f.write(head + body)
 
 
 def memory_mb(device: str) -> float:

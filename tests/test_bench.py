@@ -1,25 +1,31 @@
-"""The benchmark in quick mode: every table has every row, the three loops do the same math, and
-gradients are all-reduced once per optimizer update (counted by a DDP communication hook on 2 ranks).
+"""The benchmark in quick mode: every table has every row, the three loops do the same math,
+gradients are all-reduced once per optimizer update (counted by a DDP communication hook on 2 ranks), time
+to F1 has both sides with their real F1s, and every result names its machine.
 
-Speed itself is measured by scripts/bench.py in full mode (docs/benchmarks.md); here timings are only
-compared where the margin is wide (quick mode, one run, a shared 2-core CPU): same-work loops within 5x
-of each other, and features that remove most of the work.
+Functional only: no timing is asserted (quick mode, one run, a shared CPU). Speed is measured by
+scripts/bench.py in full mode on a quiet machine (docs/benchmarks.md).
 """
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
+
+MACHINE_KEYS = {"cpu_model", "cpu_capability", "native_bf16", "cpu_count", "torch_threads", "fp32_gflops", "gpu",
+                "torch", "threads_per_process"}
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out),
-                           "--work-dir", str(out / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--work-dir", str(out / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text()), proc.stdout, out
 
@@ -37,9 +43,8 @@ FLOPS_PER_SAMPLE = 6 * 128 * 262_144 + 12 * 2 * 128 * 128 * 128 + 6 * 16_640  # 
 
 @pytest.mark.slow
 def test_every_table_has_every_row(bench):
-    """Rows and their arithmetic; timings only where a 2-core CPU in quick mode keeps a wide margin.
-    Measured in two quick runs, the machine idle / shared with two test suites (load 5 on 2 cores):
-    (a) 114 / 7.6, (b) 120 / 17.0, (c) 120 / 18.3 samples/s; ceiling fraction 0.27 / 0.02; peak 600 MB."""
+    """Rows and their arithmetic (no timing is compared: quick mode on a shared CPU measured the three loops
+    from 0.45x to 14x of each other). Peak RSS of a quick run: ~600 MB."""
     results, stdout, out = bench
     assert [r["variant"] for r in results["speed"]] == [
         "(a) dist-gacc loop", "(b) hand-written loop", "(c) transformers Trainer"]
@@ -49,10 +54,12 @@ def test_every_table_has_every_row(bench):
         # the same work (micro 8 x N 4, rows padded to 128 tokens), so the same FLOPs per sample...
         assert row["tokens_per_sample"] == 128 and row["micro x N"] == "8 x 4"
         assert row["model_tflops_per_s"] * 1e12 / row["samples_per_s"] == pytest.approx(FLOPS_PER_SAMPLE, rel=1e-6)
-        # ...at a comparable speed (ratio to (b) measured 0.94-1.07 idle, 0.45 under load, 14 once with a
-        # MiniLM training run competing for the 2 cores): a factor of 30 either way is a regression, not noise
-        assert 1 / 30 < row["ratio_to_hand"] < 30, row
-        assert 0 < row["fraction_of_matmul_ceiling"] < 1.5, row  # a model cannot beat a bare matmul by far
+        # the ratio is of this run's speeds, and the ceiling fraction of this run's matmul ceiling
+        assert row["ratio_to_hand"] == pytest.approx(
+            row["samples_per_s"] / speed["(b) hand-written loop"]["samples_per_s"], rel=1e-9), row
+        assert row["fraction_of_matmul_ceiling"] == pytest.approx(
+            row["model_tflops_per_s"] / row["matmul_ceiling_tflops"], rel=1e-9), row
+        assert row["runs"] == 1 and row["samples_per_s"] > 0
         # peak RSS in MB: above weights, gradients and two Adam moments (4 x 5.2 MB), below 8 GB for a
         # tiny model (ru_maxrss is KiB on Linux: a unit slip would read ~600,000)
         assert 4 * TINY_PARAMS * 4 / 2**20 < row["peak_mb"] < 8192, row
@@ -81,13 +88,10 @@ def test_every_table_has_every_row(bench):
     for row in results["features"]:  # speedup > 1 means faster, whichever the unit
         faster = row["on"] / row["off"] if row["unit"] == "samples/s" else row["off"] / row["on"]
         assert row["speedup"] == pytest.approx(faster, rel=1e-9), row
-    # Padding each batch to its longest row instead of 128 removes most of the work (measured 3.0x idle,
-    # 1.9x under load); a cached tokenization skips the tokenizer (15.8x, 6.3x); fused AdamW's step
-    # (9.6x, 9.2x).
-    assert features["per-batch dynamic padding"]["speedup"] > 1.2
-    assert features["tokenization cached"]["speedup"] > 2
-    assert features["fused AdamW (optimizer step alone)"]["speedup"] > 1.5
-    for section in ("speed", "math", "memory", "comm", "features"):
+    # Measured in quick mode (not asserted: timings): dynamic padding 3.0x idle, 1.9x under load; cached
+    # tokenization 15.8x, 6.3x; fused AdamW's step 9.6x, 9.2x.
+    assert all(row["on"] > 0 and row["off"] > 0 for row in features.values())
+    for section in ("speed", "speed_paired", "math", "memory", "comm", "features", "time_to_f1"):
         assert f"## {section}" in stdout  # the printed table
     assert (out / "memory.png").stat().st_size > 1000 and (out / "tables.md").exists()
 
@@ -135,3 +139,90 @@ def test_levers_table_has_every_lever_and_micro_batch(bench):
     assert all(r["samples_per_s"] > 0 and r["live_peak_mb"] > 0 for r in rows)
     fit = {r["lever"]: r for r in results["levers_fit"]}
     assert set(fit) == {"plain", "checkpointing", "lora", "lora+checkpointing"} and "2 GiB" in fit["plain"]
+
+
+@pytest.mark.slow
+def test_paired_speed_ratios(bench):
+    """Each repeat's (a)/(b) and (a)/(c) speed ratio; quick mode: one repeat, so the median is that ratio."""
+    results = bench[0]
+    speed = {r["variant"]: r["samples_per_s"] for r in results["speed"]}
+    rows = {r["pair"]: r for r in results["speed_paired"]}
+    assert list(rows) == ["(a) / (b)", "(a) / (c)"]
+    for pair, other in (("(a) / (b)", "(b) hand-written loop"), ("(a) / (c)", "(c) transformers Trainer")):
+        row = rows[pair]
+        assert row["repeats"] == 1 and len(row["ratios"]) == 1
+        assert row["median_ratio"] == pytest.approx(speed["(a) dist-gacc loop"] / speed[other], rel=1e-9)
+        assert row["min_ratio"] <= row["median_ratio"] <= row["max_ratio"] and row["half_iqr"] == 0
+
+
+@pytest.mark.slow
+def test_time_to_f1_both_sides(bench):
+    """The default job (quick: tiny) by scripts/train.py and by the Trainer, the same number of repeats, each
+    with its final validation F1; ours is the F1 its run wrote to metrics.json, the Trainer's the one
+    trainer_baseline.json holds, and the timed line was the run's final evaluation."""
+    results = bench[0]
+    runs = results["time_to_f1_runs"]
+    sides = [r["side"] for r in runs]
+    assert sides.count("dist_gacc") == sides.count("hf_trainer") == 1  # quick: one repeat
+    for run in runs:
+        assert 0 <= run["f1"] <= 1 and run["f1_lines"] == 1, run
+        assert 0 < run["seconds_to_f1"] <= run["process_seconds"], run
+        assert math.isfinite(run["child_clock_seconds_to_f1"])
+        if run["side"] == "dist_gacc":
+            metrics = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
+            assert run["f1"] == metrics["eval"]["f1"] == metrics["history"][-1]["f1"]
+            assert run["update"] == metrics["updates"] == metrics["history"][-1]["update"]
+            assert run["logged_f1"] == pytest.approx(metrics["eval"]["f1"], abs=5e-5)
+        else:
+            record = json.loads((Path(run["run_dir"]) / "trainer_baseline.json").read_text())
+            assert run["f1"] == record["f1"] and record["updates"] == record["total_updates"] == run["update"]
+    ours = next(r for r in runs if r["side"] == "dist_gacc")
+    theirs = next(r for r in runs if r["side"] == "hf_trainer")
+    assert ours["update"] == theirs["update"]  # the same number of updates: the same job
+    table = results["time_to_f1"]
+    assert [row["repeat"] for row in table] == [0, "median"]
+    assert table[0]["ours_f1"] == ours["f1"] and table[0]["trainer_f1"] == theirs["f1"]
+    assert table[0]["ratio_ours_to_trainer"] == pytest.approx(ours["seconds_to_f1"] / theirs["seconds_to_f1"])
+
+
+@pytest.mark.slow
+def test_results_name_their_machine(bench):
+    results, stdout, out = bench
+    record = results["machine"]
+    assert set(record) == MACHINE_KEYS
+    assert record["torch_threads"] == record["threads_per_process"] == results["args"]["threads"]
+    assert record["fp32_gflops"] > 0 and record["cpu_model"] and record["cpu_capability"]
+    from dist_gacc import machine
+
+    label = machine.label(record)
+    assert results["machine_label"] == label
+    assert next(line for line in stdout.splitlines() if line.startswith("machine: ")).startswith(f"machine: {label}")
+    assert (out / "tables.md").read_text().startswith(f"machine: {label}")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_machine_gets_its_own_results_folder(tmp_path):
+    """Default: docs/benchmarks/<cpu model>-<capability>-<threads>t; an --out holding another machine's
+    results (or the one-line record of old runs) gets a per-machine subfolder, the same machine's is reused."""
+    bench = _bench_module()
+    here = {"cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "torch_threads": 2, "gpu": None, "fp32_gflops": 60.0}
+    assert bench.machine_slug(here) == "amd-epyc-avx2-2t"
+    assert bench.output_folder(None, here) == ROOT / "docs" / "benchmarks" / "amd-epyc-avx2-2t"
+    assert bench.output_folder(str(tmp_path), here) == tmp_path  # nothing there yet
+    (tmp_path / "results.json").write_text(json.dumps({"machine": "AMD EPYC, 2 cores, no GPU, torch 2.13.0+cpu"}))
+    assert bench.output_folder(str(tmp_path), here) == tmp_path / "amd-epyc-avx2-2t"  # the old one-line record
+    (tmp_path / "results.json").write_text(json.dumps({"machine": {**here, "fp32_gflops": 70.0}}))
+    assert bench.output_folder(str(tmp_path), here) == tmp_path  # the same machine: its tables are updated
+    (tmp_path / "results.json").write_text(json.dumps({"machine": {**here, "cpu_capability": "AVX512"}}))
+    assert bench.output_folder(str(tmp_path), here) == tmp_path / "amd-epyc-avx2-2t"
+    # same name, capability and threads, but a third of the fp32 ceiling: another machine
+    (tmp_path / "results.json").write_text(json.dumps({"machine": {**here, "fp32_gflops": 190.0}}))
+    assert bench.output_folder(str(tmp_path), here) == tmp_path / "amd-epyc-avx2-2t"
+    gpu = {**here, "gpu": "NVIDIA H100 80GB HBM3"}
+    assert bench.machine_slug(gpu) == "amd-epyc-avx2-2t-nvidia-h100-80gb-hbm3"
