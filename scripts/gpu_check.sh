@@ -24,7 +24,8 @@ if [[ "${GPUS}" -lt 1 ]]; then
 fi
 # The tiny BERT on real reviews, 37 examples in windows of 12, 12, 12, 1 (the ragged case).
 TINY=(model=tiny model.dropout=0.0 model.from_scratch.hidden_size=32 model.from_scratch.intermediate_size=64
-      data.max_train_samples=37 data.max_eval_samples=37 data.max_length=64 optim.lr=1e-3 trainer.log_with=none)
+      data.max_train_samples=37 data.max_eval_samples=37 data.max_length=64 optim.lr=1e-3 trainer.log_with=none
+      trainer.mixed_precision=no)  # fp32 unless a section says otherwise (auto would pick bf16 on a GPU)
 failed=()
 
 section() {  # section <title> <command...>: run, tee into the log, record the verdict
