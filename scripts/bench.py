@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_data_scale import section_data_scale  # noqa: E402
 WORKER = ROOT / "scripts" / "bench_worker.py"
 VARIANTS = ["dist_gacc", "hand", "hf_trainer"]
 LABELS = {"dist_gacc": "(a) dist-gacc loop", "hand": "(b) hand-written loop", "hf_trainer": "(c) transformers Trainer",
@@ -44,7 +46,7 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every row, not speed")
     p.add_argument("--models", help="comma list of tiny,minilm,bert-base (default: cpu tiny,minilm; cuda bert-base)")
-    p.add_argument("--sections", default="speed,math,memory,comm,features,levers")
+    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,data_scale")
     p.add_argument("--budgets-gib", default="2,4,8", help="levers: memory budgets for the what-fits table")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each speed comparison")
     p.add_argument("--accum", type=int, default=4, help="N, micro-batches per update")
@@ -402,7 +404,8 @@ def main():
     results = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {"speed": lambda: section_speed(args, models, inputs), "math": lambda: section_math(args, inputs, work),
                "memory": lambda: section_memory(args, inputs), "comm": lambda: section_comm(args, inputs),
-               "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs)}
+               "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs),
+               "data_scale": lambda: section_data_scale([10_000, 100_000, 1_000_000], work, args.quick)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine']}; threads per process: {args.threads}"]

@@ -72,3 +72,88 @@ def test_splits_are_pinned_to_the_list_based_code(tmp_path):
     cases = _pinned_cases(_pin_files(tmp_path))
     got = {key: _digest(load_splits(cfg, seed)) for key, (cfg, seed) in cases.items()}
     assert got == PINNED
+
+
+def test_several_processes_tokenize_exactly_like_one(tmp_path):
+    """data.num_proc=2 (forced on a small csv) stores the same rows, order, values and storage types as 1."""
+    from dist_gacc.data import resolve_num_proc, tokenize, train_texts
+    from test_data import _tiny_tokenizer
+
+    path = tmp_path / "t.csv"
+    path.write_text("text,b,label\n" + "".join(f"row {i} {'word ' * (i % 13)},pair {i % 5},{'xyz'[i % 3]}\n"
+                                                for i in range(240)))
+    splits = load_splits(DataConfig(name="csv", train_file=str(path), text_pair_column="b"), seed=0)
+    tok = _tiny_tokenizer(train_texts(splits["train"]))
+    one, two = tokenize(splits, tok, 16, num_proc=1), tokenize(splits, tok, 16, num_proc=2)
+    for split in one:
+        assert one[split].features == two[split].features
+        assert one[split].data.table.equals(two[split].data.table)
+    train = one["train"]
+    assert train.features["input_ids"].feature.dtype == "int32"  # small storage; batches are int64 tensors
+    assert train.features["attention_mask"].feature.dtype == "int8"
+    assert train["input_ids"][0] == tok(splits["train"]["text"][0], splits["train"]["text_pair"][0],
+                                        truncation="longest_first", max_length=16)["input_ids"]
+    assert resolve_num_proc("auto", 100) == 1 and resolve_num_proc(3, 2) == 2  # never more processes than rows
+
+
+def test_batches_are_int64_from_small_storage(tmp_path):
+    import torch
+
+    from dist_gacc.data import eval_loaders, tokenize
+    from test_data import _tiny_tokenized_inputs
+
+    splits, tok = _tiny_tokenized_inputs(40)
+    encoded = tokenize(splits, tok, 32)
+    batch = next(iter(eval_loaders(encoded, tok, 8, 0, pin_memory=False, seed=0)["validation"]))
+    assert {batch[k].dtype for k in ("input_ids", "attention_mask", "token_type_ids", "labels")} == {torch.int64}
+
+
+def test_train_texts_reads_the_arrow_columns():
+    from dist_gacc.data import as_dataset, train_texts
+
+    ds = as_dataset([f"t{i}" for i in range(25)], ["a", "b"] * 12 + ["a"], ["a", "b"])
+    texts = train_texts(ds)
+    assert len(texts) == 25 and list(texts) == list(texts) == [f"t{i}" for i in range(25)]  # re-iterable
+
+
+def test_bad_num_proc_is_named():
+    from conftest import compose_cfg
+    from dist_gacc.config import load_config
+    from dist_gacc.errors import ConfigError
+
+    for bad in (0, -2, "many", True, 1.5):
+        with pytest.raises(ConfigError, match=r"data.num_proc must be auto or an integer >= 1, got"):
+            DataConfig(name="rotten_tomatoes", num_proc=bad)
+    assert DataConfig(num_proc=3).num_proc == 3 and DataConfig().num_proc == "auto"
+    assert load_config(compose_cfg("data.num_proc=2", "output_dir=/tmp/x")).data.num_proc == 2
+    with pytest.raises(ConfigError, match=r"data.num_proc must be auto or an integer >= 1, got 0"):
+        load_config(compose_cfg("data.num_proc=0", "output_dir=/tmp/x"))
+
+
+def test_utf8_check_streams_and_names_the_line(tmp_path):
+    from dist_gacc.data import _check_utf8
+    from dist_gacc.errors import DataError
+
+    path = tmp_path / "t.csv"
+    body = ("text,label\n" + "caf\u00e9 ok,1\n" * 5).encode()  # 2-byte characters cut across chunk edges
+    path.write_bytes(body + b"bad \xff,0\n")
+    for chunk in (1, 3, 7, 1 << 20):
+        with pytest.raises(DataError, match=rf"not UTF-8 text: line 7, byte {len(body) + 4} \(b'\\xff'\)"):
+            _check_utf8(str(path), chunk_bytes=chunk)
+    path.write_bytes(body)
+    _check_utf8(str(path), chunk_bytes=3)
+
+
+@pytest.mark.slow
+def test_data_scale_section_quick_mode(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from bench_data_scale import QUICK_ROWS, markdown, section_data_scale
+
+    rows = section_data_scale([10**9], tmp_path, quick=True)  # quick: QUICK_ROWS, not the sizes given
+    assert [row["rows"] for row in rows] == QUICK_ROWS
+    for row in rows:
+        for key in ("read_dedupe_split_s", "tokenize_s", "total_s", "peak_rss_mb_above_baseline",
+                    "s_per_100k_rows", "mb_per_100k_rows", "tokens_per_row"):
+            assert row[key] > 0, (key, row)
+        assert row["total_s"] >= row["tokenize_s"] and row["kept_rows"] < row["rows"]  # duplicates were dropped
+    assert markdown(rows).count("\n") == len(rows) + 1
