@@ -10,10 +10,10 @@ converted to Arrow as a first run would; peaks of different sizes do not mix.
     python scripts/bench_data_scale.py --quick     # 2000 and 4000 rows: checks the section, not the figures
 
 Per size: read_dedupe_split_s (data.load_splits), tokenize_s (data.tokenize, data.num_proc=auto),
-peak_rss_mb_above_baseline: the largest resident memory of the process and its tokenizing children,
-summed (sampled every 50 ms, and the process's own high-water mark), minus the resident memory after
-importing and loading the tokenizer. Forked children share pages with the parent, so the sum can
-count a page twice: an upper bound.
+peak_rss_mb_above_baseline: the process's peak resident memory (VmHWM) minus its resident memory after
+importing and loading the tokenizer -- or, when tokenizing processes run (data.num_proc), the peak of
+the process tree's summed PSS (sampled every 100 ms; PSS splits the copy-on-write pages a forked child
+shares with its parent, so none is counted twice) minus the process's PSS at that point, if larger.
 """
 
 from __future__ import annotations
@@ -49,17 +49,15 @@ def generate_csv(path: Path, rows: int, seed: int = 0) -> Path:
 
     texts = rotten_tomatoes_pool()[0]
     words = Counter(word for text in texts for word in re.findall(r"[a-z']+", text.lower()))
-    vocab = np.array(list(words))
+    vocab = list(words)
     p = np.array(list(words.values()), dtype=np.float64)
     lengths = np.array([len(text.split()) for text in texts])
     rng = np.random.default_rng(seed)
     n_words = rng.choice(lengths, size=rows)
-    drawn = vocab[rng.choice(len(vocab), size=int(n_words.sum()), p=p / p.sum())]
+    drawn = rng.choice(len(vocab), size=int(n_words.sum()), p=p / p.sum()).astype(np.int32)  # word ids
     labels = rng.integers(0, len(LABELS), size=rows)
     ends = np.cumsum(n_words)
-    out = []
-    for i, end in enumerate(ends):
-        out.append(" ".join(drawn[end - n_words[i]:end]))
+    out = [" ".join(map(vocab.__getitem__, drawn[end - n:end].tolist())) for end, n in zip(ends, n_words)]
     repeat = rng.random(rows)
     sources = (rng.random(rows) * np.arange(rows)).astype(np.int64)  # an earlier row
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,20 +77,30 @@ def generate_csv(path: Path, rows: int, seed: int = 0) -> Path:
 
 # --- one size, in its own process --------------------------------------------------------------------------
 
-def _rss_mb(pid: int | str = "self") -> float:
+def _proc_kb(path: str, field: str) -> float:
+    """A `field:  N kB` line of a /proc file, in MiB (0 if the process is gone)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def _rss_mb() -> float:
+    return _proc_kb("/proc/self/status", "VmRSS")
 
 
 def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_kb("/proc/self/status", "VmHWM")
+
+
+def _pss_mb(pid: int | str = "self") -> float:
+    """Proportional set size: pages shared between processes (a forked child's copy-on-write pages)
+    are split between them, so the sum over a process tree counts each page once."""
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def _children(pid: int) -> list[int]:
@@ -110,16 +118,16 @@ def _children(pid: int) -> list[int]:
 
 
 class _TreePeak(threading.Thread):
-    """The largest RSS of this process plus its descendants, sampled."""
+    """The largest PSS of this process plus its descendants (the tokenizing processes), sampled."""
 
-    def __init__(self, every_s: float = 0.05):
+    def __init__(self, every_s: float = 0.1):
         super().__init__(daemon=True)
         self.every_s, self.peak, self.done = every_s, 0.0, threading.Event()
 
     def run(self):
         me = os.getpid()
         while not self.done.is_set():
-            self.peak = max(self.peak, _rss_mb() + sum(_rss_mb(kid) for kid in _children(me)))
+            self.peak = max(self.peak, _pss_mb() + sum(_pss_mb(kid) for kid in _children(me)))
             self.done.wait(self.every_s)
 
 
@@ -136,7 +144,7 @@ def measure_one(csv: str, rows: int) -> dict:
     cfg = DataConfig(name="csv", train_file=csv, validation_fraction=0.1, test_fraction=0.1)
     tokenizer = models.build_tokenizer(ModelConfig(name_or_path=embedded_model("all-MiniLM-L6-v2")), [], 128)
     tokenizer("warm up", truncation=True, max_length=cfg.max_length)
-    baseline = _rss_mb()
+    baseline, baseline_pss = _rss_mb(), _pss_mb()
     sampler = _TreePeak()
     sampler.start()
     started = time.perf_counter()
@@ -146,13 +154,13 @@ def measure_one(csv: str, rows: int) -> dict:
     total_s = time.perf_counter() - started
     sampler.done.set()
     sampler.join()
-    peak = max(sampler.peak, _hwm_mb())
+    above = max(_hwm_mb() - baseline, sampler.peak - baseline_pss)  # own peak, or the tree's
     tokens = sum(int(ds.data.column("input_ids").combine_chunks().values.__len__()) for ds in encoded.values())
     kept = sum(len(ds) for ds in splits.values())
     return {"rows": rows, "kept_rows": kept, "tokens_per_row": tokens / max(kept, 1),
             "num_proc_train": data.resolve_num_proc(cfg.num_proc, len(splits["train"])),
             "read_dedupe_split_s": split_s, "tokenize_s": total_s - split_s, "total_s": total_s,
-            "peak_rss_mb_above_baseline": peak - baseline, "baseline_rss_mb": baseline}
+            "peak_rss_mb_above_baseline": above, "baseline_rss_mb": baseline}
 
 
 def _run_child(csv: Path, rows: int, work: Path) -> dict:

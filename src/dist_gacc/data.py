@@ -628,25 +628,64 @@ def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str
     features = {name: List(Value(_SMALL_INTS.get(name, "int64"))) for name in sample}
     features["labels" if multi else LABEL] = List(Value("float32")) if multi else first.features[LABEL]
     features = Features(features)
+    tokenize_batch = _batch_tokenizer(tokenizer, max_length, first.select(range(min(len(first), 64))), texts)
 
     def encode(batch):
-        out = tokenizer(*(batch[name] for name in texts), truncation="longest_first", max_length=max_length)
-        out = {name: pa.array(values, type=features[name].pa_type) for name, values in out.items()}
+        out = tokenize_batch(*(batch[name] for name in texts))
+        out = {name: pa.array(out[name], type=features[name].pa_type) for name in sample}
         if multi:  # BCE targets: float, not int
             out["labels"] = pa.array([_multi_hot(ids, num_labels) for ids in batch[LABEL]], pa.list_(pa.float32()))
         else:  # a returned table is the whole row: the label goes along
             out[LABEL] = pa.array(batch[LABEL], pa.int64())
         return pa.table(out)
 
+    # datasets would fingerprint `encode` by pickling the tokenizer (seconds, per split): a key of its spec instead
+    spec = getattr(tokenizer, "backend_tokenizer", None)
+    spec = hashlib.sha256(f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}".encode()).hexdigest()
     encoded = {}
     for split, ds in splits.items():
         procs = resolve_num_proc(num_proc, len(ds))
         with _tokenizer_threads(procs == 1):
             encoded[split] = ds.map(encode, batched=True, num_proc=procs if procs > 1 else None,
                                     remove_columns=[*texts, LABEL] if multi else texts, features=features,
+                                    new_fingerprint=hashlib.sha256(f"{ds._fingerprint}|{spec}".encode()).hexdigest()[:16],
                                     desc=f"tokenize {split}")
     encoded = DatasetDict(encoded)
     return encoded if multi else encoded.rename_column(LABEL, "labels")
+
+
+_ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask",
+                    "special_tokens_mask": "special_tokens_mask"}
+
+
+def _batch_tokenizer(tokenizer, max_length: int, probe: Dataset, texts: list[str]):
+    """texts[, pairs] -> {input_ids, ...}: what `tokenizer(texts[, pairs], truncation="longest_first",
+    max_length=max_length)` returns, straight from the Rust tokenizer where there is one (no per-row
+    BatchEncoding conversion); checked on `probe` rows, else the tokenizer call itself."""
+    def call(*columns):
+        return tokenizer(*columns, truncation="longest_first", max_length=max_length)
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not set(call(["a"])) <= set(_ENCODING_FIELDS):
+        return call
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.no_padding()
+    fast.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+    fast_call = _FastCall(fast, list(call(["a"])))
+    columns = [_column(probe, name).to_pylist() for name in texts]
+    return fast_call if not columns[0] or dict(fast_call(*columns)) == dict(call(*columns)) else call
+
+
+class _FastCall:
+    def __init__(self, backend, keys: list[str]):
+        self.backend, self.keys = backend, keys
+
+    def __call__(self, *columns) -> dict[str, list]:
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        encodings = encode(columns[0] if len(columns) == 1 else list(zip(*columns)))
+        return {key: [getattr(e, _ENCODING_FIELDS[key]) for e in encodings] for key in self.keys}
 
 
 class _tokenizer_threads:
