@@ -131,7 +131,7 @@ class _TreePeak(threading.Thread):
             self.done.wait(self.every_s)
 
 
-def measure_one(csv: str, rows: int) -> dict:
+def measure_one(csv: str, rows: int, num_proc: int | str = "auto") -> dict:
     """In this (fresh) process: import, load the tokenizer, then time load_splits and tokenize."""
     import datasets
 
@@ -141,7 +141,7 @@ def measure_one(csv: str, rows: int) -> dict:
     from dist_gacc.resolvers import embedded_model
 
     datasets.disable_progress_bars()
-    cfg = DataConfig(name="csv", train_file=csv, validation_fraction=0.1, test_fraction=0.1)
+    cfg = DataConfig(name="csv", train_file=csv, validation_fraction=0.1, test_fraction=0.1, num_proc=num_proc)
     tokenizer = models.build_tokenizer(ModelConfig(name_or_path=embedded_model("all-MiniLM-L6-v2")), [], 128)
     tokenizer("warm up", truncation=True, max_length=cfg.max_length)
     baseline, baseline_pss = _rss_mb(), _pss_mb()
@@ -163,13 +163,13 @@ def measure_one(csv: str, rows: int) -> dict:
             "peak_rss_mb_above_baseline": above, "baseline_rss_mb": baseline}
 
 
-def _run_child(csv: Path, rows: int, work: Path) -> dict:
+def _run_child(csv: Path, rows: int, work: Path, num_proc: int | str) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="hf-datasets-", dir=work))  # a first read: no Arrow cache of the CSV
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": os.pathsep.join(
                [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", str(csv), str(rows)], env=env, cwd=ROOT,
+        proc = subprocess.run([sys.executable, __file__, "--one", str(csv), str(rows), str(num_proc)], env=env, cwd=ROOT,
                               capture_output=True, text=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -178,7 +178,8 @@ def _run_child(csv: Path, rows: int, work: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def section_data_scale(rows_list: list[int], work_dir: str | Path, quick: bool) -> list[dict]:
+def section_data_scale(rows_list: list[int], work_dir: str | Path, quick: bool,
+                       num_proc: int | str = "auto") -> list[dict]:
     """One row per size: seconds to read+dedupe+split and to tokenize, peak memory above the baseline,
     and both per 100k rows (flat across sizes = linear). quick: QUICK_ROWS, whatever rows_list says."""
     work = Path(work_dir) / "data_scale"
@@ -188,7 +189,7 @@ def section_data_scale(rows_list: list[int], work_dir: str | Path, quick: bool) 
         csv = work / f"generated-{rows}.csv"
         if not csv.exists():
             generate_csv(csv, rows)
-        row = _run_child(csv, rows, work)
+        row = _run_child(csv, rows, work, num_proc)
         row["s_per_100k_rows"] = row["total_s"] / rows * 1e5
         row["mb_per_100k_rows"] = row["peak_rss_mb_above_baseline"] / rows * 1e5
         out.append(row)
@@ -214,15 +215,19 @@ def main():
     p.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS} rows: checks the section, not the figures")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "dist-gacc-bench"))
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--one", nargs=2, metavar=("CSV", "ROWS"), help=argparse.SUPPRESS)  # the per-size child
+    p.add_argument("--num-proc", default="auto", help="data.num_proc: auto or an integer")
+    p.add_argument("--one", nargs=3, metavar=("CSV", "ROWS", "NUM_PROC"), help=argparse.SUPPRESS)  # per-size child
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+        num_proc = args.one[2] if args.one[2] == "auto" else int(args.one[2])
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]), num_proc)))
         return
     sys.path.insert(0, str(ROOT / "src"))
     from dist_gacc import machine
 
-    rows = section_data_scale([int(r) for r in args.rows.split(",")], args.work_dir, args.quick)
+    num_proc = args.num_proc if args.num_proc == "auto" else int(args.num_proc)
+    rows = section_data_scale([int(r) for r in args.rows.split(",")], args.work_dir, args.quick, num_proc)
+    print(f"data.num_proc={num_proc}")
     print(f"machine: {machine.label(machine.describe())}\n")
     print(markdown(rows))
     if args.json:

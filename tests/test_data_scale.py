@@ -65,7 +65,6 @@ PINNED = {
 }
 
 
-@pytest.mark.slow
 def test_splits_are_pinned_to_the_list_based_code(tmp_path):
     """Every split of the embedded corpora and of csv/jsonl fixtures (duplicates, conflicts, pairs, label
     sets) holds the same rows in the same order as before the Arrow rewrite."""
@@ -96,7 +95,9 @@ def test_several_processes_tokenize_exactly_like_one(tmp_path):
                    max_length=16)
     for key in ("input_ids", "token_type_ids", "attention_mask"):
         assert list(train[key]) == expected[key]
-    assert resolve_num_proc("auto", 100) == 1 and resolve_num_proc(3, 2) == 2  # never more processes than rows
+    assert resolve_num_proc(3, 2) == 2  # never more processes than rows
+    assert [resolve_num_proc("auto", rows, cores) for rows, cores in ((100, 8), (60_000, 2), (60_000, 3),
+                                                                         (60_000, 16))] == [1, 1, 3, 4]
 
 
 def test_batches_are_int64_from_small_storage(tmp_path):

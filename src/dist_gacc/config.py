@@ -173,7 +173,7 @@ class DataConfig:
     test_fraction: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    # processes that tokenize a split: auto (min(usable cores, 4) for a split of >= 50k rows, else 1) or >= 1
+    # processes that tokenize a split: auto (min(cores, 4) for >= 50k rows on > 2 cores, else 1) or >= 1
     num_proc: int | str = "auto"
     # data=csv
     train_file: str | None = None

@@ -579,8 +579,7 @@ def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | N
 
     Stored small: input_ids int32, attention_mask and token_type_ids int8 (rows are read as Python
     ints, so batches are int64 tensors as before). `num_proc` (data.num_proc): processes per split;
-    auto: min(usable cores, 4) for a split of at least AUTO_NUM_PROC_ROWS rows, else 1 (each process
-    costs start-up time). The output does not depend on it.
+    auto: see `resolve_num_proc`. The output does not depend on it.
 
     Pairs (a `text_pair` column) are encoded as two segments (token_type_ids 0 then 1), truncated
     longest-first to max_length together. Labels become `labels`: the class id, or for multi-label
@@ -611,13 +610,17 @@ _SMALL_INTS = {"input_ids": "int32", "attention_mask": "int8", "token_type_ids":
                "special_tokens_mask": "int8"}
 
 
-def resolve_num_proc(num_proc: int | str, rows: int) -> int:
+def resolve_num_proc(num_proc: int | str, rows: int, cores: int | None = None) -> int:
     """data.num_proc for a split of `rows` rows: an integer as given; auto: min(usable cores, 4) from
-    AUTO_NUM_PROC_ROWS rows on, else 1."""
+    AUTO_NUM_PROC_ROWS rows on, on a machine of more than 2 usable cores, else 1. The Rust tokenizer
+    already runs on every core; processes add the Python side in parallel, but each costs start-up,
+    pickling its shard and copy-on-write memory: on 2 cores, 1M rows took 181 s and 2.7 GB above the
+    baseline with 2 processes against 119 s and 1.1 GB with one (scripts/bench_data_scale.py)."""
     if num_proc != "auto":
         return max(1, min(int(num_proc), rows))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, 4) if rows >= AUTO_NUM_PROC_ROWS else 1
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if rows >= AUTO_NUM_PROC_ROWS and cores > 2 else 1
 
 
 def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str = "auto") -> DatasetDict:
