@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_data_scale import section_data_scale  # noqa: E402
 WORKER = ROOT / "scripts" / "bench_worker.py"
 VARIANTS = ["dist_gacc", "hand", "hf_trainer"]
 LABELS = {"dist_gacc": "(a) dist-gacc loop", "hand": "(b) hand-written loop", "hf_trainer": "(c) transformers Trainer",
@@ -65,7 +67,7 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every row, not speed")
     p.add_argument("--models", help="comma list of tiny,minilm,bert-base (default: cpu tiny,minilm; cuda bert-base)")
-    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,time_to_f1")
+    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,data_scale,time_to_f1")
     p.add_argument("--budgets-gib", default="2,4,8", help="levers: memory budgets for the what-fits table")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed and time_to_f1 comparisons "
                    "(9+ for a paired-ratio spread under 1 %%; quick mode: 1)")
@@ -597,6 +599,7 @@ def main():
     runners = {"speed": lambda: section_speed(args, models, inputs), "math": lambda: section_math(args, inputs, work),
                "memory": lambda: section_memory(args, inputs), "comm": lambda: section_comm(args, inputs),
                "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs),
+               "data_scale": lambda: section_data_scale([10_000, 100_000, 1_000_000], work, args.quick),
                "time_to_f1": lambda: section_time_to_f1(args, work)}
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine_label']}; threads per process: {args.threads}"]

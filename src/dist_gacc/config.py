@@ -173,6 +173,8 @@ class DataConfig:
     test_fraction: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # processes that tokenize a split: auto (min(cores, 4) for >= 50k rows on > 2 cores, else 1) or >= 1
+    num_proc: int | str = "auto"
     # data=csv
     train_file: str | None = None
     validation_file: str | None = None
@@ -197,6 +199,9 @@ class DataConfig:
         _float("data.test_fraction", self.test_fraction, 0.0, 0.5)
         _int("data.max_train_samples", self.max_train_samples, 1, allow_none=True)
         _int("data.max_eval_samples", self.max_eval_samples, 1, allow_none=True)
+        if self.num_proc != "auto":
+            if isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int) or self.num_proc < 1:
+                raise ConfigError(f"data.num_proc must be auto or an integer >= 1, got {self.num_proc!r}")
         if self.name == "csv":
             if not self.train_file:
                 raise ConfigError("data.train_file is required with data=csv")

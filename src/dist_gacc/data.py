@@ -5,10 +5,15 @@ column for sentence-pair tasks (data.text_pair_column, data=review_pairs), and a
 ClassLabel, or with data.multi_label a List(ClassLabel) of label ids (a set per row; see
 `label_names` and `is_multi_label`). The split is deterministic and stratified from the seed;
 tokenization runs once, before training, and padding happens per batch in the collator.
+
+Texts stay in Arrow from the file to the tokenizer: checks, deduplication keys and splits are
+pyarrow/numpy operations over whole columns (no Python loop over the rows of a text column), so time
+and memory grow linearly with the rows (scripts/bench_data_scale.py measures it).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -17,12 +22,17 @@ import os
 import random
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 
 import datasets
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
+from datasets.table import InMemoryTable
+from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -31,7 +41,7 @@ from .config import DataConfig
 from .errors import DataError
 
 TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
-_STRATUM = "_stratum"  # a temporary ClassLabel column: what a multi-label split is stratified by
+_STRATUM = "_stratum"  # what a multi-label split is stratified by (named in split errors)
 REVIEW_PAIRS_SEED = 0  # review_pairs is one fixed dataset, whatever the run's seed
 
 
@@ -110,15 +120,39 @@ def _dedupe(columns: dict[str, list]) -> dict[str, list]:
     """`dedupe` over columns: an example is its text, or its (text, text_pair) when pairs are present
     (the same first text with another second text is another example). Multi-label rows conflict when
     their label sets differ (they are sorted lists, so == compares sets)."""
-    keys = list(zip(*(columns[name] for name in (TEXT, TEXT_PAIR) if name in columns)))
-    first: dict[tuple, int] = {}
-    conflicting: set[tuple] = set()
-    for row, key in enumerate(keys):
-        if key in first and columns[LABEL][first[key]] != columns[LABEL][row]:
-            conflicting.add(key)
-        first.setdefault(key, row)
-    kept = [row for key, row in first.items() if key not in conflicting]
+    kept = _dedupe_rows(pa.chunked_array([pa.array(columns[TEXT], pa.string())]),
+                        pa.chunked_array([pa.array(columns[TEXT_PAIR], pa.string())]) if TEXT_PAIR in columns else None,
+                        _factorize(columns[LABEL]))
     return {name: [values[row] for row in kept] for name, values in columns.items()}
+
+
+def _factorize(values: list) -> np.ndarray:
+    """Equal values -> equal small integers (labels, or multi-label sets as sorted lists)."""
+    codes: dict = {}
+    return np.fromiter((codes.setdefault(tuple(v) if isinstance(v, list) else v, len(codes)) for v in values),
+                       dtype=np.int64, count=len(values))
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """Each row's index among the column's distinct values (Arrow hashing), and how many there are."""
+    distinct = pc.unique(column)
+    return pc.index_in(column, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64), len(distinct)
+
+
+def _dedupe_rows(texts: pa.ChunkedArray, pairs: pa.ChunkedArray | None, labels: np.ndarray) -> np.ndarray:
+    """The rows `_dedupe` keeps, in order: the first row of each text (or pair) whose rows all have
+    one label code. Vectorised: Arrow hashes the texts, numpy finds first rows and conflicts."""
+    if len(texts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    key, distinct = _codes(texts)
+    if pairs is not None:
+        second, seconds = _codes(pairs)
+        _, key = np.unique(key * seconds + second, return_inverse=True)
+        distinct = int(key.max()) + 1
+    _, first = np.unique(key, return_index=True)  # dense keys 0..distinct-1: the row of each first copy
+    combos = np.unique(key * (int(labels.max()) + 1) + labels)  # distinct (key, label) combinations
+    conflicting = np.bincount(combos // (int(labels.max()) + 1), minlength=distinct) > 1
+    return np.sort(first[~conflicting])
 
 
 def as_dataset(texts: list[str], labels: list[str], names: list[str]) -> Dataset:
@@ -127,18 +161,69 @@ def as_dataset(texts: list[str], labels: list[str], names: list[str]) -> Dataset
 
 def _as_dataset(columns: dict[str, list], names: list[str], multi_label: bool) -> Dataset:
     """Columns of label names -> a Dataset of label ids (a List(ClassLabel) of ids per row if multi-label)."""
-    index = {name: i for i, name in enumerate(names)}
+    return _build(_arrow_split(columns, multi_label), names, multi_label)
+
+
+class _Labels:
+    """A split's labels before they are ids. Single-label: each row's code into `values` (the distinct
+    label strings), kept as numpy; multi-label: `sets`, each row's sorted list of label strings."""
+
+    def __init__(self, values: list[str] | None = None, codes: np.ndarray | None = None,
+                 sets: list[list[str]] | None = None):
+        self.values, self.codes, self.sets = values, codes, sets
+
+    def names(self) -> set[str]:
+        if self.sets is not None:
+            return {label for row in self.sets for label in row}
+        return {self.values[i] for i in np.unique(self.codes)}
+
+    def keys(self) -> np.ndarray:
+        """Equal labels -> equal integers (what deduplication compares)."""
+        return _factorize(self.sets) if self.sets is not None else self.codes
+
+    def ids(self, names: list[str], rows: np.ndarray | None) -> pa.Array:
+        index = {name: i for i, name in enumerate(names)}
+        if self.sets is not None:
+            sets = self.sets if rows is None else [self.sets[row] for row in rows]
+            return pa.array([[index[label] for label in labels] for labels in sets], pa.list_(pa.int64()))
+        ids = np.array([index.get(value, -1) for value in self.values], dtype=np.int64)[self.codes]
+        return pa.array(ids if rows is None else ids[rows])
+
+
+def _arrow_split(columns: dict[str, list], multi_label: bool) -> dict:
+    """Python columns (the embedded corpora, tests) -> the Arrow form `_build` takes."""
+    out = {name: pa.chunked_array([pa.array(columns[name], pa.string())]) for name in (TEXT, TEXT_PAIR)
+           if name in columns}
     if multi_label:
-        ids = [[index[label] for label in labels] for labels in columns[LABEL]]
-        label_feature = List(ClassLabel(names=names))
+        out[LABEL] = _Labels(sets=[list(labels) for labels in columns[LABEL]])
     else:
-        ids = [index[label] for label in columns[LABEL]]
-        label_feature = ClassLabel(names=names)
+        values = list(dict.fromkeys(columns[LABEL]))
+        index = {value: i for i, value in enumerate(values)}
+        out[LABEL] = _Labels(values, np.fromiter((index[v] for v in columns[LABEL]), np.int64, len(columns[LABEL])))
+    return out
+
+
+def _build(split: dict, names: list[str], multi_label: bool, rows: np.ndarray | None = None) -> Dataset:
+    """{text, [text_pair]: Arrow strings, label: _Labels} -> a Dataset of the `rows` (None: all), labels as ids."""
     features = {TEXT: Value("string")}
-    if TEXT_PAIR in columns:
+    if TEXT_PAIR in split:
         features[TEXT_PAIR] = Value("string")
-    features[LABEL] = label_feature
-    return Dataset.from_dict({**columns, LABEL: ids}, features=Features(features))
+    features[LABEL] = List(ClassLabel(names=names)) if multi_label else ClassLabel(names=names)
+    features = Features(features)
+    arrays = []
+    for name in features:
+        if name == LABEL:
+            arrays.append(split[LABEL].ids(names, rows))
+            continue
+        column = split[name] if rows is None or len(rows) == len(split[name]) and _is_all(rows) else \
+            split[name].take(pa.array(rows))
+        arrays.append(column.cast(pa.string()))
+    table = pa.Table.from_arrays(arrays, schema=features.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features))
+
+
+def _is_all(rows: np.ndarray) -> bool:
+    return len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)))
 
 
 def is_multi_label(ds: Dataset | DatasetDict) -> bool:
@@ -156,9 +241,31 @@ def label_names(ds: Dataset | DatasetDict) -> list[str]:
     return list((feature.feature if isinstance(feature, List) else feature).names)
 
 
-def train_texts(ds: Dataset) -> list[str]:
-    """All texts of a split, second texts of pairs included (a from-scratch vocabulary is built from them)."""
-    return list(ds[TEXT]) + (list(ds[TEXT_PAIR]) if TEXT_PAIR in ds.column_names else [])
+class _TextColumns:
+    """The texts of a split, read from Arrow a batch at a time: iterable (more than once) and sized,
+    without a Python list of every text."""
+
+    def __init__(self, ds: Dataset, columns: list[str], batch_size: int = 10_000):
+        self.ds, self.columns, self.batch_size = ds, columns, batch_size
+
+    def __len__(self) -> int:
+        return len(self.ds) * len(self.columns)
+
+    def __iter__(self) -> Iterator[str]:
+        for column in self.columns:
+            for batch in self.ds.select_columns([column]).with_format("arrow").iter(batch_size=self.batch_size):
+                yield from batch.column(column).to_pylist()
+
+
+def train_texts(ds: Dataset) -> _TextColumns:
+    """All texts of a split, second texts of pairs included (a from-scratch vocabulary is built from them):
+    an iterable over the Arrow column, so a pretrained model's run never makes a list of them."""
+    return _TextColumns(ds, [TEXT] + ([TEXT_PAIR] if TEXT_PAIR in ds.column_names else []))
+
+
+def _column(ds: Dataset, name: str) -> pa.ChunkedArray:
+    """One column of a split as Arrow, in the split's row order (an indices mapping is applied by `take`)."""
+    return ds.select_columns([name]).with_format("arrow")[:].column(name)
 
 
 # --- user files and the Hub --------------------------------------------------------------------
@@ -179,23 +286,35 @@ def _read_file(path: str, string_columns: tuple[str, ...] = ()) -> Dataset:
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from err
 
 
-def _check_utf8(path: str) -> None:
-    """Name the line of the first byte that is not UTF-8 (the datasets error does not)."""
+def _check_utf8(path: str, chunk_bytes: int = 1 << 24) -> None:
+    """Name the line of the first byte that is not UTF-8 (the datasets error does not). Streamed:
+    a chunk at a time, so a large file is never held in memory twice."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 0
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            while True:
+                raw = f.read(chunk_bytes)
+                try:
+                    decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as err:
+                    # The decoder may hold up to 3 bytes of an unfinished character from the previous chunk.
+                    pending = len(err.object) - len(raw)
+                    start = offset + err.start - pending
+                    line = lines + raw.count(b"\n", 0, max(err.start - pending, 0)) + 1
+                    bad = (err.object[err.start:err.start + 1])
+                    raise DataError(f"{path}: not UTF-8 text: line {line}, byte {start} "
+                                    f"({bad!r}); re-save the file as UTF-8") from None
+                if not raw:
+                    return
+                offset += len(raw)
+                lines += raw.count(b"\n")
     except OSError as err:
         raise DataError(f"cannot read {path}: {err}") from err
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}: not UTF-8 text: line {line}, byte {err.start} "
-                        f"({raw[err.start:err.start + 1]!r}); re-save the file as UTF-8") from None
 
 
-def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict[str, list]:
-    """{text, text_pair (if data.text_pair_column), label} of one source split, checked row by row.
+def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict:
+    """{text, text_pair (if data.text_pair_column): Arrow strings, label: _Labels} of one source split,
+    checked over whole columns; the first bad row is named.
 
     Labels are strings; with data.multi_label, each row's label is a sorted list of distinct strings."""
     wanted = {TEXT: "text_column", TEXT_PAIR: "text_pair_column", LABEL: "label_column"}
@@ -209,19 +328,53 @@ def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict[str, list
         if name not in wanted:
             continue
         column = getattr(cfg, wanted[name])
-        out[name] = list(ds[column])  # a list, not a lazy Column: rows are indexed later
-        for row, text in enumerate(out[name]):
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: row {row}: column {column!r} is empty or not text: {text!r}")
-    labels = list(ds[cfg.label_column])
+        if _plain(ds, column):
+            out[name] = _column(ds, column)
+            row = _first_bad_text(out[name])
+            text = None if row is None else out[name][row].as_py()
+        else:  # a feature that decodes (e.g. datasets' Json): check the decoded values
+            values = _decoded(ds, column)
+            row = next((row for row, text in enumerate(values) if not isinstance(text, str) or not text.strip()), None)
+            text = None if row is None else values[row]
+            out[name] = pa.chunked_array([pa.array(values if row is None else [], pa.string())])
+        if row is not None:
+            raise DataError(f"{where}: row {row}: column {column!r} is empty or not text: {text!r}")
     if cfg.multi_label:
-        out[LABEL] = [_label_set(value, where, row, cfg) for row, value in enumerate(labels)]
+        labels = _decoded(ds, cfg.label_column)
+        out[LABEL] = _Labels(sets=[_label_set(value, where, row, cfg) for row, value in enumerate(labels)])
         return out
-    for row, label in enumerate(labels):
-        if label is None:
-            raise DataError(f"{where}: row {row}: column {cfg.label_column!r} is empty")
-    out[LABEL] = [str(label) for label in labels]
+    if not _plain(ds, cfg.label_column):
+        labels = _decoded(ds, cfg.label_column)
+        labels = pa.chunked_array([pa.array([None if label is None else str(label) for label in labels], pa.string())])
+    else:
+        labels = _column(ds, cfg.label_column)
+    if labels.null_count:
+        row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{where}: row {row}: column {cfg.label_column!r} is empty")
+    codes, _ = _codes(labels)
+    out[LABEL] = _Labels([str(value) for value in pc.unique(labels).to_pylist()], codes)
     return out
+
+
+def _plain(ds: Dataset, column: str) -> bool:
+    """Whether a column's Arrow values are its values (a Value or ClassLabel feature, no decoding)."""
+    return isinstance(ds.features[column], (Value, ClassLabel))
+
+
+def _decoded(ds: Dataset, column: str) -> list:
+    """A column's values as datasets decodes them, in one batch (for features such as Json)."""
+    return ds.select_columns([column])[:][column]
+
+
+def _first_bad_text(column: pa.ChunkedArray) -> int | None:
+    """The first row that is missing, empty or whitespace only, or not text; None if every row is text."""
+    if len(column) == 0:
+        return None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return 0  # numbers, lists, ...: no row is text
+    bad = pc.or_kleene(column.is_null(), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
+    bad = bad.to_numpy(zero_copy_only=False)  # nulls in `bad` only where the row is null: or_kleene -> true
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def _label_set(value, where: str, row: int, cfg: DataConfig) -> list[str]:
@@ -247,9 +400,10 @@ def _label_set(value, where: str, row: int, cfg: DataConfig) -> list[str]:
     return sorted(labels, key=_label_sort_key)
 
 
-def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]:
-    """data=csv files or a data=hub dataset as {split: {text, [text_pair], label}}, and the label names."""
-    raw: dict[str, dict[str, list]] = {}
+def user_splits(cfg: DataConfig) -> tuple[dict[str, dict], list[str]]:
+    """data=csv files or a data=hub dataset as {split: {text, [text_pair]: Arrow strings, label: _Labels}},
+    and the label names."""
+    raw: dict[str, dict] = {}
     if cfg.name == "csv":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         as_text = (cfg.label_column,) if cfg.multi_label else ()
@@ -270,9 +424,9 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]
                 raise DataError(f"data.hub_name={cfg.hub_name!r} has no split {name!r} "
                                 f"(splits: {list(hub)})")
             raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg)
-    names = sorted(_label_values(raw["train"][LABEL], cfg.multi_label), key=_label_sort_key)
+    names = sorted(raw["train"][LABEL].names(), key=_label_sort_key)
     for split, columns in raw.items():
-        unknown = sorted(_label_values(columns[LABEL], cfg.multi_label) - set(names), key=_label_sort_key)
+        unknown = sorted(columns[LABEL].names() - set(names), key=_label_sort_key)
         if unknown:
             raise DataError(f"{split} split: label value(s) {unknown} of column {cfg.label_column!r} "
                             f"do not occur in the training data (labels: {names})")
@@ -283,10 +437,6 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, list]], list[str]]
         raise DataError(f"training data has {len(names)} label value(s) {names} in column "
                         f"{cfg.label_column!r}; {kind}")
     return raw, names
-
-
-def _label_values(labels: list, multi_label: bool) -> set[str]:
-    return {label for row in labels for label in row} if multi_label else set(labels)
 
 
 def _label_sort_key(label: str):
@@ -300,14 +450,19 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation(/test) with `text`, [`text_pair`] and `label` columns, deterministic from the seed."""
     if cfg.name in EMBEDDED:
         columns, names = _embedded(cfg.name)
-        raw = {"train": _dedupe(columns)}
+        raw = {"train": _arrow_split(columns, multi_label=False)}
+        deduped = {"train"}
     else:
         raw, names = user_splits(cfg)
-        if "validation" not in raw:  # we split ourselves, so duplicates would leak across splits
-            raw["train"] = _dedupe(raw["train"])
+        # we split ourselves, so duplicates would leak across splits
+        deduped = {"train"} if "validation" not in raw else set()
 
-    splits = DatasetDict({split: _as_dataset(columns, names, cfg.multi_label)
-                          for split, columns in raw.items()})
+    splits = {}
+    for split, columns in raw.items():
+        rows = _dedupe_rows(columns[TEXT], columns.get(TEXT_PAIR), columns[LABEL].keys()) if split in deduped \
+            else None
+        splits[split] = _build(columns, names, cfg.multi_label, rows)
+    splits = DatasetDict(splits)
     if "validation" not in splits:
         splits = _stratified_split(splits["train"], cfg.validation_fraction, cfg.test_fraction, seed,
                                    keep_test=splits.get("test"))
@@ -344,16 +499,43 @@ def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, 
 
 
 def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
-    # train_test_split stratifies by a ClassLabel column only: multi-label rows get a temporary stratum.
-    by = LABEL
+    """datasets' stratified train_test_split(test_size=fraction, stratify_by_column, seed) -- the same
+    rows in the same order -- with the labels read as one Arrow column (train_test_split reads them
+    row by row). Multi-label rows are stratified by their `_strata`."""
     if is_multi_label(ds):
-        names = ["rare", "empty"] + [f"label {name}" for name in label_names(ds)]
-        ds, by = ds.add_column(_STRATUM, _strata(list(ds[LABEL])), feature=ClassLabel(names=names)), _STRATUM
+        by, strata = _STRATUM, np.array(_strata(_column(ds, LABEL).to_pylist()), dtype=np.int64)
+    else:
+        by, strata = LABEL, _column(ds, LABEL).to_numpy()
     try:
-        parts = ds.train_test_split(test_size=fraction, stratify_by_column=by, seed=seed)
+        train, test = _stratified_indices(strata, fraction, seed, by)
     except ValueError as err:  # e.g. fewer held-out rows than classes
         raise DataError(f"cannot split {len(ds)} training rows with {key}={fraction:g}: {err}") from err
-    return parts.remove_columns(_STRATUM) if by == _STRATUM else parts
+    if train is None:
+        return DatasetDict({"train": ds, "test": ds})
+    return DatasetDict({"train": ds.select(train), "test": ds.select(test)})
+
+
+def _stratified_indices(y: np.ndarray, test_size: float, seed: int, by: str):
+    """The (train, test) row indices of `Dataset.train_test_split(test_size, stratify_by_column=by,
+    seed=seed)` (datasets 2.x-5.x), its checks and messages included; (None, None) for no rows."""
+    n_samples = len(y)
+    if n_samples == 0:
+        return None, None
+    if test_size <= 0 or test_size >= 1:
+        raise ValueError(f"test_size={test_size} should be either positive and smaller "
+                         f"than the number of samples {n_samples} or a float in the (0, 1) range")
+    n_test = math.ceil(test_size * n_samples)
+    n_train = n_samples - n_test
+    if n_train == 0:
+        raise ValueError(f"With n_samples={n_samples}, test_size={test_size} and train_size=None, the "
+                         "resulting train set will be empty. Adjust any of the aforementioned parameters.")
+    try:
+        return next(stratified_shuffle_split_generate_indices(y, n_train, n_test, rng=np.random.default_rng(seed)))
+    except ValueError as error:
+        if str(error) == "Minimum class count error":
+            raise ValueError(f"The least populated class in {by} column has only 1 member, which is too few. "
+                             "The minimum number of groups for any class cannot be less than 2.") from None
+        raise
 
 
 def _strata(label_sets: list[list[int]]) -> list[int]:
@@ -391,8 +573,13 @@ def _capped(splits: DatasetDict, cfg: DataConfig, seed: int) -> DatasetDict:
 
 # --- tokenization and loaders ------------------------------------------------------------------
 
-def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | None = None) -> DatasetDict:
+def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | None = None,
+             num_proc: int | str = "auto") -> DatasetDict:
     """Tokenize every split once (no padding: the collator pads each batch to its longest row).
+
+    Stored small: input_ids int32, attention_mask and token_type_ids int8 (rows are read as Python
+    ints, so batches are int64 tensors as before). `num_proc` (data.num_proc): processes per split;
+    auto: see `resolve_num_proc`. The output does not depend on it.
 
     Pairs (a `text_pair` column) are encoded as two segments (token_type_ids 0 then 1), truncated
     longest-first to max_length together. Labels become `labels`: the class id, or for multi-label
@@ -404,11 +591,11 @@ def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | N
     splits are built in memory, so the key is computed here.)
     """
     if cache_dir is None:
-        return _encode(splits, tokenizer, max_length)
+        return _encode(splits, tokenizer, max_length, num_proc)
     path = os.path.join(cache_dir, _tokenized_key(splits, tokenizer, max_length))
     if os.path.isdir(path):
         return datasets.load_from_disk(path)
-    encoded = _encode(splits, tokenizer, max_length)
+    encoded = _encode(splits, tokenizer, max_length, num_proc)
     tmp = f"{path}.tmp-{os.getpid()}"
     encoded.save_to_disk(tmp)
     try:
@@ -418,22 +605,110 @@ def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | N
     return datasets.load_from_disk(path)
 
 
-def _encode(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
+AUTO_NUM_PROC_ROWS = 50_000  # data.num_proc=auto: a split this large is tokenized in several processes
+_SMALL_INTS = {"input_ids": "int32", "attention_mask": "int8", "token_type_ids": "int8",
+               "special_tokens_mask": "int8"}
+
+
+def resolve_num_proc(num_proc: int | str, rows: int, cores: int | None = None) -> int:
+    """data.num_proc for a split of `rows` rows: an integer as given; auto: min(usable cores, 4) from
+    AUTO_NUM_PROC_ROWS rows on, on a machine of more than 2 usable cores, else 1. The Rust tokenizer
+    already runs on every core; processes add the Python side in parallel, but each costs start-up,
+    pickling its shard and copy-on-write memory: on 2 cores, 1M rows took 181 s and 2.7 GB above the
+    baseline with 2 processes against 119 s and 1.1 GB with one (scripts/bench_data_scale.py)."""
+    if num_proc != "auto":
+        return max(1, min(int(num_proc), rows))
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if rows >= AUTO_NUM_PROC_ROWS and cores > 2 else 1
+
+
+def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str = "auto") -> DatasetDict:
     first = next(iter(splits.values()))
     texts = [name for name in (TEXT, TEXT_PAIR) if name in first.column_names]
     multi, num_labels = is_multi_label(first), len(label_names(first))
+    sample = tokenizer(*(["a"] for _ in texts), truncation="longest_first", max_length=max_length)
+    features = {name: List(Value(_SMALL_INTS.get(name, "int64"))) for name in sample}
+    features["labels" if multi else LABEL] = List(Value("float32")) if multi else first.features[LABEL]
+    features = Features(features)
+    tokenize_batch = _batch_tokenizer(tokenizer, max_length, first.select(range(min(len(first), 64))), texts)
 
     def encode(batch):
-        out = tokenizer(*(batch[name] for name in texts), truncation="longest_first", max_length=max_length)
-        if multi:
-            out["labels"] = [_multi_hot(ids, num_labels) for ids in batch[LABEL]]
-        return out
+        out = tokenize_batch(*(batch[name] for name in texts))
+        out = {name: pa.array(out[name], type=features[name].pa_type) for name in sample}
+        if multi:  # BCE targets: float, not int
+            out["labels"] = pa.array([_multi_hot(ids, num_labels) for ids in batch[LABEL]], pa.list_(pa.float32()))
+        else:  # a returned table is the whole row: the label goes along
+            out[LABEL] = pa.array(batch[LABEL], pa.int64())
+        return pa.table(out)
 
-    if not multi:
-        encoded = splits.map(encode, batched=True, remove_columns=texts, desc="tokenize")
-        return encoded.rename_column(LABEL, "labels")
-    encoded = splits.map(encode, batched=True, remove_columns=[*texts, LABEL], desc="tokenize")
-    return encoded.cast_column("labels", List(Value("float32")))  # BCE targets: float, not int
+    # datasets would fingerprint `encode` by pickling the tokenizer (seconds, per split): a key of its spec instead
+    spec = getattr(tokenizer, "backend_tokenizer", None)
+    spec = hashlib.sha256(f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}".encode()).hexdigest()
+    encoded = {}
+    for split, ds in splits.items():
+        procs = resolve_num_proc(num_proc, len(ds))
+        with _tokenizer_threads(procs == 1):
+            encoded[split] = ds.map(encode, batched=True, num_proc=procs if procs > 1 else None,
+                                    remove_columns=[*texts, LABEL] if multi else texts, features=features,
+                                    new_fingerprint=hashlib.sha256(f"{ds._fingerprint}|{spec}".encode()).hexdigest()[:16],
+                                    desc=f"tokenize {split}")
+    encoded = DatasetDict(encoded)
+    return encoded if multi else encoded.rename_column(LABEL, "labels")
+
+
+_ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask",
+                    "special_tokens_mask": "special_tokens_mask"}
+
+
+def _batch_tokenizer(tokenizer, max_length: int, probe: Dataset, texts: list[str]):
+    """texts[, pairs] -> {input_ids, ...}: what `tokenizer(texts[, pairs], truncation="longest_first",
+    max_length=max_length)` returns, straight from the Rust tokenizer where there is one (no per-row
+    BatchEncoding conversion); checked on `probe` rows, else the tokenizer call itself."""
+    def call(*columns):
+        return tokenizer(*columns, truncation="longest_first", max_length=max_length)
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not set(call(["a"])) <= set(_ENCODING_FIELDS):
+        return call
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.no_padding()
+    fast.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+    fast_call = _FastCall(fast, list(call(["a"])))
+    columns = [_column(probe, name).to_pylist() for name in texts]
+    return fast_call if not columns[0] or dict(fast_call(*columns)) == dict(call(*columns)) else call
+
+
+class _FastCall:
+    def __init__(self, backend, keys: list[str]):
+        self.backend, self.keys = backend, keys
+
+    def __call__(self, *columns) -> dict[str, list]:
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        encodings = encode(columns[0] if len(columns) == 1 else list(zip(*columns)))
+        return {key: [getattr(e, _ENCODING_FIELDS[key]) for e in encodings] for key in self.keys}
+
+
+class _tokenizer_threads:
+    """With several processes, each tokenizes with one thread: the processes share the cores (and a
+    forked Rust tokenizer would otherwise warn and switch its threads off)."""
+
+    def __init__(self, allowed: bool):
+        self.allowed, self.saved = allowed, None
+
+    def __enter__(self):
+        if not self.allowed:
+            self.saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    def __exit__(self, *exc):
+        if not self.allowed:
+            if self.saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self.saved
 
 
 def _multi_hot(ids: list[int], num_labels: int) -> list[float]:
@@ -499,7 +774,8 @@ def train_sampler(encoded_train: Dataset, seed: int, group_by_length: bool, grou
     """The sampler of the training order; None: Accelerate's seeded shuffle (use_seedable_sampler)."""
     if not group_by_length:
         return None
-    return _LengthGrouped(group_size, [len(ids) for ids in encoded_train["input_ids"]], seed)
+    lengths = pc.list_value_length(_column(encoded_train, "input_ids")).to_numpy(zero_copy_only=False)
+    return _LengthGrouped(group_size, lengths.tolist(), seed)
 
 
 def epoch_order(encoded_train: Dataset, seed: int, epoch: int, group_by_length: bool, group_size: int) -> list[int]:

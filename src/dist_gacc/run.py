@@ -220,7 +220,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     with accelerator.main_process_first():
         cache = (os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized")
                  if rc.trainer.cache_tokenized else None)
-        encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache)
+        encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache, num_proc=rc.data.num_proc)
         metric = metrics.load_metric(task.multi_label)
     return splits, tokenizer, model, encoded, metric, task
 
