@@ -428,7 +428,25 @@ def section_time_to_f1(args, work: Path) -> dict:
                       "ours_f1": ours["f1"], "trainer_f1": theirs["f1"]})
     median = {key: statistics.median(row[key] for row in table) for key in table[0] if key not in ("repeat", "first")}
     table.append({"repeat": "median", "first": "", **median})
+    balanced = order_balanced_ratio(table[:-1])
+    if balanced is not None:
+        table.append({"repeat": "order-balanced", "first": "both", "ratio_ours_to_trainer": balanced})
     return {"time_to_f1": table, "time_to_f1_runs": runs}
+
+
+def order_balanced_ratio(rows: list[dict]) -> float | None:
+    """ours/Trainer with the position in the pair averaged out: the geometric mean, over the two orders, of
+    each order's geometric-mean ratio (measured: the first run of a pair was ~5 % slower whichever side it
+    was, so with an odd number of repeats the plain median favours the side that went second more often).
+    None unless both orders were run."""
+    import math
+
+    logs = {}
+    for row in rows:
+        logs.setdefault(row["first"], []).append(math.log(row["ratio_ours_to_trainer"]))
+    if len(logs) < 2:
+        return None
+    return math.exp(statistics.fmean(statistics.fmean(v) for v in logs.values()))
 
 
 def warm_tokenize_cache(overrides: list[str]) -> float:

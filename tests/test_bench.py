@@ -226,3 +226,15 @@ def test_a_new_machine_gets_its_own_results_folder(tmp_path):
     assert bench.output_folder(str(tmp_path), here) == tmp_path / "amd-epyc-avx2-2t"
     gpu = {**here, "gpu": "NVIDIA H100 80GB HBM3"}
     assert bench.machine_slug(gpu) == "amd-epyc-avx2-2t-nvidia-h100-80gb-hbm3"
+
+
+def test_order_balanced_time_to_f1_ratio():
+    """Each order's geometric mean, then their geometric mean: a first-of-pair slowdown cancels out."""
+    bench = _bench_module()
+    # measured pattern: ours first 426.8 vs 407.9 (x2), Trainer first 411.4 vs 429.1
+    rows = [{"first": "ours", "ratio_ours_to_trainer": 426.8 / 407.9},
+            {"first": "Trainer", "ratio_ours_to_trainer": 411.4 / 429.1},
+            {"first": "ours", "ratio_ours_to_trainer": 426.8 / 407.9}]
+    expected = math.sqrt((426.8 / 407.9) * (411.4 / 429.1))
+    assert bench.order_balanced_ratio(rows) == pytest.approx(expected, rel=1e-12)  # 1.0014; the median is 1.046
+    assert bench.order_balanced_ratio(rows[:1]) is None  # one order only: nothing to balance
