@@ -13,6 +13,8 @@ from conftest import ROOT, TINY, TRAIN, _free_port, launch, read_metrics
 pytestmark = pytest.mark.slow
 
 SMALL = [*TINY, "trainer.micro_batch_size=4", "trainer.epochs=2"]
+# For sweeps over the precision: Hydra refuses a key given twice, and TINY pins trainer.mixed_precision=no.
+SMALL_ANY_PRECISION = [o for o in SMALL if not o.startswith("trainer.mixed_precision=")]
 
 
 def sweep(sweep_dir, *overrides, timeout=400):
@@ -29,7 +31,7 @@ def two_process_sweep(tmp_path_factory):
     # Two 2-process jobs that differ in mixed precision: impossible inside one accelerate launch.
     # Without hydra.launcher.cpu (auto: no CUDA device visible -> CPU ranks; before, every job failed).
     proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2",
-                 "trainer.mixed_precision=no,bf16", *SMALL)
+                 "trainer.mixed_precision=no,bf16", *SMALL_ANY_PRECISION)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "(2 processes on CPU; hydra.launcher.cpu=null: no CUDA device visible)" in proc.stdout + proc.stderr
     return sweep_dir
@@ -79,7 +81,7 @@ def test_multirun_inside_accelerate_launch_stops_at_once(tmp_path):
 
 
 def test_basic_launcher_jobs_may_change_precision_in_one_process(tmp_path):
-    proc = sweep(tmp_path, "trainer.mixed_precision=no,bf16", *SMALL)
+    proc = sweep(tmp_path, "trainer.mixed_precision=no,bf16", *SMALL_ANY_PRECISION)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {read_metrics(tmp_path / str(i))["mixed_precision"] for i in (0, 1)} == {"no", "bf16"}
 
