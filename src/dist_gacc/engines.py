@@ -153,7 +153,7 @@ def build_engine(engine: str, loss_normalisation: str, fp16: bool, weighted: boo
     # exact, unweighted: the window's real examples are counted up front (windows.window_examples), so each
     # micro-batch's loss sum is pre-scaled by N*W/count and the summed gradients ARE the window mean: no
     # extra pass over every gradient after backward (measured ~0.3-0.7 % of a MiniLM update on CPU).
-    return Engine("exact", _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
+    return prescaled_engine(fp16, name="exact")
 
 
 def rescaled_engine(fp16: bool = False) -> Engine:
@@ -162,11 +162,11 @@ def rescaled_engine(fp16: bool = False) -> Engine:
     return Engine("exact", lambda real_sum, losses, window: real_sum, functools.partial(_apply, rescale=True, fp16=fp16))
 
 
-def prescaled_engine(fp16: bool = False) -> Engine:
+def prescaled_engine(fp16: bool = False, name: str = "prescaled") -> Engine:
     """DeepSpeed's arithmetic without DeepSpeed (pre-scaled losses, no rescale afterwards, our own step): the
     exact engine of unweighted objectives. tests/dist/comm_count.py checks it equals the rescaled one on 2 DDP
     ranks."""
-    return Engine("prescaled", _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
+    return Engine(name, _prescaled, functools.partial(_apply, rescale=False, fp16=fp16))
 
 
 def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
