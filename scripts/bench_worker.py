@@ -197,7 +197,7 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     from dist_gacc import data, optim
     from dist_gacc.config import load_config
     from dist_gacc.loop import fit, standalone
-    from dist_gacc.run import build_accelerator
+    from dist_gacc.build import build_accelerator
 
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
     overrides = [f"trainer.mixed_precision={spec['precision']}", "trainer.log_with=none",

@@ -49,7 +49,7 @@ def main(cfg):
     if t.micro_batch_size == "auto" or t.loss_normalisation != "exact" or t.class_weights not in (None, "none"):
         raise SystemExit("trainer_baseline: the default job only (a fixed micro-batch, exact loss, no class weights)")
     cuda = torch.cuda.is_available()
-    # As run.build: seed, then splits, task, tokenizer, model (the head's initial weights come from this seed).
+    # As build.build: seed, then splits, task, tokenizer, model (the head's initial weights come from this seed).
     set_seed(rc.seed)
     splits = data.load_splits(rc.data, rc.seed)
     train = splits["train"]
@@ -68,7 +68,7 @@ def main(cfg):
     lr = scaled_lr(rc.optim, effective)
     total_updates = t.max_steps or t.epochs * math.ceil(len(train) / effective)
     warmup = optim.warmup_updates(rc.optim, total_updates)
-    fused = True if t.fused_adamw == "auto" else t.fused_adamw  # auto: fused on CPU and CUDA (run.build)
+    fused = True if t.fused_adamw == "auto" else t.fused_adamw  # auto: fused on CPU and CUDA (build.build)
     ours = optim.build_optimizer(model, rc.optim, lr, fused=fused)  # reference only: the groups to match
 
     class SameJobTrainer(Trainer):

@@ -17,7 +17,7 @@ from dist_gacc.windows import TrainBatches
 
 
 def _batches(examples=37, micro=3, n=4):
-    # as run.build_accelerator: one seeded permutation per epoch
+    # as build.build_accelerator: one seeded permutation per epoch
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                                   data_seed=0))
     rows = [{"x": i} for i in range(examples)]

@@ -205,12 +205,12 @@ def test_lora_best_model_is_reloaded_from_the_adapter(tmp_path):
 
 
 def test_save_model_and_best_model_reload_round_trip_under_lora(tmp_path):
-    """run.save_model writes the merged model and the adapter; run.load_saved_model puts the adapter back
+    """outputs.save_model writes the merged model and the adapter; outputs.load_saved_model puts the adapter back
     into the trained PeftModel (as finish does with save_best): weights and logits as saved."""
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from dist_gacc.run import load_saved_model, save_model
+    from dist_gacc.outputs import load_saved_model, save_model
 
     model = models.apply_lora(_tiny_bert(), PeftConfig(name="lora", dropout=0.0))
     with torch.no_grad():  # as after training: B != 0 and a changed head

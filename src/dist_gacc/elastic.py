@@ -3,7 +3,7 @@
 What makes it exact: a window is defined by the effective batch, not by the world size (windows.py), and the
 epoch's order is one seeded permutation sharded by batch, the same for any world size. So a checkpoint written
 by W processes continues on W' with the same windows, once micro-batch x N x W' is the same effective batch
-(run.resume re-derives micro and N through oom.resplit). What depends on the world size is handled here:
+(resume.resume re-derives micro and N through oom.resplit). What depends on the world size is handled here:
 
 - RNG states are saved per rank (random_states_<rank>.pkl). Accelerate's load_state restores the file of each
   rank that has one and silently skips the others; ranks that did not exist get a seed derived from the run's

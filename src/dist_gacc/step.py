@@ -33,7 +33,7 @@ class StepResult:
 
 @dataclass
 class StepParts:
-    """What a step needs, built once (run.build): the prepared objects and the variants chosen."""
+    """What a step needs, built once (build.build): the prepared objects and the variants chosen."""
     accelerator: object
     model: torch.nn.Module
     optimizer: object

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, open_dict
 from transformers import DataCollatorWithPadding
 
 from . import data, optim, teardown
-from .run import build, train_only
+from .build import build
+from .run import train_only
 
 
 def parameter_group(name: str) -> str:

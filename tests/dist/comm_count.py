@@ -19,7 +19,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from conftest import TINY, compose_cfg
 from dist_gacc.engines import prescaled_engine, rescaled_engine
-from dist_gacc.run import build, train_only
+from dist_gacc.build import build
+from dist_gacc.run import train_only
 from dist_gacc.teardown import shutdown
 
 out_path, run_dir = sys.argv[1], sys.argv[2]

@@ -1,0 +1,268 @@
+"""build(cfg) -> Job: every value checked, then the Accelerator, data, model, optimizer and schedule, each
+from its own slice of the config; and the fingerprint a resume must match.
+
+    build ─┬─ load_config / check_machine     typed slices, every value checked before any work
+           ├─ choose_precision                precision.resolve on the main process, broadcast   collective
+           ├─ build_accelerator               devices, DDP/FSDP/DeepSpeed, precision, trackers
+           ├─ engines.check_launch/_supported launches and settings an engine cannot honour: refused
+           ├─ build_data_and_model            splits, task, tokenizer, model, memory levers, tokenized splits
+           ├─ batch plan, optimizer, schedule accelerator.prepare
+           └─ engines.build_engine            the update variant
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import datasets
+import torch
+import transformers
+from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
+                        InitProcessGroupKwargs, PartialState)
+from accelerate.logging import get_logger
+from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list,
+                              parse_flag_from_env, set_seed)
+from omegaconf import DictConfig
+
+from . import data, engines, metrics, models, oom, optim, precision
+from .batchnorm import apply_batchnorm_policy
+from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
+from .errors import ConfigError
+from .loop import Hooks
+from .tasks import Task, build_task
+
+log = get_logger(__name__)
+
+
+def trackers(log_with) -> list[str] | None:
+    names = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    names = [n for n in names if n != "none"]
+    return names or None
+
+
+def choose_precision(rc: RunConfig) -> precision.PrecisionChoice:
+    """trainer.mixed_precision resolved for this machine (`auto`: measured; precision.py). The process group
+    starts here, before the Accelerator that needs the answer: the main process decides (it alone may probe
+    and write the probe's cache) and every rank takes its answer."""
+    # The same arguments AcceleratorState would pass; the Accelerator then reuses this PartialState.
+    state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         **InitProcessGroupKwargs(timeout=timedelta(seconds=rc.trainer.dist_timeout_s)).to_kwargs())
+    choice = [precision.resolve(rc.trainer.mixed_precision, state.device.type) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)  # collective: one small object, once per run
+    return choice[0]
+
+
+def build_accelerator(rc: RunConfig) -> Accelerator:
+    """The Accelerator for rc, whose trainer.mixed_precision is already resolved (no | bf16 | fp16)."""
+    t = rc.trainer
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=trackers(t.log_with),
+        # Accelerate's prepared scheduler steps once per process per update unless told otherwise;
+        # the engine steps it itself, once per real optimizer update.
+        step_scheduler_with_optimizer=False,
+        # N is set once the micro-batch is known (build); sync_each_batch exchanges gradients after every
+        # micro-batch instead of skipping the all-reduce (DDP) / reduce-scatter (FSDP) inside a window.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_each_batch=t.sync_each_batch),
+        # One seeded permutation per epoch, sharded by batch: 1 and 2 processes see the same windows.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=rc.seed),
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s)),
+            # No collective in forward passes, so a rank that runs out of memory mid-window can still
+            # meet the others at the window's agreement point (oom.MemoryGuard.vote). Buffers of
+            # the supported encoders are constants; BatchNorm statistics stay per rank (rank 0 saved).
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
+        # Trackers write under <run>/tensorboard/<run name>.
+        project_config=ProjectConfiguration(project_dir=rc.output_dir,
+                                            logging_dir=os.path.join(rc.output_dir, "tensorboard")),
+        # The model is compiled in prepare(); dynamic=None lets dynamo mark the padded length dynamic
+        # after its first recompile instead of compiling once per batch length.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
+    )
+
+
+@dataclass
+class Job:
+    """Everything built from the config, ready for the loop."""
+    rc: RunConfig
+    accelerator: Accelerator
+    splits: datasets.DatasetDict
+    encoded: datasets.DatasetDict
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    eval_loaders: dict
+    metric: object
+    task: Task                 # single/multi-label, class weights, F1 average: picked once here
+    micro_batch_size: int      # as configured (probed for auto)
+    grad_accum_steps: int
+    effective_batch_size: int
+    total_updates: int
+    lr: float
+    engine: engines.Engine
+    oom_policy: oom.Policy
+    hooks: Hooks
+    trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
+    total_parameters: int = 0
+    precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
+
+    def make_loader(self, micro_batch_size: int):
+        t = self.rc.trainer
+        loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
+                                   pin_memory=self.accelerator.device.type == "cuda", seed=self.rc.seed,
+                                   group_by_length=t.group_by_length, group_size=self.effective_batch_size)
+        return self.accelerator.prepare(loader)
+
+
+def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
+    """Validate the config and build data, model, optimizer and schedule. Raises UserError on bad input.
+
+    `dtype` casts the model's parameters: a torch dtype, or a function of the resolved precision
+    (scripts/verify_equivalence.py checks fp32 runs in float64).
+    """
+    hooks = hooks or Hooks()
+    rc = load_config(cfg)  # every value checked before any work
+    check_machine(rc.trainer)
+    choice = choose_precision(rc)
+    if choice.warning:
+        log.warning(choice.warning, main_process_only=True)
+    # From here on trainer.mixed_precision is what runs (no | bf16 | fp16); the request stays in job.precision.
+    rc = dataclasses.replace(rc, trainer=dataclasses.replace(rc.trainer, mixed_precision=choice.resolved))
+    dtype = dtype(choice.resolved) if callable(dtype) else dtype
+    accelerator = build_accelerator(rc)
+    engine_name = engines.engine_name(accelerator)
+    engines.check_launch(accelerator)
+    engines.check_supported(accelerator, rc.trainer, rc.peft)
+    if rc.peft.name == "lora":
+        models.require_peft()  # before any data is loaded
+    t, world = rc.trainer, accelerator.num_processes
+    oom_policy = oom.policy(engine_name, t.oom_fallback, t.sync_each_batch and world > 1, t.micro_batch_size == "auto")
+    if not accelerator.is_main_process:  # only the main process prints
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    if cfg.get("num_processes") not in (None, world):
+        raise ConfigError(f"num_processes={cfg.num_processes} but this run has {world} process(es): launch it with "
+                          f"accelerate launch --num_processes {cfg.num_processes}, or through hydra/launcher=accelerate")
+    set_seed(rc.seed)
+    splits, tokenizer, model, encoded, metric, task = build_data_and_model(rc, accelerator, dtype)
+    trainable_parameters, total_parameters = models.parameter_counts(model)  # before prepare (FSDP shards)
+    if engine_name == "deepspeed" and task.weighted_normaliser:
+        raise ConfigError("trainer.class_weights under DeepSpeed: the update divides by the window's sum of weights, "
+                          "known only after its last backward, and DeepSpeed steps inside that backward. Use DDP "
+                          "(or FSDP), or class_weights=none.")
+
+    # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
+    micro = t.micro_batch_size
+    if micro == "auto":
+        micro = oom.probe_micro_batch_size(accelerator, model, t.auto_micro_batch_cap, rc.data.max_length,
+                                           len(tokenizer), hooks)
+    grad_accum_steps, effective = batch_plan(t, world, micro)
+    accelerator.gradient_accumulation_steps = grad_accum_steps
+    if engine_name == "deepspeed":
+        ds_values = engines.configure_deepspeed(accelerator, t, micro, grad_accum_steps)
+        log.info("DeepSpeed ZeRO-%d: %s; the loop pre-scales each micro-batch loss and does not clip",
+                 accelerator.state.deepspeed_plugin.zero_stage, ds_values)
+    apply_batchnorm_policy(model, t.batchnorm, micro, grad_accum_steps, effective,
+                           lambda msg: log.warning(msg, main_process_only=True))
+    lr = scaled_lr(rc.optim, effective)
+    # The schedule counts optimizer updates. A window covers `effective` examples of the epoch's
+    # permutation whatever the split, so an epoch is ceil(examples / effective) updates.
+    total_updates = t.max_steps or t.epochs * math.ceil(len(splits["train"]) / effective)
+    # Fused AdamW measured faster on CUDA and on CPU (docs/benchmarks.md); other devices keep foreach.
+    fused = accelerator.device.type in ("cuda", "cpu") if t.fused_adamw == "auto" else t.fused_adamw
+    optimizer = optim.build_optimizer(model, rc.optim, lr, fused=fused)
+    scheduler = optim.build_scheduler(optimizer, rc.optim, total_updates)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
+        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
+    engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",
+                                  weighted=task.weighted_normaliser)
+    job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
+              micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
+              trainable_parameters, total_parameters, choice)
+    log_plan(job, engine_name)
+    return job
+
+
+def build_data_and_model(rc: RunConfig, accelerator, dtype):
+    """Splits, tokenizer, model, tokenized splits, metric, task. Every rank builds the same tokenizer and the
+    same initial weights; the main process tokenizes first (and fills the cache), the others load it."""
+    splits = data.load_splits(rc.data, rc.seed)
+    train = splits["train"]
+    task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
+    tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
+    model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
+    # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
+    # parameters that require grad (LoRA: the adapters and the classification head).
+    model = models.apply_memory_levers(model, rc.model, rc.peft)
+    if dtype is not None:
+        model = model.to(dtype)
+    with accelerator.main_process_first():
+        cache = (os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized")
+                 if rc.trainer.cache_tokenized else None)
+        encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache, num_proc=rc.data.num_proc)
+        metric = metrics.load_metric(task.multi_label)
+    return splits, tokenizer, model, encoded, metric, task
+
+
+def log_plan(job: Job, engine_name: str) -> None:
+    rc, t, world = job.rc, job.rc.trainer, job.accelerator.num_processes
+    log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d | engine %s%s",
+             world, job.micro_batch_size, job.grad_accum_steps, world, job.effective_batch_size, engine_name,
+             " | gradients exchanged every micro-batch (sync_each_batch)" if t.sync_each_batch and world > 1 else "")
+    scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
+               f"{rc.optim.reference_batch_size}" if rc.optim.lr_scaling != "none" else "")
+    log.info("lr in effect %.3g%s (schedule %s, warmup %d of %d updates; starts at %.3g) | precision %s | "
+             "device %s | train/validation examples %d/%d", job.lr, scaling, rc.optim.scheduler,
+             optim.warmup_updates(rc.optim, job.total_updates), job.total_updates, job.scheduler.get_last_lr()[0],
+             describe_precision(job.precision, t.mixed_precision), job.accelerator.device, len(job.splits["train"]),
+             len(job.splits["validation"]))
+    task = job.task
+    log.info("task %s, %d labels %s%s | F1 average %s | class weights %s%s", task.problem_type, len(task.label_names),
+             task.label_names, " | text pairs" if "text_pair" in job.splits["train"].column_names else "",
+             task.f1_average, task.class_weights_setting,
+             f" {task.describe_weights()}" + (" (positive weights per label)" if task.multi_label else
+                                               "; an update divides by its window's sum of weights")
+             if task.class_weights else "")
+    p = rc.peft
+    log.info("parameters: %d trainable of %d (%.2f%%)%s | gradient checkpointing %s", job.trainable_parameters,
+             job.total_parameters, 100 * job.trainable_parameters / max(job.total_parameters, 1),
+             f" | LoRA r={p.r} alpha={p.alpha:g} dropout={p.dropout:g} on "
+             f"{models.lora_targets(job.accelerator.unwrap_model(job.model).get_base_model(), p)}"
+             if p.name == "lora" else "", "on" if rc.model.gradient_checkpointing else "off")
+
+
+def describe_precision(choice: precision.PrecisionChoice | None, resolved: str) -> str:
+    if choice is None or choice.requested != "auto" and choice.probe is None:
+        return resolved
+    return f"{choice.requested} -> {choice.resolved} ({choice.reason})"
+
+
+def fingerprint(job: Job) -> dict:
+    """The settings that define the sequence of updates; a resume must not change them silently.
+    (Not the micro-batch, N or the world size: any split of the effective batch over any number of processes
+    gives the same updates; elastic.py.)"""
+    rc, engine = job.rc, engines.engine_name(job.accelerator)
+    record = {
+        "effective_batch_size": job.effective_batch_size, "lr": job.lr, "total_updates": job.total_updates,
+        "seed": rc.seed, "mixed_precision": rc.trainer.mixed_precision,
+        "loss_normalisation": rc.trainer.loss_normalisation, "max_grad_norm": rc.trainer.max_grad_norm,
+        "class_weights": job.task.class_weights,
+        "optim": dataclasses.asdict(rc.optim),
+        # Gradient checkpointing changes memory, not the updates: a resume may switch it.
+        "model": {k: v for k, v in dataclasses.asdict(rc.model).items() if k != "gradient_checkpointing"},
+        "data": dataclasses.asdict(rc.data),
+        # One process and DDP are the same math (a resume may move between them); FSDP and DeepSpeed are not.
+        "engine": "ddp" if engine == "single" else engine,
+    }
+    if rc.peft.name != "none":  # absent without peft: checkpoints written before the peft group still resume
+        record["peft"] = dataclasses.asdict(rc.peft)
+    return json.loads(json.dumps(record))  # the form it takes in trainer_state.json

@@ -1,0 +1,216 @@
+"""After the loop: model/ settles (the best model reloaded, or the final one saved), the test split is
+scored, and rank 0 writes metrics.json, config.yaml, the validation predictions and their plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import transformers
+from accelerate.logging import get_logger
+from omegaconf import DictConfig, OmegaConf
+
+from . import engines, metrics, models
+from .build import Job
+from .config import RunConfig
+from .evaluation import Evaluator
+from .state import TrainState
+from .tasks import Task
+
+log = get_logger(__name__)
+
+
+def evaluate(job: Job, split: str, average: str) -> dict:
+    """Collective. Metrics of `split` on every rank, with the predictions in dataset order."""
+    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task)
+    return {**metrics.score(job.metric, preds, refs, average, job.task.label_names), "predictions": preds,
+            "references": refs}
+
+
+def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, average: str) -> tuple[dict, dict]:
+    """Collective. model/ settles (the best model reloaded, or the final one saved); `eval` is the score
+    of the model in model/, `history` keeps every evaluation (the final model's included)."""
+    if keep_best:
+        load_saved_model(job)  # model/ already holds the best model: score that one, not the final one
+        scored = evaluate(job, "validation", average)
+    else:
+        save_model(job)
+        scored = evaluator.latest  # the final model's: the loop always evaluates after its last update
+    test = evaluate(job, "test", average) if "test" in job.eval_loaders else None
+    acc, t = job.accelerator, job.rc.trainer
+    return {
+        "eval": report(scored, average),
+        "best": state.best,
+        "stopped_early": state.stopped_early,
+        "model": "best" if keep_best else "final",
+        "test": report(test, average) if test else None,
+        "history": state.history,
+        "train_losses": state.losses,
+        "train_window_examples": state.window_sizes,
+        "lr_after_update": state.lrs,
+        "optimizer_steps": state.optimizer_steps,
+        "updates": state.updates,
+        "skipped_updates": state.skipped_updates,
+        "grad_norms": state.grad_norms,
+        "epochs": state.epoch,
+        "world_size": acc.num_processes,
+        "micro_batch_size": job.micro_batch_size,
+        "grad_accum_steps": job.grad_accum_steps,
+        "final_micro_batch_size": state.micro_batch_size,
+        "final_grad_accum_steps": state.grad_accum_steps,
+        "batch_size_changes": state.batch_size_changes,
+        "effective_batch_size": job.effective_batch_size,
+        "lr": job.lr,
+        "lr_scaling": job.rc.optim.lr_scaling,
+        "final_lr": job.scheduler.get_last_lr()[0],
+        "mixed_precision": t.mixed_precision,
+        "precision": job.precision.record() if job.precision else None,
+        "loss_normalisation": t.loss_normalisation,
+        "engine": engines.engine_name(acc),
+        "sync_each_batch": t.sync_each_batch,
+        "train_examples_seen": state.examples_seen,
+        "label_names": job.task.label_names,
+        "problem_type": job.task.problem_type,
+        "class_weights": job.task.describe_weights(),
+        "class_weights_setting": job.task.class_weights_setting,
+        "multi_label_threshold": job.task.threshold if job.task.multi_label else None,
+        "run_name": run_name(job.rc),
+        "trainable_parameters": job.trainable_parameters,
+        "total_parameters": job.total_parameters,
+        "peft": job.rc.peft.name,
+        "gradient_checkpointing": job.rc.model.gradient_checkpointing,
+    }, scored
+
+
+def report(scored: dict, average: str) -> dict:
+    """The metrics.json entry of one evaluation: F1 (by `average`), macro/micro F1, accuracy, per label."""
+    keys = ("f1", "accuracy", "f1_macro", "f1_micro", "per_label")
+    return {**{k: scored[k] for k in keys}, "average": average, "num_examples": len(scored["predictions"])}
+
+
+def run_name(rc: RunConfig) -> str:
+    """Trackers' project/experiment name: `run_name`, else the run directory's last two parts
+    (`2026-11-25_10-00-00`; in a sweep `10-00-00_3`)."""
+    return rc.run_name or "_".join(Path(rc.output_dir).resolve().parts[-2:])
+
+
+ADAPTER_DIR = "adapter"  # model/adapter/: the LoRA adapter (peft's save_pretrained), beside the merged model
+
+
+def save_model(job: Job) -> None:
+    """Collective: rank 0 writes model/ (weights, config with label names, tokenizer) atomically.
+
+    Written into model.tmp/ and swapped in by renames, so model/ is always either absent or complete
+    (a crash between the two renames leaves the previous complete model in model.old/)."""
+    acc = job.accelerator
+    final = os.path.join(job.rc.output_dir, "model")
+    tmp, old = f"{final}.tmp", f"{final}.old"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(job.model)
+    if models.is_peft_model(unwrapped):
+        # LoRA runs on one process or under DDP only (engines.check_supported): every rank holds the whole
+        # model, and the main process writes. model/ is the merged model, a plain transformers folder
+        # (pipeline() loads it without peft); model/adapter/ the adapter alone (LoRA weights and the head).
+        if acc.is_main_process:
+            models.merged_copy(unwrapped).save_pretrained(tmp)
+            # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base model up.
+            unwrapped.save_pretrained(os.path.join(tmp, ADAPTER_DIR), save_embedding_layers=False)
+    else:
+        unwrapped.save_pretrained(
+            tmp, is_main_process=acc.is_main_process, save_function=acc.save,
+            state_dict=acc.get_state_dict(job.model),  # collective under FSDP/DeepSpeed
+        )
+    if acc.is_main_process:
+        job.tokenizer.save_pretrained(tmp)
+    acc.wait_for_everyone()  # every rank is done with model.tmp/ before it is renamed
+    if acc.is_main_process:
+        if os.path.isdir(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def load_saved_model(job: Job) -> None:
+    """Load model/ (the best model) into the trained model on every rank, with transformers' own loader
+    (single or sharded safetensors, as save_pretrained wrote them). Under LoRA the adapter in model/adapter/
+    (LoRA weights and the head) goes back into the trained PeftModel; its frozen base never changed."""
+    unwrapped = job.accelerator.unwrap_model(job.model)
+    if models.is_peft_model(unwrapped):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        weights = load_peft_weights(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR),
+                                    device=str(next(unwrapped.parameters()).device))
+        result = set_peft_model_state_dict(unwrapped, weights)
+        if result.unexpected_keys:
+            raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")
+        return
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(job.rc.output_dir, "model"), dtype=next(job.model.parameters()).dtype)
+    job.accelerator.unwrap_model(job.model).load_state_dict(saved.state_dict())
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """The resolved config as flat scalars (`trainer.micro_batch_size`: 32), as trackers want them."""
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def save_outputs(job: Job, cfg: DictConfig, result: dict, scored: dict) -> None:
+    """Rank 0 writes config, metrics.json, the validation predictions of the model in model/ and their plot."""
+    acc, output_dir = job.accelerator, job.rc.output_dir
+    if acc.is_main_process:
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        predictions_frame(job, scored["predictions"]).to_csv(
+            os.path.join(output_dir, "validation_predictions.csv"), index=False)
+        plot = "per_label_f1.png" if job.task.multi_label else "confusion_matrix.png"
+        metrics.plot_report(os.path.join(output_dir, plot), job.task, scored["predictions"], scored["references"],
+                            result["eval"]["per_label"], f"{run_name(job.rc)}: validation "
+                            f"({average_name(job.task)} F1 {result['eval']['f1']:.3f})")
+        write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
+    acc.wait_for_everyone()
+
+
+def average_name(task: Task) -> str:
+    return f"{task.label_names[1]!r}" if task.f1_average == "binary" else task.f1_average
+
+
+def predictions_frame(job: Job, predictions) -> pd.DataFrame:
+    """Text (and pair), true and predicted label names; a multi-label set as names joined by data.label_separator."""
+    names, validation = job.task.label_names, job.splits["validation"]
+    if job.task.multi_label:
+        sep = job.rc.data.label_separator
+        label = [sep.join(names[i] for i in ids) for ids in validation["label"]]
+        prediction = [sep.join(names[i] for i in np.flatnonzero(row)) for row in predictions]
+    else:
+        label, prediction = [names[i] for i in validation["label"]], [names[i] for i in predictions]
+    texts = {"text": validation["text"]}
+    if "text_pair" in validation.column_names:
+        texts["text_pair"] = validation["text_pair"]
+    return pd.DataFrame({**texts, "label": label, "prediction": prediction})
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written metrics.json."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
