@@ -8,6 +8,7 @@ writes them (markdown, JSON, a PNG) to --out.
     python scripts/bench.py --quick              # every row in ~2 min, tiny sizes: timings are not meaningful
     python scripts/bench.py --device cuda        # GPU: BERT-base-sized config, bf16, seq 128
     python scripts/bench.py --sections speed --models minilm --repeats 9 --profile cprofile   # the last percent
+    python scripts/bench.py --sections precision --repeats 2   # the default job in fp32 vs bf16: does auto pay?
 
 Each measurement runs in its own process (scripts/bench_worker.py); the variants of a comparison
 are interleaved and repeated, and tables quote medians and ratios to the hand-written loop.
@@ -434,7 +435,45 @@ def section_time_to_f1(args, work: Path) -> dict:
     return {"time_to_f1": table, "time_to_f1_runs": runs}
 
 
-def order_balanced_ratio(rows: list[dict]) -> float | None:
+def section_precision(args, work: Path) -> dict:
+    """Does `auto`'s choice pay end to end? The default job by scripts/train.py in fp32
+    (trainer.mixed_precision=no) and in bf16 autocast, fresh processes, interleaved (the order alternates),
+    --repeats times: wall seconds from Popen to the final validation-F1 line (as time_to_f1), the F1, and the
+    run's training samples/s. `auto` picks bf16 on a CPU only where the probe measures it faster; this is the
+    check that the probe's answer holds for the whole job."""
+    overrides = ["trainer.log_with=none", *(TTF1_QUICK if args.quick else [])]
+    cache_s = warm_tokenize_cache(overrides)
+    print(f"  precision: tokenization cache filled ({cache_s:.1f} s); {' '.join(overrides)}", flush=True)
+    runs = []
+    for rep in range(1 if args.quick else args.repeats):
+        order = ["no", "bf16"] if rep % 2 == 0 else ["bf16", "no"]
+        for position, precision in enumerate(order):
+            run_dir = work / "precision" / f"repeat{rep}-{precision}"
+            run = launch_to_f1(args, "dist_gacc", [*overrides, f"trainer.mixed_precision={precision}"], run_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            run.update(precision=precision, repeat=rep, position=position,
+                       samples_per_second=metrics["train_samples_per_second"], test_f1=metrics["test"]["f1"])
+            runs.append(run)
+            print(f"  precision: repeat {rep} {precision}: F1 {run['f1']:.4f} after {run['seconds_to_f1']:.1f} s "
+                  f"({run['samples_per_second']:.1f} samples/s)", flush=True)
+    by, table = {(r["repeat"], r["precision"]): r for r in runs}, []
+    for rep in sorted({r["repeat"] for r in runs}):
+        fp32, bf16 = by[(rep, "no")], by[(rep, "bf16")]
+        table.append({"repeat": rep, "first": "fp32" if fp32["position"] == 0 else "bf16",
+                      "fp32_s": fp32["seconds_to_f1"], "bf16_s": bf16["seconds_to_f1"],
+                      "ratio_bf16_to_fp32": bf16["seconds_to_f1"] / fp32["seconds_to_f1"],
+                      "fp32_samples_s": fp32["samples_per_second"], "bf16_samples_s": bf16["samples_per_second"],
+                      "fp32_f1": fp32["f1"], "bf16_f1": bf16["f1"],
+                      "fp32_test_f1": fp32["test_f1"], "bf16_test_f1": bf16["test_f1"]})
+    median = {key: statistics.median(row[key] for row in table) for key in table[0] if key not in ("repeat", "first")}
+    table.append({"repeat": "median", "first": "", **median})
+    balanced = order_balanced_ratio(table[:-1], "ratio_bf16_to_fp32")
+    if balanced is not None:
+        table.append({"repeat": "order-balanced", "first": "both", "ratio_bf16_to_fp32": balanced})
+    return {"precision": table, "precision_runs": runs}
+
+
+def order_balanced_ratio(rows: list[dict], key: str = "ratio_ours_to_trainer") -> float | None:
     """ours/Trainer with the position in the pair averaged out: the geometric mean, over the two orders, of
     each order's geometric-mean ratio (measured: the first run of a pair was ~5 % slower whichever side it
     was, so with an odd number of repeats the plain median favours the side that went second more often).
@@ -443,7 +482,7 @@ def order_balanced_ratio(rows: list[dict]) -> float | None:
 
     logs = {}
     for row in rows:
-        logs.setdefault(row["first"], []).append(math.log(row["ratio_ours_to_trainer"]))
+        logs.setdefault(row["first"], []).append(math.log(row[key]))
     if len(logs) < 2:
         return None
     return math.exp(statistics.fmean(statistics.fmean(v) for v in logs.values()))
@@ -618,7 +657,8 @@ def main():
                "memory": lambda: section_memory(args, inputs), "comm": lambda: section_comm(args, inputs),
                "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs),
                "data_scale": lambda: section_data_scale([10_000, 100_000, 1_000_000], work, args.quick),
-               "time_to_f1": lambda: section_time_to_f1(args, work)}
+               "time_to_f1": lambda: section_time_to_f1(args, work),
+               "precision": lambda: section_precision(args, work)}
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine_label']}; threads per process: {args.threads}"]
     print(text[0], flush=True)

@@ -41,16 +41,16 @@ def compose_cfg(*overrides: str):
 
 
 def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 300,
-           check: bool = True, script: Path = TRAIN) -> subprocess.CompletedProcess:
+           check: bool = True, script: Path = TRAIN, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run scripts/train.py (or another Hydra script) as users do: plain python for 1 process,
-    real gloo ranks under accelerate launch otherwise."""
+    real gloo ranks under accelerate launch otherwise. `env` adds to (or replaces) the defaults."""
     if processes == 1:
         cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -117,3 +117,32 @@ def test_seed_table_cpu_sweeps_three_seeds():
     assert params["seed"] == "42,43,44"
     assert [len(params[k].split(",")) for k in ("+task", "+setting", "seed")] == [2, 4, 3]
     assert "seed" not in single  # the GPU grid stays one seed
+
+
+def test_train_log_keeps_our_lines_and_only_warnings_of_other_libraries(tmp_path):
+    """Hydra's job_logging as composed: a fresh machine's matplotlib logs its font cache build at INFO,
+    which must not reach train.log (it made two runs' logs differ); its warnings, and ours at INFO, do."""
+    import logging
+    import logging.config
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=["output_dir=/tmp/x"])
+    logging_cfg = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    logging_cfg["handlers"]["file"]["filename"] = str(tmp_path / "train.log")
+    saved = logging.root.handlers[:], logging.root.level
+    try:
+        logging.config.dictConfig(logging_cfg)
+        logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+        logging.getLogger("matplotlib.font_manager").warning("a foreign warning")
+        logging.getLogger("dist_gacc.build").info("world size 1")
+        for handler in logging.root.handlers:
+            handler.flush()
+    finally:
+        logging.root.handlers, logging.root.level = saved
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert [line.split("] - ")[-1] for line in lines] == ["a foreign warning", "world size 1"]

@@ -2,6 +2,7 @@
 each kind of machine, the per-machine cache, and a real run that records its choice."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -9,59 +10,93 @@ import torch
 from conftest import TINY, launch, read_metrics
 from dist_gacc import machine, precision
 
-M, K, N = precision.PROBE_SHAPE
-FLOP = 2 * M * K * N
-
-
-def fake_machine(seconds_per_product: dict):
-    """A clock that only moves when a product runs, by that dtype's cost; counts the products."""
+def fake_machine(seconds_per_step: dict):
+    """A clock that only moves when a step runs, by that dtype's cost (a list: one cost per call, the last
+    repeated); counts the steps."""
     clock, calls = [0.0], {torch.float32: 0, torch.bfloat16: 0}
 
-    def matmul(a, b):
-        assert a.shape == (M, K) and b.shape == (K, N) and a.dtype == b.dtype
-        clock[0] += seconds_per_product[a.dtype]
-        calls[a.dtype] += 1
+    def step_for(dtype):
+        def step():
+            costs = seconds_per_step[dtype]
+            costs = costs if isinstance(costs, list) else [costs]
+            clock[0] += costs[min(calls[dtype], len(costs) - 1)]
+            calls[dtype] += 1
+        return step
 
-    return (lambda: clock[0]), matmul, calls
-
-
-def test_probe_computes_gflops_from_the_timer_and_stops_after_min_seconds():
-    timer, matmul, calls = fake_machine({torch.float32: 0.01, torch.bfloat16: 0.5})
-    result = precision.probe(timer=timer, matmul=matmul, min_seconds=0.1)
-    assert result["fp32_gflops"] == pytest.approx(FLOP / 0.01 / 1e9, abs=0.01)   # 60.4
-    assert result["bf16_gflops"] == pytest.approx(FLOP / 0.5 / 1e9, abs=0.01)    # 1.21
-    # warm-up + products until 0.1 s: fp32 1 + 10 (or 11 with float rounding), bf16 1 + 1 (one 0.5 s product)
-    assert calls[torch.float32] in (11, 12) and calls[torch.bfloat16] == 2
-    assert result["shape"] == [M, K, N] and not precision.bf16_faster(result)
+    return (lambda: clock[0]), step_for, calls
 
 
-@pytest.mark.parametrize("fp32_s, bf16_s, faster", [(0.01, 0.005, True), (0.01, 0.0095, False), (0.01, 0.7, False)])
+def test_probe_times_interleaved_steps_and_takes_the_fastest_of_each():
+    # warm-up (first cost), then 11 timed steps per side; a busy moment slows some steps of both sides
+    fp32 = [0.5, 0.040, 0.100, 0.030, 0.200, 0.031, 0.030, 0.090, 0.030, 0.030, 0.060, 0.030]
+    bf16 = [0.9, 0.020, 0.080, 0.024, 0.150, 0.020, 0.021, 0.070, 0.020, 0.050, 0.020, 0.020]
+    timer, step_for, calls = fake_machine({torch.float32: fp32, torch.bfloat16: bf16})
+    result = precision.probe(step_for=step_for, timer=timer, repeats=11)
+    assert calls == {torch.float32: 12, torch.bfloat16: 12}  # one warm-up each, not timed
+    assert result["fp32_ms"] == pytest.approx(30.0) and result["bf16_ms"] == pytest.approx(20.0)
+    assert result["speedup"] == pytest.approx(1.5) and result["repeats"] == 11
+    assert result["fp32_median_ms"] == pytest.approx(31.0) and result["bf16_median_ms"] == pytest.approx(21.0)
+    assert result["quiet"] and precision.bf16_faster(result)
+
+
+def test_a_busy_machine_is_measured_but_not_cached(tmp_path):
+    fp32 = [0.5, 0.030] + [0.100] * 10   # median fp32 step 3.3x the fastest: the machine was busy
+    timer, step_for, _ = fake_machine({torch.float32: fp32, torch.bfloat16: 0.020})
+    result = precision.probe(step_for=step_for, timer=timer, repeats=11)
+    assert not result["quiet"] and result["speedup"] == pytest.approx(1.5)
+    path, runs = tmp_path / "precision_probe.json", []
+
+    def measure():
+        runs.append(1)
+        return result
+    assert precision.cached_probe(measure, path)["cached"] is False and not path.exists()
+    precision.cached_probe(measure, path)
+    assert len(runs) == 2  # measured again: a busy moment is not kept forever
+    assert "busy machine" in precision.figures(result)
+
+
+def test_emulated_bf16_ends_the_probe_after_one_pair():
+    timer, step_for, calls = fake_machine({torch.float32: 0.03, torch.bfloat16: 2.0})
+    result = precision.probe(step_for=step_for, timer=timer, repeats=11)
+    assert calls == {torch.float32: 2, torch.bfloat16: 2} and result["repeats"] == 1
+    assert result["speedup"] == pytest.approx(0.015) and not precision.bf16_faster(result)
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, faster", [(0.01, 0.005, True), (0.01, 0.0095, False), (0.01, 0.7, False),
+                                                    (0.011, 0.01, True)])
 def test_bf16_must_beat_fp32_by_the_margin(fp32_s, bf16_s, faster):
-    timer, matmul, _ = fake_machine({torch.float32: fp32_s, torch.bfloat16: bf16_s})
-    assert precision.bf16_faster(precision.probe(timer=timer, matmul=matmul, min_seconds=0.05)) is faster
+    timer, step_for, _ = fake_machine({torch.float32: fp32_s, torch.bfloat16: bf16_s})
+    assert precision.bf16_faster(precision.probe(step_for=step_for, timer=timer, repeats=5)) is faster
 
 
-def measured(fp32_gflops, bf16_gflops, calls=None):
+def test_the_real_probe_times_a_training_step_in_both_precisions():
+    result = precision.probe(repeats=2)
+    assert result["fp32_ms"] > 0 and result["bf16_ms"] > 0 and result["repeats"] in (1, 2)
+    assert result["workload"] == "forward+backward of a transformer layer 8x64x384x1536"
+
+
+def measured(fp32_ms, bf16_ms, calls=None):
     def measure():
         if calls is not None:
             calls.append(1)
-        return {"fp32_gflops": fp32_gflops, "bf16_gflops": bf16_gflops, "shape": [M, K, N], "cached": False}
+        return {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "speedup": round(fp32_ms / bf16_ms, 3), "repeats": 11,
+                "quiet": True, "cached": False}
     return measure
 
 
 def test_auto_on_a_cpu_measured_slow_for_bf16_is_fp32_and_says_why():
     calls = []
     choice = precision.resolve("auto", "cpu", capability="AVX512", arch="x86_64", native=False,
-                               measure=measured(60.0, 0.9, calls))
+                               measure=measured(30.0, 2000.0, calls))
     assert (choice.requested, choice.resolved, len(calls)) == ("auto", "no", 1)
-    assert "bf16 0.9 vs fp32 60 GFLOP/s" in choice.reason and choice.warning is None
-    assert choice.record()["probe"]["bf16_gflops"] == 0.9
+    assert "bf16 2000 vs fp32 30 ms per layer step (0.015x; fastest of 11)" in choice.reason
+    assert choice.warning is None and choice.record()["probe"]["bf16_ms"] == 2000.0
 
 
 def test_auto_on_a_cpu_measured_fast_for_bf16_is_bf16():
     choice = precision.resolve("auto", "cpu", capability="AVX512", arch="x86_64", native=True,
-                               measure=measured(190.0, 400.0))
-    assert choice.resolved == "bf16" and "bf16 400 vs fp32 190" in choice.reason
+                               measure=measured(24.0, 18.0))
+    assert choice.resolved == "bf16" and "bf16 18 vs fp32 24 ms per layer step (1.333x" in choice.reason
 
 
 def test_auto_on_avx2_needs_no_probe():
@@ -71,16 +106,16 @@ def test_auto_on_avx2_needs_no_probe():
     assert choice.resolved == "no" and "AVX2" in choice.reason and choice.probe is None
     # the same capability on ARM is not conclusive: measured
     assert precision.resolve("auto", "cpu", capability="DEFAULT", arch="aarch64", native=False,
-                             measure=measured(50.0, 120.0)).resolved == "bf16"
+                             measure=measured(120.0, 50.0)).resolved == "bf16"
 
 
 def test_explicit_bf16_on_a_slow_cpu_is_honoured_with_both_figures_in_a_warning():
     choice = precision.resolve("bf16", "cpu", capability="AVX2", arch="x86_64", native=False,
-                               measure=measured(62.8, 0.9))
+                               measure=measured(30.0, 2000.0))
     assert choice.resolved == "bf16"
-    assert "bf16 0.9 vs fp32 62.8 GFLOP/s" in choice.warning and "trainer.mixed_precision=auto" in choice.warning
+    assert "bf16 2000 vs fp32 30 ms per layer step" in choice.warning and "trainer.mixed_precision=auto" in choice.warning
     fast = precision.resolve("bf16", "cpu", capability="AVX512", arch="x86_64", native=True,
-                             measure=measured(190.0, 400.0))
+                             measure=measured(24.0, 18.0))
     assert fast.resolved == "bf16" and fast.warning is None
 
 
@@ -96,11 +131,22 @@ def test_the_probe_is_cached_per_machine(tmp_path, monkeypatch):
     path, runs = tmp_path / "cache" / "precision_probe.json", []
     first = precision.cached_probe(measured(60.0, 0.9, runs), path)
     again = precision.cached_probe(measured(1.0, 1.0, runs), path)
-    assert (first["cached"], again["cached"], len(runs)) == (False, True, 1) and again["fp32_gflops"] == 60.0
+    assert (first["cached"], again["cached"], len(runs)) == (False, True, 1) and again["fp32_ms"] == 60.0
+    assert again["key"] == precision.machine_key()
     monkeypatch.setattr(precision, "machine_key", lambda: "another machine")
     other = precision.cached_probe(measured(190.0, 400.0, runs), path)
     assert (other["cached"], len(runs)) == (False, 2)
     assert len(json.loads(path.read_text())) == 2  # both machines kept
+
+
+def test_the_cache_key_is_what_decides_the_answer_not_the_model_string(monkeypatch):
+    key = precision.machine_key()
+    assert key.startswith(f"v{precision.PROBE_VERSION}|{torch.backends.cpu.get_cpu_capability()}|")
+    assert f"threads={torch.get_num_threads()}" in key and machine.cpu_model() not in key
+    monkeypatch.setattr(machine, "bf16_flags", lambda: ["avx512_bf16", "amx_bf16", "amx_tile"])
+    assert "|avx512_bf16,amx_bf16,amx_tile|" in precision.machine_key()
+    monkeypatch.setattr(machine, "bf16_flags", lambda: [])
+    assert "|no bf16|" in precision.machine_key()
 
 
 def test_launcher_passes_no_for_auto():
@@ -109,9 +155,12 @@ def test_launcher_passes_no_for_auto():
 
 
 def test_machine_record_names_cpu_capability_threads_and_ceiling():
-    timer, matmul, _ = fake_machine({torch.float32: 0.02, torch.bfloat16: 1.0})
-    assert machine.matmul_gflops(torch.float32, (M, K, N), timer=timer, matmul=matmul) == pytest.approx(
-        FLOP / 0.02 / 1e9)
+    clock = [0.0]
+
+    def matmul(a, b):
+        clock[0] += 0.02
+    assert machine.matmul_gflops(torch.float32, (512, 384, 1536), timer=lambda: clock[0], matmul=matmul) == \
+        pytest.approx(2 * 512 * 384 * 1536 / 0.02 / 1e9)
     info = machine.describe(measure=False)
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["torch_threads"] == torch.get_num_threads() and info["cpu_model"]
@@ -119,15 +168,46 @@ def test_machine_record_names_cpu_capability_threads_and_ceiling():
 
 
 @pytest.mark.slow
-def test_a_run_with_auto_records_and_logs_its_choice(tmp_run):
-    launch(tmp_run, *TINY, "trainer.mixed_precision=auto", "trainer.max_steps=2", "trainer.micro_batch_size=8")
-    m = read_metrics(tmp_run)
-    expected = precision.resolve("auto", "cpu")  # this machine's answer (same probe cache as the run)
-    assert m["precision"]["requested"] == "auto"
-    assert m["mixed_precision"] == m["precision"]["resolved"] == expected.resolved
-    if expected.probe is None:  # decided by the CPU's capability: the same sentence
-        assert m["precision"]["reason"] == expected.reason and m["precision"]["probe"] is None
-    else:  # measured once by the run, then read from the cache here: the same figures
-        assert {k: m["precision"]["probe"][k] for k in ("fp32_gflops", "bf16_gflops")} == \
-            {k: expected.probe[k] for k in ("fp32_gflops", "bf16_gflops")} and expected.probe["cached"]
-    assert f"precision auto -> {expected.resolved} (" in (tmp_run / "train.log").read_text()
+def test_a_run_with_auto_records_its_choice_and_a_resume_keeps_it(tmp_path):
+    """The run (1 thread, as launch() sets it) records and logs its choice; a resume from its checkpoint with
+    2 threads, whose cache entry says the opposite, keeps the checkpoint's precision and is not refused."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(first, *TINY, "trainer.mixed_precision=auto", "trainer.max_steps=2", "trainer.micro_batch_size=8",
+           "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2")
+    m = read_metrics(first)
+    choice = m["precision"]
+    assert choice["requested"] == "auto" and m["mixed_precision"] == choice["resolved"]
+    probe = choice["probe"]
+    if probe is None:  # decided by the CPU's capability, without measuring
+        assert precision.cpu_without_bf16(torch.backends.cpu.get_cpu_capability(), platform.machine(),
+                                          machine.native_bf16())
+        assert choice["reason"] == precision.resolve("auto", "cpu", measure=None).reason
+    else:  # measured with the run's thread count; the decision follows from the figures
+        assert "|threads=1|" in probe["key"]
+        assert choice["resolved"] == ("bf16" if precision.bf16_faster(probe) else "no")
+        assert precision.figures(probe) in choice["reason"]
+        if probe["quiet"]:
+            cached = precision.read_cache()[probe["key"]]
+            assert (cached["fp32_ms"], cached["bf16_ms"]) == (probe["fp32_ms"], probe["bf16_ms"])
+    assert f"precision auto -> {choice['resolved']} (" in (first / "train.log").read_text()
+
+    # 2 threads: a cache entry that would pick the other precision
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        key = precision.machine_key()
+    finally:
+        torch.set_num_threads(threads)
+    entries = precision.read_cache()
+    speedup = 0.5 if choice["resolved"] == "bf16" else 2.0
+    entries[key] = {"fp32_ms": 10.0, "bf16_ms": 10.0 / speedup, "speedup": speedup, "repeats": 11, "quiet": True}
+    precision.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    precision.cache_file().write_text(json.dumps(entries))
+    launch(second, *TINY, "trainer.mixed_precision=auto", "trainer.max_steps=2", "trainer.micro_batch_size=8",
+           "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+           f"resume={first / 'checkpoints' / 'step-1'}", env={"OMP_NUM_THREADS": "2"})
+    resumed = read_metrics(second)
+    assert resumed["resumed_from"].endswith("step-1") and resumed["updates"] == 2
+    assert resumed["mixed_precision"] == choice["resolved"]
+    assert resumed["precision"]["reason"].startswith(f"resume: the checkpoint trained in {choice['resolved']}")
+    assert resumed["train_losses"] == pytest.approx(m["train_losses"], abs=1e-6)  # the same run, continued

@@ -29,10 +29,10 @@ from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, 
                               parse_flag_from_env, set_seed)
 from omegaconf import DictConfig
 
-from . import data, engines, metrics, models, oom, optim, precision
+from . import checkpoint, data, engines, metrics, models, oom, optim, precision
 from .batchnorm import apply_batchnorm_policy
 from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .loop import Hooks
 from .tasks import Task, build_task
 
@@ -48,14 +48,31 @@ def trackers(log_with) -> list[str] | None:
 def choose_precision(rc: RunConfig) -> precision.PrecisionChoice:
     """trainer.mixed_precision resolved for this machine (`auto`: measured; precision.py). The process group
     starts here, before the Accelerator that needs the answer: the main process decides (it alone may probe
-    and write the probe's cache) and every rank takes its answer."""
+    and write the probe's cache) and every rank takes its answer. A resume under `auto` keeps the precision
+    the checkpoint trained in."""
     # The same arguments AcceleratorState would pass; the Accelerator then reuses this PartialState.
     state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"),
                          **InitProcessGroupKwargs(timeout=timedelta(seconds=rc.trainer.dist_timeout_s)).to_kwargs())
-    choice = [precision.resolve(rc.trainer.mixed_precision, state.device.type) if state.is_main_process else None]
+    choice = [None]
+    if state.is_main_process:
+        saved = checkpoint_precision(rc) if rc.trainer.mixed_precision == "auto" else None
+        choice[0] = (precision.kept_on_resume(saved) if saved else
+                     precision.resolve(rc.trainer.mixed_precision, state.device.type))
     if state.num_processes > 1:
         broadcast_object_list(choice, from_process=0)  # collective: one small object, once per run
     return choice[0]
+
+
+def checkpoint_precision(rc: RunConfig) -> str | None:
+    """The precision the checkpoint this run resumes from trained in (None: a fresh run, or no usable
+    checkpoint -- resume.resume then says why)."""
+    if rc.resume is None:
+        return None
+    try:
+        found = checkpoint.choose_on_main(rc.output_dir, rc.resume)
+    except UserError:
+        return None
+    return found[1]["fingerprint"].get("mixed_precision") if found else None
 
 
 def build_accelerator(rc: RunConfig) -> Accelerator:

@@ -148,7 +148,13 @@ def choose(accelerator, run_dir: str, resume: str | None) -> tuple[str | None, d
     return choice[0] if choice[0] is not None else (None, None)
 
 
-def _choose(run_dir: str, resume: str | None):
+def choose_on_main(run_dir: str, resume: str | None) -> tuple[str, dict] | None:
+    """choose() on the main process alone, without a collective or a log line: the checkpoint and its
+    record, or None."""
+    return _choose(run_dir, resume, quiet=True)
+
+
+def _choose(run_dir: str, resume: str | None, quiet: bool = False):
     if resume in (None, "", "none", "null"):
         return None
     if resume != "auto":
@@ -158,8 +164,10 @@ def _choose(run_dir: str, resume: str | None):
         try:
             return path, read_checkpoint(path)
         except CheckpointError as err:
-            log.warning("skipping checkpoint %s: %s", path, err)
-    log.info("resume=auto: no complete checkpoint in %s; starting fresh", root)
+            if not quiet:
+                log.warning("skipping checkpoint %s: %s", path, err)
+    if not quiet:
+        log.info("resume=auto: no complete checkpoint in %s; starting fresh", root)
     return None
 
 

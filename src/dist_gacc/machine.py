@@ -27,6 +27,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # /proc/cpuinfo's names for bf16 and AMX instructions
+
+
+def bf16_flags() -> list[str]:
+    """The CPU's bf16/AMX instruction flags (Linux /proc/cpuinfo); elsewhere torch's own probes."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in BF16_FLAGS if flag in present]
+    except OSError:
+        pass
+    return ["native_bf16"] if native_bf16() else []
+
+
 def native_bf16() -> bool:
     """True when the CPU has bf16 instructions (AVX512-BF16 or AMX); torch exposes these private probes."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -60,6 +76,7 @@ def describe(measure: bool = True) -> dict:
         "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_bf16(),
+        "bf16_flags": bf16_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "fp32_gflops": round(matmul_gflops(torch.float32), 1) if measure else None,
@@ -72,6 +89,7 @@ def label(info: dict) -> str:
     """One line: 'AMD EPYC | AVX2 | 2 threads | fp32 62.8 GFLOP/s (2048x1024x1024) | no GPU | torch 2.13.0'."""
     ceiling = f"fp32 {info['fp32_gflops']} GFLOP/s (2048x1024x1024 matmul)" if info.get("fp32_gflops") else \
         "fp32 ceiling not measured"
-    bf16 = "native bf16" if info.get("native_bf16") else "no native bf16"
+    bf16 = (f"native bf16 ({', '.join(info.get('bf16_flags') or [])})".replace(" ()", "")
+            if info.get("native_bf16") else "no native bf16")
     return (f"{info['cpu_model']} | capability {info['cpu_capability']}, {bf16} | {info['torch_threads']} threads "
             f"of {info['cpu_count']} cores | {ceiling} | {info.get('gpu') or 'no GPU'} | torch {info['torch']}")
