@@ -8,7 +8,9 @@
 
 An input with a TAB is a pair: (text, text_pair), split at the first TAB, for models trained with
 data.text_pair_column or data=review_pairs. `file=` is a plain text file (one input per line,
-TAB-separated pairs) or a .csv/.tsv/.jsonl table read by column: text_column (default text) and
+TAB-separated pairs) or a table read by column as training reads data=csv files (.csv, .tsv,
+.json, .jsonl, .parquet; the text formats may be .gz/.bz2/.xz/.zst-compressed; a .tsv quoted or
+GLUE-style, tsv_quoting=auto|none|csv as data.tsv_quoting): text_column (default text) and
 text_pair_column (default text_pair; used if the file has it, required if named explicitly).
 
 One line of output per input: label<TAB>score<TAB>text, or label<TAB>score<TAB>text<TAB>text_pair
@@ -19,18 +21,18 @@ with `transformers.pipeline("text-classification", model="<run>/model")`, pairs 
 {"text": a, "text_pair": b}.
 """
 
-import os
 import sys
 
 from transformers import pipeline
 
 USAGE = ("usage: predict.py model=<run>/model [file=F] [text_column=C] [text_pair_column=C] "
-         "[batch_size=N] [device=cpu|cuda] [threshold=0.5] [TEXT | TEXT<TAB>TEXT_PAIR ...]")
+         "[tsv_quoting=auto|none|csv] [batch_size=N] [device=cpu|cuda] [threshold=0.5] "
+         "[TEXT | TEXT<TAB>TEXT_PAIR ...]")
 
 
 def parse(argv):
     options = {"model": None, "file": None, "batch_size": "32", "device": None, "text_column": None,
-               "text_pair_column": None, "threshold": "0.5"}
+               "text_pair_column": None, "threshold": "0.5", "tsv_quoting": "auto"}
     texts = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -49,34 +51,42 @@ def as_input(line: str):
     return {"text": text, "text_pair": text_pair} if tab else line
 
 
-def read_table(path: str, text_column: str | None, pair_column: str | None) -> list:
-    """Inputs from a .csv/.tsv/.jsonl file, by column; the pair column is optional unless named."""
-    import pandas as pd
+def read_table(path: str, text_column: str | None, pair_column: str | None,
+               tsv_quoting: str = "auto") -> list:
+    """Inputs from a table file, by column; the pair column is optional unless named. Read by the trainer's
+    reader (dist_gacc.data.read_table): the same formats, compression and .tsv dialects, texts kept
+    as written (a cell "NA" or "123" is that text)."""
+    from dist_gacc.data import read_table as read
+    from dist_gacc.errors import UserError
 
-    if path.endswith(".jsonl"):
-        frame = pd.read_json(path, lines=True, dtype=False)
-    else:
-        frame = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", dtype=str, keep_default_na=False)
     column = text_column or "text"
-    if column not in frame.columns:
-        sys.exit(f"{path}: no column {column!r} (columns: {list(frame.columns)}); set text_column=")
-    if pair_column and pair_column not in frame.columns:
-        sys.exit(f"{path}: no column {pair_column!r} (columns: {list(frame.columns)}); set text_pair_column=")
-    pair_column = pair_column or ("text_pair" if "text_pair" in frame.columns else None)
+    try:
+        table = read(path, tsv_quoting, string_columns=(column, pair_column or "text_pair"), raw_strings=True,
+                     key="tsv_quoting")
+    except UserError as err:  # a bad file or tsv_quoting=
+        sys.exit(str(err))
+    if column not in table.column_names:
+        sys.exit(f"{path}: no column {column!r} (columns: {table.column_names}); set text_column=")
+    if pair_column and pair_column not in table.column_names:
+        sys.exit(f"{path}: no column {pair_column!r} (columns: {table.column_names}); set text_pair_column=")
+    pair_column = pair_column or ("text_pair" if "text_pair" in table.column_names else None)
+    columns = [table[column]] + ([table[pair_column]] if pair_column else [])
     inputs = []
-    for row, record in enumerate(frame.to_dict("records")):
-        values = [record[column]] + ([record[pair_column]] if pair_column else [])
+    for row, values in enumerate(zip(*columns)):
         if not all(isinstance(value, str) and value.strip() for value in values):
-            sys.exit(f"{path}: row {row}: empty or not text: {values!r}")
+            sys.exit(f"{path}: row {row}: empty or not text: {list(values)!r}")
         inputs.append({"text": values[0], "text_pair": values[1]} if pair_column else values[0])
     return inputs
 
 
 def read_inputs(options, texts) -> list:
+    from dist_gacc.config import table_suffix
+
     inputs = [as_input(text) for text in texts]
     path = options["file"]
-    if path and os.path.splitext(path)[1] in (".csv", ".tsv", ".jsonl"):
-        inputs += read_table(path, options["text_column"], options["text_pair_column"])
+    if path and table_suffix(path)[0] is not None:
+        inputs += read_table(path, options["text_column"], options["text_pair_column"],
+                             options["tsv_quoting"])
     elif path:
         with open(path, encoding="utf-8") as f:
             inputs += [as_input(line.rstrip("\n")) for line in f if line.strip()]

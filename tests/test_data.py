@@ -1,5 +1,9 @@
 """Data: embedded corpora, splits, user files with clear errors, deterministic vocabulary, sharding."""
 
+import json
+import os
+
+import pandas as pd
 import pytest
 from datasets import DatasetDict
 from accelerate.data_loader import BatchSamplerShard
@@ -7,7 +11,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from dist_gacc.windows import real_examples
 from dist_gacc.config import DataConfig
-from dist_gacc.data import chinese_reviews_pool, dedupe, load_splits, rotten_tomatoes_pool
+from dist_gacc.data import chinese_reviews_pool, dedupe, label_names, load_splits, rotten_tomatoes_pool
 from dist_gacc.errors import DataError
 from dist_gacc.models import build_vocab
 
@@ -216,8 +220,6 @@ def _pair_rows(n=24):
 
 
 def _write(path, rows):
-    import pandas as pd
-
     frame = pd.DataFrame(rows)
     if path.suffix == ".parquet":
         frame.to_parquet(path)
@@ -472,3 +474,157 @@ def test_review_pairs_and_new_keys_compose(tmp_path):
     data = load_config(compose_cfg("data=csv", f"data.train_file={train}", "data.text_pair_column=b",
                                    "data.multi_label=true", "data.label_separator=|", "output_dir=/tmp/x")).data
     assert (data.text_pair_column, data.multi_label, data.label_separator) == ("b", True, "|")
+
+
+# --- .tsv dialects, compressed files, label order ----------------------------------------------
+
+# MRPC-shaped, GLUE-style: no quoting, a field may start with a lone ". Read with quotes, the first
+# text swallowed the next row (tab and newline included) and the file read as 3 rows, silently.
+GLUE_STYLE = ("label\tsentence1\tsentence2\n"
+              '1\t"The pie business does not fit\tThe pie business did not fit.\n'
+              '0\tour strategy," he said.\tShares fell.\n'
+              "1\tthird\tthird pair\n"
+              "0\tfourth\tfourth pair\n")
+GLUE_TEXTS = ['"The pie business does not fit', 'our strategy," he said.', "third", "fourth"]
+# What DataFrame.to_csv(sep="\t") writes: a field with a tab, a newline or a quote is quoted.
+QUOTED_TEXTS = ["line one\nline two", "a\ttab inside", 'He said "hi".', '"Quoted" from the start', "plain"]
+
+
+def _tsv(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _texts(path: str, **kwargs) -> list[str]:
+    """The training texts of a file read as both train and validation (no split, no deduplication)."""
+    cfg = DataConfig(name="csv", train_file=path, validation_file=path, **kwargs)
+    return list(load_splits(cfg, seed=0)["train"]["text"])
+
+
+def test_glue_style_tsv_keeps_every_row(tmp_path):
+    path = _tsv(tmp_path / "mrpc.tsv", GLUE_STYLE)
+    splits = load_splits(DataConfig(name="csv", train_file=path, validation_file=path,
+                                    text_column="sentence1", text_pair_column="sentence2"), seed=0)
+    train = splits["train"]
+    assert list(train["text"]) == GLUE_TEXTS and list(train["label"]) == [1, 0, 1, 0]
+    assert list(train["text_pair"]) == ["The pie business did not fit.", "Shares fell.", "third pair",
+                                        "fourth pair"]
+
+
+def test_pandas_quoted_tsv_keeps_newlines_tabs_and_quotes(tmp_path):
+    frame = pd.DataFrame({"text": QUOTED_TEXTS, "label": [0, 1, 0, 1, 0]})
+    for name in ("q.tsv", "q.tsv.gz"):
+        frame.to_csv(tmp_path / name, sep="\t", index=False)  # .gz: compressed by pandas
+        assert _texts(str(tmp_path / name)) == QUOTED_TEXTS
+
+
+def test_ambiguous_tsv_stops_naming_the_setting_and_forced_readings_work(tmp_path):
+    # Both readings keep every row whole: quoted, the text is a quotation; unquoted, it has its quotes.
+    path = _tsv(tmp_path / "amb.tsv", 'text\tlabel\n"A whole quotation"\t1\nplain\t0\n')
+    with pytest.raises(DataError, match=r"amb\.tsv: this \.tsv reads two ways with every row whole, into "
+                       r"different rows: 2 rows with quoted fields, 2 without; first difference at row 0: quoted "
+                       r"\['A whole quotation', '1'\], unquoted \['\"A whole quotation\"', '1'\]\. "
+                       r"Set data\.tsv_quoting=csv .* or data\.tsv_quoting=none"):
+        _texts(path)
+    assert _texts(path, tsv_quoting="csv") == ["A whole quotation", "plain"]
+    assert _texts(path, tsv_quoting="none") == ['"A whole quotation"', "plain"]
+    glue = _tsv(tmp_path / "glue.tsv", GLUE_STYLE)
+    assert len(_texts(glue, text_column="sentence1", tsv_quoting="csv")) == 3  # forced: the user's reading
+
+
+def test_tsv_that_no_reading_keeps_whole_names_the_rows(tmp_path):
+    path = _tsv(tmp_path / "bad.tsv", 'text\tlabel\n"open\t1\nx\t0\textra\nz\t1\n')
+    with pytest.raises(DataError, match=r"bad\.tsv: neither reading of this \.tsv keeps every row whole: "
+                       r"with quoted fields \(data\.tsv_quoting=csv\): line 4: unexpected end of data; "
+                       r"without quoting \(data\.tsv_quoting=none\): row 1 \(line 3\) has 3 fields, the header 2"):
+        _texts(path)
+
+
+def test_tsv_without_quotes_and_quotes_inside_fields_read_as_before(tmp_path):
+    # Quotes only inside fields: both readings agree; no quote at all: nothing more is read.
+    path = _tsv(tmp_path / "t.tsv", 'text\tlabel\na 5" screen\t1\nsaid "no" twice\t0\nplain\t1\n')
+    assert _texts(path) == ['a 5" screen', 'said "no" twice', "plain"]
+
+
+@pytest.mark.slow
+def test_cli_stops_on_an_ambiguous_tsv_with_exit_2(tmp_run, tmp_path):
+    from conftest import launch
+
+    path = _tsv(tmp_path / "amb.tsv", 'text\tlabel\n"A whole quotation"\t1\nplain\t0\n')
+    proc = launch(tmp_run, "model=tiny", "data=csv", f"data.train_file={path}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "amb.tsv: this .tsv reads two ways" in proc.stderr and "data.tsv_quoting=none" in proc.stderr
+    assert not (tmp_run / "metrics.json").exists() and not (tmp_run / "model").exists()
+
+
+def _compress(path, suffix: str) -> str:
+    import bz2
+    import gzip
+    import lzma
+    import shutil
+    import subprocess
+
+    out = f"{path}{suffix}"
+    if suffix == ".zst":
+        if shutil.which("zstd") is None:
+            pytest.skip("no zstd command to write a .zst file")
+        subprocess.run(["zstd", "-q", "-f", str(path), "-o", out], check=True)
+        return out
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    with open(path, "rb") as src, opener(out, "wb") as dst:
+        dst.write(src.read())
+    return out
+
+
+@pytest.mark.parametrize("name", ["t.csv.gz", "t.tsv.gz", "t.jsonl.gz", "t.tsv.bz2", "t.csv.xz", "t.tsv.zst"])
+def test_compressed_files_load_with_every_row(tmp_path, name):
+    import importlib.util
+
+    stem, suffix = os.path.splitext(name)
+    rows = [{"text": f'"quoted start {i}' if i == 3 else f"row {i}", "label": i % 2} for i in range(30)]
+    plain = tmp_path / stem
+    if stem.endswith(".jsonl"):
+        plain.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    elif stem.endswith(".tsv"):  # GLUE-style: the quote at row 3 is a character
+        body = "".join(f"{row['text']}\t{row['label']}\n" for row in rows)
+        plain.write_text("text\tlabel\n" + body, encoding="utf-8")
+    else:
+        pd.DataFrame(rows).to_csv(plain, index=False)
+    path = _compress(plain, suffix)
+    plain.unlink()  # only the compressed file is there to read
+    if suffix == ".zst" and importlib.util.find_spec("zstandard") is None:
+        with pytest.raises(DataError, match=r"t\.tsv\.zst: a \.zst file needs the PyPI package 'zstandard'"):
+            _texts(path)
+        return
+    assert _texts(path) == [row["text"] for row in rows]
+
+
+def test_data_file_suffix_looks_through_compression_and_tsv_quoting_is_checked(tmp_path):
+    from conftest import compose_cfg
+    from dist_gacc.config import load_config, table_suffix
+    from dist_gacc.errors import ConfigError
+    from dist_gacc.build import data_fingerprint
+
+    assert table_suffix("a/x.tsv.gz") == (".tsv", ".gz") and table_suffix("x.CSV") == (".csv", None)
+    assert table_suffix("x.parquet.gz")[0] is None and table_suffix("x.txt.bz2")[0] is None
+    for name in ("x.parquet.gz", "x.txt.gz"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(ConfigError, match=rf"data.train_file: .*{name} must end with one of"):
+            DataConfig(name="csv", train_file=str(tmp_path / name))
+    with pytest.raises(ConfigError, match=r"data.tsv_quoting must be one of auto\|none\|csv, got 'yes'"):
+        DataConfig(tsv_quoting="yes")
+    train = _tsv(tmp_path / "t.tsv", "text\tlabel\na\t1\n")
+    data = load_config(compose_cfg("data=csv", f"data.train_file={train}", "data.tsv_quoting=none",
+                                   "output_dir=/tmp/x")).data
+    assert data.tsv_quoting == "none"
+    # The checkpoint fingerprint names the key only where set: older checkpoints still resume.
+    assert "tsv_quoting" not in data_fingerprint(DataConfig())
+    assert data_fingerprint(data)["tsv_quoting"] == "none"
+
+
+def test_unicode_digit_labels_sort_as_strings(tmp_path):
+    # "①" and "²" are str.isdigit() but not int(): they crashed the label sort; "--1" too.
+    labels = ["①", "²", "--1", "10", "2", "-3", "01", "1"]
+    train = _csv(tmp_path / "t.csv", ["text,label"] + [f"row {i},{labels[i % 8]}" for i in range(16)])
+    splits = load_splits(DataConfig(name="csv", train_file=train, validation_file=train), seed=0)
+    assert label_names(splits) == ["-3", "01", "1", "2", "10", "--1", "²", "①"]

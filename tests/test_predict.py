@@ -68,3 +68,40 @@ def test_pairs_from_files(saved_model, tmp_path):
     plain.write_text("a fine film\tdull plot\nfine acting\n", encoding="utf-8")
     assert [line[2:] for line in _predict(f"model={path}", f"file={plain}")] == [["a fine film", "dull plot"],
                                                                                ["fine acting"]]
+
+
+def test_tsv_dialects_read_as_training_reads_them(saved_model, tmp_path):
+    """A GLUE-style .tsv keeps every row (read with quotes, the lone " swallowed the next row silently);
+    cells such as NA stay text."""
+    path, model, tok = saved_model
+    table = tmp_path / "glue.tsv"
+    table.write_text('x\ty\n"a fine film\tdull plot\nfine" acting\ta dull film\nNA\tnull\n', encoding="utf-8")
+    lines = _predict(f"model={path}", f"file={table}", "text_column=x", "text_pair_column=y")
+    assert [line[2:] for line in lines] == [['"a fine film', "dull plot"], ['fine" acting', "a dull film"],
+                                            ["NA", "null"]]
+    want = _expected(model, tok, 'fine" acting', "a dull film")[1]
+    assert float(lines[1][1]) == pytest.approx(want, abs=1e-4)
+
+
+def test_quoted_compressed_and_ambiguous_tables(tmp_path):
+    """read_inputs in process (its output lines would split at a text's newline): a pandas-quoted .tsv.gz
+    with newlines, tabs and quotes in its texts; an ambiguous .tsv names tsv_quoting=; forced, it reads."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("predict", PREDICT)
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    texts = ["two\nlines", "a\ttab", 'said "hi"', "plain"]
+    pd.DataFrame({"text": texts, "text_pair": ["p"] * 4}).to_csv(tmp_path / "q.tsv.gz", sep="\t", index=False)
+    options, _ = predict.parse(["model=m", f"file={tmp_path / 'q.tsv.gz'}"])
+    assert predict.read_inputs(options, []) == [{"text": text, "text_pair": "p"} for text in texts]
+    ambiguous = tmp_path / "amb.tsv"
+    ambiguous.write_text('text\n"A whole quotation"\nplain\n', encoding="utf-8")
+    options, _ = predict.parse(["model=m", f"file={ambiguous}"])
+    with pytest.raises(SystemExit, match=r"amb\.tsv: this \.tsv reads two ways.* Set tsv_quoting=csv .* or "
+                       r"tsv_quoting=none"):
+        predict.read_inputs(options, [])
+    options["tsv_quoting"] = "none"
+    assert predict.read_inputs(options, []) == ['"A whole quotation"', "plain"]

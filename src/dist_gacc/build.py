@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from . import checkpoint, data, engines, metrics, models, oom, optim, precision
 from .batchnorm import apply_batchnorm_policy
-from .config import RunConfig, batch_plan, check_machine, load_config, scaled_lr
+from .config import DataConfig, RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import ConfigError, UserError
 from .loop import Hooks
 from .tasks import Task, build_task
@@ -276,10 +276,16 @@ def fingerprint(job: Job) -> dict:
         "optim": dataclasses.asdict(rc.optim),
         # Gradient checkpointing changes memory, not the updates: a resume may switch it.
         "model": {k: v for k, v in dataclasses.asdict(rc.model).items() if k != "gradient_checkpointing"},
-        "data": dataclasses.asdict(rc.data),
+        "data": data_fingerprint(rc.data),
         # One process and DDP are the same math (a resume may move between them); FSDP and DeepSpeed are not.
         "engine": "ddp" if engine == "single" else engine,
     }
     if rc.peft.name != "none":  # absent without peft: checkpoints written before the peft group still resume
         record["peft"] = dataclasses.asdict(rc.peft)
     return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
+
+
+def data_fingerprint(cfg: DataConfig) -> dict:
+    """The data slice of `fingerprint`; data.tsv_quoting only where set (not auto), so checkpoints written
+    before the key existed still resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) != ("tsv_quoting", "auto")}

@@ -24,7 +24,23 @@ NORMALISATIONS = ("exact", "naive")
 LR_SCALINGS = ("none", "linear", "sqrt")
 DATASETS = ("rotten_tomatoes", "chinese_reviews", "debates", "csv", "hub", "review_pairs")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+# Compressed text files (x.tsv.gz is a TSV): datasets' csv/json builders and pandas decompress them
+# through fsspec (.zst needs the zstandard package). Parquet compresses inside the file.
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+TSV_QUOTINGS = ("auto", "none", "csv")
 PEFT_METHODS = ("none", "lora")
+
+
+def table_suffix(path: str) -> tuple[str | None, str | None]:
+    """(format suffix, compression suffix) of a data file, looking through the compression:
+    x.tsv.gz -> (".tsv", ".gz"), x.csv -> (".csv", None); (None, ...) if not a table we read."""
+    stem, compression = os.path.splitext(path)
+    if compression.lower() not in COMPRESSION_SUFFIXES:
+        stem, compression = path, None
+    suffix = os.path.splitext(stem)[1].lower()
+    if suffix not in DATA_FILE_SUFFIXES or (compression and suffix == ".parquet"):
+        return None, compression
+    return suffix, compression
 
 
 def _int(key: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
@@ -181,6 +197,9 @@ class DataConfig:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # .tsv files: auto (the reading that keeps every row: quoted fields as pandas to_csv writes them, or
+    # none, GLUE-style: a field may start with a lone "), none, or csv (quoted)
+    tsv_quoting: str = "auto"
     # data=csv and data=hub
     text_pair_column: str | None = None  # sentence pairs: the second text's column (null: single texts)
     multi_label: bool = False            # the label column holds a set of labels per row
@@ -211,8 +230,10 @@ class DataConfig:
                     continue
                 if not os.path.isfile(path):
                     raise ConfigError(f"data.{key}: file not found: {path}")
-                if not path.endswith(DATA_FILE_SUFFIXES):
-                    raise ConfigError(f"data.{key}: {path} must end with one of {DATA_FILE_SUFFIXES}")
+                if table_suffix(path)[0] is None:
+                    raise ConfigError(f"data.{key}: {path} must end with one of {DATA_FILE_SUFFIXES}, the "
+                                      f"text formats optionally followed by one of {COMPRESSION_SUFFIXES}")
+        _choice("data.tsv_quoting", self.tsv_quoting, TSV_QUOTINGS)
         if self.name == "hub" and not self.hub_name:
             raise ConfigError("data.hub_name is required with data=hub (a `datasets` Hub name)")
         if self.name in ("csv", "hub"):
