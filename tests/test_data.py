@@ -532,6 +532,18 @@ def test_ambiguous_tsv_stops_naming_the_setting_and_forced_readings_work(tmp_pat
     assert len(_texts(glue, text_column="sentence1", tsv_quoting="csv")) == 3  # forced: the user's reading
 
 
+def test_pandas_tsv_with_quoted_texts_reads_quoted_without_asking(tmp_path):
+    """pandas quotes any text holding a quote and doubles the inner quotes; with no tab or newline in the
+    texts both readings keep every row, but the doubled quotes show which dialect wrote the file."""
+    import pandas as pd
+
+    texts = ['he said "hi"', "plain", '"A whole quotation"', 'a 5" screen']
+    path = tmp_path / "pandas.tsv"
+    pd.DataFrame({"text": texts, "label": [1, 0, 1, 0]}).to_csv(path, sep="\t", index=False)
+    assert '"he said ""hi"""' in path.read_text()  # the csv writer's escaping
+    assert _texts(str(path)) == texts
+
+
 def test_tsv_that_no_reading_keeps_whole_names_the_rows(tmp_path):
     path = _tsv(tmp_path / "bad.tsv", 'text\tlabel\n"open\t1\nx\t0\textra\nz\t1\n')
     with pytest.raises(DataError, match=r"bad\.tsv: neither reading of this \.tsv keeps every row whole: "

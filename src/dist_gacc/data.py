@@ -353,8 +353,11 @@ def _tsv_quoting(path: str, quoting: str, has_quote: bool, key: str = "data.tsv_
     to_csv(sep="\t") writes) or "none" (GLUE-style: no quoting, a field may start with a lone ").
 
     auto keeps the reading whose rows all have the header's number of fields; if both do and their rows
-    agree, either. Where they differ the file is ambiguous and the user chooses (`key`); where neither
-    does, the first bad row of each is named. pandas (which datasets reads with) fills short rows with
+    agree, either. Where both do and they differ, a field written the way a csv writer escapes a quote
+    (say "hi" written as "say ""hi"" now": wrapped in quotes, every inner quote doubled) decides for "csv" -- what
+    pandas writes for any text with a quote in it, and no natural GLUE-style text looks like that; without
+    such a field the file is ambiguous and the user chooses (`key`). Where neither reading keeps every
+    row whole, the first bad row of each is named. pandas (which datasets reads with) fills short rows with
     missing values and is lenient with quotes, so the readings are Python's csv reader's, strict.
 
     Cost: without a double quote in the file (seen while checking UTF-8) both readings are the same
@@ -367,14 +370,19 @@ def _tsv_quoting(path: str, quoting: str, has_quote: bool, key: str = "data.tsv_
     limit = csv.field_size_limit(2**31 - 1)  # pandas has no limit on a field's size: nor may the check
     try:
         quoted, plain, difference = _TsvReading(path, quoted=True), _TsvReading(path, quoted=False), None
+        escaped = False  # a field as a csv writer escapes an inner quote
         for row in itertools.count():
             with_quotes, without = quoted.next(), plain.next()
             if with_quotes is None and without is None:
                 break
-            if difference is None and with_quotes != without:
-                difference = f"first difference at row {row}: quoted {with_quotes!r}, unquoted {without!r}"
+            if with_quotes != without and with_quotes is not None and without is not None:
+                difference = difference or f"first difference at row {row}: quoted {with_quotes!r}, unquoted {without!r}"
+                escaped = escaped or any('"' in parsed and raw == '"' + parsed.replace('"', '""') + '"'
+                                         for parsed, raw in zip(with_quotes, without))
     finally:
         csv.field_size_limit(limit)
+    if quoted.problem is None and plain.problem is None and difference and escaped:
+        return "csv"
     if quoted.problem is None and plain.problem is None and difference:
         raise DataError(
             f"{path}: this .tsv reads two ways with every row whole, into different rows: {quoted.rows} "
