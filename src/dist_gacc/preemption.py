@@ -1,8 +1,10 @@
 """Stop signals: SIGTERM / SIGUSR1 (preemption, SLURM's warning) set a flag instead of killing.
 
 The handler is installed before set-up and removed after the last output is written, so a signal
-at any moment is seen: during set-up the run stops before training (exit 75), during training it
-finishes the update, checkpoints and stops (exit 75), during the final save the save completes.
+at any moment is kept: during set-up or training the run finishes the update in progress (the first
+update, if the signal came during set-up: the vote rides in a window's all-reduce), checkpoints and
+stops (exit 75); after the last update the outputs are completed, a warning says a signal came, and
+the run ends as finished (exit 0).
 """
 
 from __future__ import annotations
