@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 
-MACHINE_KEYS = {"cpu_model", "cpu_capability", "native_bf16", "cpu_count", "torch_threads", "fp32_gflops", "gpu",
+MACHINE_KEYS = {"cpu_model", "cpu_capability", "native_bf16", "bf16_flags", "cpu_count", "torch_threads", "fp32_gflops", "gpu",
                 "torch", "threads_per_process"}
 
 
