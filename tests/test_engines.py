@@ -238,3 +238,74 @@ def test_two_nodes_on_localhost_train_one_run(tmp_path, equivalent_runs):
     metrics = read_metrics(run_dir)
     assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 16)
     assert max_abs_diff(load_params(run_dir), load_params(equivalent_runs["1x8x1"])) <= 1e-5
+
+
+# --- the update variants on a real (tiny) model, in this process ------------------------------------
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """An Accelerator of its own precision: Accelerate's state is a per-process singleton."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _tiny_job(accelerator, examples=16, lr=1e-2):
+    """A tiny BERT, AdamW and a constant schedule, prepared; a make_loader of real (random) token rows."""
+    from torch.utils.data import DataLoader
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 50, (6,), generator=gen), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": i % 2} for i in range(examples)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, optimizer, scheduler, lambda b: accelerator.prepare(DataLoader(rows, batch_size=b)), examples
+
+
+def test_fp16_skip_of_a_non_finite_loss_leaves_the_scaler_as_torchs_own_skipped_step(fresh_accelerate_state):
+    """fp16: update 1's loss is NaN, so the engine skips it after the clip's unscale_(); the GradScaler must
+    end that update as GradScaler.step + update() do on an inf (scale x backoff, growth count 0), or update 2's
+    unscale_() raises "unscale_() has already been called on this optimizer since the last update()".
+    A CPU GradScaler stands in for CUDA's (Accelerate makes none on a CPU)."""
+    from accelerate import Accelerator
+
+    from dist_gacc.engines import build_engine
+    from dist_gacc.loop import Hooks, fit, standalone
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, optimizer, scheduler, make_loader, n = _tiny_job(accelerator)
+    seen = {}
+
+    def before_forward(micro, updates):
+        seen.setdefault(updates, (accelerator.scaler.state_dict(),
+                                  {k: v.detach().clone() for k, v in model.named_parameters()}))
+
+    nan_first = lambda losses, updates: losses * float("nan") if updates == 0 else losses  # noqa: E731
+    loop, state = standalone(accelerator, model, optimizer, scheduler, make_loader, n, 4, 2, total_updates=2,
+                             max_grad_norm=1.0, engine=build_engine("single", "exact", fp16=True),
+                             hooks=Hooks(before_forward=before_forward, after_forward=nan_first))
+    fit(loop, state)
+
+    # torch's own skipped step: an inf found in the gradients, step() skips, update() backs off
+    reference = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    param = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([param], lr=1.0)
+    reference.scale(param.sum()).backward()
+    param.grad[0] = float("inf")
+    reference.step(sgd)
+    reference.update()
+    after_skip, params_after_skip = seen[1]
+    assert after_skip == reference.state_dict() and after_skip["scale"] == 2.0**9
+    assert state.skipped_updates == 1 and state.optimizer_steps == 1 and state.updates == 2
+    assert all(torch.equal(params_after_skip[k], v) for k, v in seen[0][1].items())  # update 1 changed nothing
+    assert max((p - params_after_skip[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-4
+    assert accelerator.scaler.state_dict()["_growth_tracker"] == 1  # update 2 stepped through the scaler

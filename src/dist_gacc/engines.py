@@ -190,10 +190,26 @@ def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
         stepped = not acc.optimizer_step_was_skipped  # a GradScaler-skipped step does not advance the schedule
         if stepped:
             parts.scheduler.step()
+    elif acc.scaler is not None:
+        skip_scaler_step(acc.scaler)  # the clip's unscale_() above must be closed by an update()
     # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step.
     model.zero_grad(set_to_none=True)
     return StepResult(loss_sum, weight, int(examples), grad_norm, int(stop_votes), stepped=stepped,
                       skipped=not finite)
+
+
+def skip_scaler_step(scaler) -> None:
+    """Leave the fp16 GradScaler as torch's own skipped step does (GradScaler.step finding an inf, then
+    update()): the scale times backoff_factor, the growth count back to 0, and this update's unscale_() record
+    cleared (without that, the next unscale_() raises "unscale_() has already been called on this optimizer
+    since the last update()"). Public API only: update(new_scale) clears the record but keeps the growth count,
+    which load_state_dict resets. Runs only on a skipped update (it reads the scale: a host sync)."""
+    state = scaler.state_dict()
+    if not state:  # a disabled scaler keeps no state
+        return
+    backed_off = state["scale"] * state["backoff_factor"]
+    scaler.update(new_scale=backed_off)
+    scaler.load_state_dict({**state, "scale": backed_off, "_growth_tracker": 0})
 
 
 def _apply_deepspeed(parts, window, totals: torch.Tensor):
