@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_gacc.config import TrainerConfig
-from dist_gacc.errors import ConfigError
+from dist_gacc.errors import ConfigError, DataError
 from dist_gacc.metrics import load_metric, score
 from dist_gacc.objectives import BinaryCrossEntropy, CrossEntropy
 from dist_gacc.tasks import build_task, class_weights, resolve_average
@@ -29,6 +29,19 @@ def test_balanced_weights_by_hand():
     # multi-label: 4 rows; label 0 positive in 1 row (3 negatives -> 3), label 1 in 2 (-> 1), label 2 in 4 (-> 0)
     weights, _ = class_weights("balanced", ["x", "y", "z"], [[0, 2], [1, 2], [1, 2], [2]], multi_label=True)
     assert weights == pytest.approx([3.0, 1.0, 0.0], abs=1e-12)
+
+
+def test_balanced_weights_refuse_a_label_with_no_training_row():
+    """After the split or data.max_train_samples a label can be left with no training row: its balanced weight
+    would be infinite (multi-label: every update skipped) or scikit-learn's ValueError (single-label)."""
+    with pytest.raises(DataError) as err:
+        class_weights("balanced", ["a", "b", "c"], [0, 0, 1, 0], multi_label=False)
+    assert "trainer.class_weights=balanced: label(s) ['c'] have no row in the training split" in str(err.value)
+    assert "data.max_train_samples" in str(err.value)
+    with pytest.raises(DataError, match=r"label\(s\) \['x', 'z'\] have no row in the training split"):
+        class_weights("balanced", ["x", "y", "z"], [[1], [1], []], multi_label=True)
+    # explicit weights need no count: still accepted
+    assert class_weights([1.0, 2.0, 3.0], ["a", "b", "c"], [0, 0, 1], False) == ([1.0, 2.0, 3.0], "explicit")
 
 
 def test_explicit_weights_by_list_or_name_and_their_errors():
