@@ -309,3 +309,44 @@ def test_fp16_skip_of_a_non_finite_loss_leaves_the_scaler_as_torchs_own_skipped_
     assert all(torch.equal(params_after_skip[k], v) for k, v in seen[0][1].items())  # update 1 changed nothing
     assert max((p - params_after_skip[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-4
     assert accelerator.scaler.state_dict()["_growth_tracker"] == 1  # update 2 stepped through the scaler
+
+
+class _Float64Spotter(torch.overrides.TorchFunctionMode):
+    """Records every torch call that returns a float64 tensor (Apple's MPS has no float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                self.calls.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_class_weighted_updates_stay_in_the_loss_dtype(fresh_accelerate_state):
+    """Class weights (and the window's sum of them) in the loss dtype, never float64 on the device: MPS has no
+    float64. A float32 run of the exact weighted engine creates no float64 tensor and still trains."""
+    from accelerate import Accelerator
+
+    from dist_gacc.engines import build_engine
+    from dist_gacc.loop import fit, standalone
+    from dist_gacc.objectives import CrossEntropy
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler, make_loader, n = _tiny_job(accelerator)
+    objective = CrossEntropy([0.5, 2.0])
+    loop, state = standalone(accelerator, model, optimizer, scheduler, make_loader, n, 4, 2, total_updates=2,
+                             max_grad_norm=1.0, engine=build_engine("single", "exact", fp16=False, weighted=True),
+                             objective=objective)
+    with _Float64Spotter() as spotter:
+        fit(loop, state)
+    assert spotter.calls == []
+    assert state.optimizer_steps == 2 and state.window_sizes == [8, 8]
+    # 8 rows alternate labels 0, 1: the window's normaliser is 4 x 0.5 + 4 x 2.0 = 10 (so the mean of its
+    # weighted losses, not of the rows, is what was logged)
+    labels = torch.tensor([0, 1] * 4)
+    weights = objective.weights({"labels": labels}, torch.zeros(8))
+    assert weights.dtype == torch.float32 and weights.sum().item() == 10.0

@@ -76,12 +76,12 @@ def test_weighted_window_normaliser_is_the_sum_of_weights_for_any_split():
     model = _Logits(logits)
     parts = [[0, 1, 2], [3, 4], [5, 6]]  # a ragged split of the window
     loss_sum = sum(objective(model, {"row": torch.tensor(p), "labels": labels[p]}).sum() for p in parts)
-    weight_sum = sum(objective.weights({"labels": labels[p]}).sum() for p in parts)
+    weight_sum = sum(objective.weights({"labels": labels[p]}, logits[p]).sum() for p in parts)
     expected = F.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64))
     assert (loss_sum / weight_sum).item() == pytest.approx(expected.item(), abs=1e-14)
     assert weight_sum.item() == pytest.approx(4 * 0.5 + 2.0 + 2 * 3.0)
     assert abs((loss_sum / 7).item() - expected.item()) > 1e-3  # the count is the wrong normaliser
-    assert CrossEntropy(None).weights({"labels": labels}) is None
+    assert CrossEntropy(None).weights({"labels": labels}, logits) is None
 
 
 def test_multi_label_loss_is_bce_mean_over_labels_with_positive_weights():
@@ -93,7 +93,7 @@ def test_multi_label_loss_is_bce_mean_over_labels_with_positive_weights():
     expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))(
         logits, labels.double())
     assert per_row.shape == (4,) and per_row.mean().item() == pytest.approx(expected.item(), abs=1e-14)
-    assert BinaryCrossEntropy(pos_weight).weights({"labels": labels}) is None  # each row weighs 1
+    assert BinaryCrossEntropy(pos_weight).weights({"labels": labels}, logits) is None  # each row weighs 1
 
 
 def test_multi_label_predictions_threshold_and_report_by_hand():
