@@ -350,3 +350,19 @@ def test_class_weighted_updates_stay_in_the_loss_dtype(fresh_accelerate_state):
     labels = torch.tensor([0, 1] * 4)
     weights = objective.weights({"labels": labels}, torch.zeros(8))
     assert weights.dtype == torch.float32 and weights.sum().item() == 10.0
+
+
+def test_naive_loss_normalisation_under_deepspeed_is_refused():
+    """DeepSpeed divides by its own N inside backward, so the naive variant cannot be reproduced there: it
+    would silently train exact while metrics.json said naive."""
+    from types import SimpleNamespace
+
+    from dist_gacc.engines import check_supported
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    with pytest.raises(ConfigError, match="trainer.loss_normalisation=naive is not supported under DeepSpeed"):
+        check_supported(deepspeed, TrainerConfig(loss_normalisation="naive", micro_batch_size=4))
+    check_supported(deepspeed, TrainerConfig(loss_normalisation="exact", micro_batch_size=4))  # accepted
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    check_supported(ddp, TrainerConfig(loss_normalisation="naive", micro_batch_size=4))  # naive runs under DDP

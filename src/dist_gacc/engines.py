@@ -72,6 +72,11 @@ def check_supported(accelerator, trainer, peft=None) -> None:
             "parameters would mix frozen and trainable weights) and DeepSpeed owns; neither path is implemented "
             "or tested here. Use DDP (or one process), or peft=none.")
     if engine == "deepspeed":
+        if trainer.loss_normalisation == "naive":
+            raise ConfigError("trainer.loss_normalisation=naive is not supported under DeepSpeed: DeepSpeed divides "
+                              "each micro-batch's loss by its own gradient_accumulation_steps inside backward, and "
+                              "the loop pre-scales the losses to the exact window mean; the naive variant (the "
+                              "comparison baseline) would silently train exact. Use DDP or one process for naive.")
         if trainer.micro_batch_size == "auto":
             raise ConfigError("trainer.micro_batch_size=auto is not supported under DeepSpeed: DeepSpeed fixes "
                               "train_micro_batch_size_per_gpu when it starts. Give a number.")
