@@ -200,6 +200,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
+    models.check_max_length(model, rc.data.max_length)  # before tokenizing: a longer row would fail mid-run
     # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
     # parameters that require grad (LoRA: the adapters and the classification head).
     model = models.apply_memory_levers(model, rc.model, rc.peft)
