@@ -58,9 +58,12 @@ def build_vocab(texts: list[str], vocab_size: int) -> list[str]:
 
 
 def build_tokenizer(cfg: ModelConfig, train_texts: list[str], max_length: int):
+    """The run's tokenizer, its model_max_length data.max_length (as a from-scratch one has it): model/ saves it,
+    so transformers' pipeline and scripts/predict.py (truncation=True) cut texts where training did, not at the
+    pretrained tokenizer's own limit (512 for MiniLM)."""
     if cfg.name_or_path is not None:
         try:
-            return AutoTokenizer.from_pretrained(cfg.name_or_path)
+            return AutoTokenizer.from_pretrained(cfg.name_or_path, model_max_length=max_length)
         except OSError as err:
             raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load its tokenizer "
                               f"(a folder, or a Hub name with network access): {err}") from err
