@@ -139,3 +139,40 @@ def test_an_unreachable_hub_is_an_environment_failure_not_bad_input(tmp_path):
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert "the environment, not the input: the Hugging Face Hub is unreachable" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# --- out of memory outside forward/backward ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, where", [("oom_step", "out of memory in the optimizer step in window 0 of epoch 0"),
+                                         ("oom_clip", "out of memory clipping the gradients in window 0 of epoch 0")])
+def test_out_of_memory_in_the_update_stops_naming_the_knob(tmp_path, mode, where):
+    """After the backward passes (AdamW allocating its state at the first step, clipping) a smaller micro-batch
+    does not help: exit 2 with the knob (peft=lora), not a raw traceback."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(AssertionError) as stopped:
+        launch_script(FAULTS, str(run_dir), mode, *TINY, "trainer.micro_batch_size=8", "trainer.max_steps=2",
+                      "trainer.log_with=none", processes=1)
+    message = str(stopped.value)
+    assert "script failed (2)" in message and f"error: {where}, after the backward passes" in message
+    assert "Train fewer parameters with peft=lora" in message and "Traceback" not in message
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_out_of_memory_in_evaluation_on_one_rank_falls_back_to_smaller_slices(tmp_path):
+    """Rank 1 of 2 cannot evaluate more than 8 rows at once: its validation batch of 64 rows (trainer.eval_batch_size
+    64; Accelerate tops the 37 examples up with repeats so each rank gets a full batch) fails, then slices of 32
+    and 16 fail, and slices of 8 go through, for this and every later evaluation, while rank 0 evaluates whole
+    batches (no collective in an evaluation forward pass: nothing to agree on). The predictions are the model's:
+    transformers' pipeline on model/ gives the same."""
+    from transformers import pipeline
+
+    run_dir = tmp_path / "run"
+    launch_script(FAULTS, str(run_dir), "oom_eval", *TINY, "trainer.micro_batch_size=4", "trainer.epochs=2",
+                  "trainer.log_with=none", processes=2)
+    assert (tmp_path / "run.oom_eval").read_text().split() == ["64", "32", "16"]
+    m = read_metrics(run_dir)
+    assert m["eval"]["num_examples"] == 37 and len(m["history"]) == 2
+    predictions = pd.read_csv(run_dir / "validation_predictions.csv")
+    classify = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
+    labels = [out["label"] for out in classify(list(predictions["text"]), batch_size=64, truncation=True)]
+    assert labels == list(predictions["prediction"])

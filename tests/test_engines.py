@@ -252,15 +252,20 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _tiny_job(accelerator, examples=16, lr=1e-2):
-    """A tiny BERT, AdamW and a constant schedule, prepared; a make_loader of real (random) token rows."""
-    from torch.utils.data import DataLoader
+def _tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32, num_labels=2,
-                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _tiny_job(accelerator, examples=16, lr=1e-2):
+    """A tiny BERT, AdamW and a constant schedule, prepared; a make_loader of real (random) token rows."""
+    from torch.utils.data import DataLoader
+
+    model = _tiny_bert()
     gen = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(1, 50, (6,), generator=gen), "attention_mask": torch.ones(6, dtype=torch.long),
              "labels": i % 2} for i in range(examples)]
@@ -366,3 +371,39 @@ def test_naive_loss_normalisation_under_deepspeed_is_refused():
     check_supported(deepspeed, TrainerConfig(loss_normalisation="exact", micro_batch_size=4))  # accepted
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     check_supported(ddp, TrainerConfig(loss_normalisation="naive", micro_batch_size=4))  # naive runs under DDP
+
+
+def test_evaluation_out_of_memory_runs_the_batch_in_smaller_slices_with_the_same_logits(fresh_accelerate_state):
+    """oom.EvalForward: a 19-row batch where more than 5 rows do not fit runs in slices of 4 (19 -> 9 -> 4), which
+    stay for later batches; each row's logits as in one pass. Under FSDP, or at 1 row, the run stops naming
+    trainer.eval_batch_size / the model."""
+    from accelerate import PartialState
+
+    from dist_gacc import oom
+    from dist_gacc.errors import UserError
+
+    PartialState(cpu=True)  # Accelerate's logger (the fallback's warning) needs it
+    model = _tiny_bert().eval()
+    fits = {"rows": 5}
+
+    def out_of_memory(module, args, kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        if rows > fits["rows"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory at {rows} rows (simulated)")
+
+    gen = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(1, 50, (19, 7), generator=gen),
+             "attention_mask": torch.ones(19, 7, dtype=torch.long)}
+    batch["attention_mask"][3:, 5:] = 0  # padded rows: slicing keeps the batch's padding
+    with torch.no_grad():
+        expected = model(**batch).logits
+        handle = model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+        forward = oom.EvalForward(oom.policy("ddp", "auto", False, False), 64)
+        assert torch.allclose(forward(model, batch), expected, atol=1e-6) and forward.rows == 4
+        assert torch.allclose(forward(model, batch), expected, atol=1e-6) and forward.rows == 4  # no retry
+        fits["rows"] = 0
+        with pytest.raises(UserError, match="out of memory evaluating 1 example at a time"):
+            oom.EvalForward(oom.policy("ddp", "auto", False, False), 1)(model, batch)
+        with pytest.raises(UserError, match="out of memory evaluating at trainer.eval_batch_size=64 under FSDP"):
+            oom.EvalForward(oom.policy("fsdp", "auto", False, False), 64)(model, batch)
+        handle.remove()

@@ -113,6 +113,7 @@ class Job:
     trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
     total_parameters: int = 0
     precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
+    eval_forward: oom.EvalForward | None = None          # evaluation logits, sliced on out of memory (None: plain)
 
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
@@ -187,7 +188,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
                                   weighted=task.weighted_normaliser)
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
-              trainable_parameters, total_parameters, choice)
+              trainable_parameters, total_parameters, choice, oom.EvalForward(oom_policy, t.eval_batch_size))
     log_plan(job, engine_name)
     return job
 

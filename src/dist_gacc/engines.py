@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .errors import ConfigError, TrainingError
+from .oom import is_out_of_memory, update_out_of_memory
 from .step import StepResult
 
 DEEPSPEED_STAGES = (0, 1, 2)  # ZeRO-3 partitions parameters: saving/reloading the model is not handled here
@@ -185,13 +186,24 @@ def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, window.grad_accum_steps * window.world_size / totals[1])
     # The norm of the all-reduced gradients: every rank sees the same number.
-    norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
+    try:
+        parts.hooks.before_clip()
+        norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
+    except RuntimeError as err:
+        if is_out_of_memory(err):
+            raise update_out_of_memory("clipping the gradients", window, model) from err
+        raise
     loss_sum, weight, examples, stop_votes, grad_norm = torch.cat(
         [totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the update's one host read
     finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or fp16)  # fp16: the GradScaler skips infs
     stepped = False
     if finite:
-        parts.optimizer.step()
+        try:
+            parts.optimizer.step()
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise update_out_of_memory("in the optimizer step", window, model) from err
+            raise
         stepped = not acc.optimizer_step_was_skipped  # a GradScaler-skipped step does not advance the schedule
         if stepped:
             parts.scheduler.step()
