@@ -121,11 +121,15 @@ def test_seed_table_cpu_sweeps_three_seeds():
 
 def _small_position_model(kind: str, positions: int):
     """A tiny BERT or RoBERTa classifier with `positions` position embeddings."""
-    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
-                              RobertaForSequenceClassification)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
-    sizes = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=positions)
+    sizes = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": positions}
     if kind == "roberta":
         return RobertaForSequenceClassification(RobertaConfig(**sizes, pad_token_id=1))
     return BertForSequenceClassification(BertConfig(**sizes))
@@ -154,10 +158,9 @@ def test_max_length_beyond_the_models_positions_is_refused():
 def test_cli_refuses_a_max_length_beyond_the_models_positions_before_training(tmp_path):
     """A saved BERT with 16 positions and data.max_length=64: Rotten Tomatoes snippets run past 16 tokens, so
     training crashed on an index error (a traceback) at the first long one. Now exit 2 before any update."""
+    from conftest import TINY
     from dist_gacc.config import ModelConfig
     from dist_gacc.models import build_tokenizer
-
-    from conftest import TINY
 
     folder = tmp_path / "short-bert"
     model = _small_position_model("bert", 16)

@@ -1,5 +1,7 @@
 """Beyond one machine: launch configs, 2 CPU ranks through them, sync_each_batch, the DeepSpeed route
-(pre-scaled losses), refused launches, FSDP/DeepSpeed on GPUs. Real processes, no mocks."""
+(pre-scaled losses), refused launches, FSDP/DeepSpeed on GPUs. Real processes, no mocks. And the update
+variants on a tiny model in this process: the fp16 skip and the GradScaler, class weights' dtype, evaluation
+in smaller slices on out of memory."""
 
 import importlib.util
 import json

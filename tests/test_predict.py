@@ -116,5 +116,5 @@ def test_saved_tokenizer_truncates_like_training(tmp_path):
     classify = pipeline("text-classification", model=str(saved), device="cpu", top_k=None)
     scores = {out["label"]: out["score"] for out in classify([long_text], truncation=True)[0]}
     assert scores["fresh"] == pytest.approx(trained_like, abs=1e-5)
-    (label, score, _), = _predict(f"model={saved}", long_text)
+    (_, score, _), = _predict(f"model={saved}", long_text)
     assert float(score) == pytest.approx(max(trained_like, 1 - trained_like), abs=1e-4)
