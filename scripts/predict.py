@@ -18,7 +18,8 @@ for a pair. A multi-label model (problem_type multi_label_classification in its 
 of labels whose sigmoid score is >= threshold (default 0.5), comma-separated (empty if none), then
 every label's score: labels<TAB>name=score,...<TAB>text. The model folder is a transformers `save_pretrained` folder, so the same works in Python
 with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
-{"text": a, "text_pair": b}.
+{"text": a, "text_pair": b}. Texts are truncated (longest first, for pairs) at the tokenizer's
+model_max_length, which a run saves as its data.max_length: where training cut them.
 """
 
 import sys

@@ -146,3 +146,62 @@ def test_train_log_keeps_our_lines_and_only_warnings_of_other_libraries(tmp_path
         logging.root.handlers, logging.root.level = saved
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert [line.split("] - ")[-1] for line in lines] == ["a foreign warning", "world size 1"]
+
+
+def _small_position_model(kind: str, positions: int):
+    """A tiny BERT or RoBERTa classifier with `positions` position embeddings."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    sizes = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": positions}
+    if kind == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**sizes, pad_token_id=1))
+    return BertForSequenceClassification(BertConfig(**sizes))
+
+
+def test_max_length_beyond_the_models_positions_is_refused():
+    """The model's absolute-position table bounds the tokens per row: a longer data.max_length crashed at the
+    first long text, mid-training. RoBERTa's positions start after its padding id (514 -> 512 tokens)."""
+    from dist_gacc.models import check_max_length, position_limit
+
+    bert, roberta = _small_position_model("bert", 16), _small_position_model("roberta", 18)
+    assert (position_limit(bert), position_limit(roberta)) == (16, 16)
+    with pytest.raises(ConfigError) as err:
+        check_max_length(bert, 17)
+    assert "data.max_length=17 is longer than the model's 16 positions (max_position_embeddings 16)" in str(err.value)
+    with pytest.raises(ConfigError, match="data.max_length=17 is longer than the model's 16 positions"):
+        check_max_length(roberta, 17)
+    check_max_length(bert, 16)
+    check_max_length(roberta, 16)
+    for positions in (512, 514):  # BERT/MiniLM 512; RoBERTa's 514 hold 512 tokens
+        kind = "bert" if positions == 512 else "roberta"
+        assert position_limit(_small_position_model(kind, positions)) == 512
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_max_length_beyond_the_models_positions_before_training(tmp_path):
+    """A saved BERT with 16 positions and data.max_length=64: Rotten Tomatoes snippets run past 16 tokens, so
+    training crashed on an index error (a traceback) at the first long one. Now exit 2 before any update."""
+    from conftest import TINY
+    from dist_gacc.config import ModelConfig
+    from dist_gacc.models import build_tokenizer
+
+    folder = tmp_path / "short-bert"
+    model = _small_position_model("bert", 16)
+    tokenizer = build_tokenizer(ModelConfig(name_or_path=None, from_scratch={
+        "vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32}), ["a fine film with a dull plot"], 16)
+    model.config.vocab_size = len(tokenizer)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run = tmp_path / "run"
+    proc = launch(run, *TINY, f"model.name_or_path={folder}", "data.max_length=64", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: data.max_length=64 is longer than the model's 16 positions" in proc.stderr
+    assert "updates:" not in proc.stderr and not (run / "metrics.json").exists()

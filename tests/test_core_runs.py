@@ -3,6 +3,9 @@ micro-batch, the best model and its score, the logged training loss, trackers, s
 set-up, exit codes for environment failures."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -67,6 +70,32 @@ def test_eval_is_the_score_of_the_model_in_model_dir(best_run):
     assert sorted(p.name for p in best_run.iterdir() if p.name.startswith("model")) == ["model"]  # swapped in whole
 
 
+MAIN = """
+import sys
+from conftest import compose_cfg
+from dist_gacc.run import main
+
+print("objective", main(compose_cfg(*sys.argv[2:], "output_dir=" + sys.argv[1])))
+"""
+
+
+def test_sweep_objective_is_the_score_of_the_model_in_model_dir(tmp_path):
+    """The best run's settings without save_best: model/ is the final model (validation F1 0), while an earlier
+    evaluation scored 0.679. The objective main() returns to Hydra's sweepers is the final model's score
+    (it once returned the best evaluation's, a model that was never saved)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", MAIN, str(run_dir), *BEST, "trainer.save_best=false",
+                           "trainer.log_with=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(run_dir)
+    assert m["model"] == "final" and m["best"]["f1"] == pytest.approx(0.6786, abs=1e-4)
+    assert m["eval"]["f1"] == m["history"][-1]["f1"] == 0.0
+    assert proc.stdout.strip().splitlines()[-1] == f"objective {m['eval']['f1']}"
+
+
 def test_history_train_loss_is_example_weighted(best_run):
     m = read_metrics(best_run)
     sizes, losses = m["train_window_examples"], m["train_losses"]
@@ -111,3 +140,40 @@ def test_an_unreachable_hub_is_an_environment_failure_not_bad_input(tmp_path):
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert "the environment, not the input: the Hugging Face Hub is unreachable" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# --- out of memory outside forward/backward ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, where", [("oom_step", "out of memory in the optimizer step in window 0 of epoch 0"),
+                                         ("oom_clip", "out of memory clipping the gradients in window 0 of epoch 0")])
+def test_out_of_memory_in_the_update_stops_naming_the_knob(tmp_path, mode, where):
+    """After the backward passes (AdamW allocating its state at the first step, clipping) a smaller micro-batch
+    does not help: exit 2 with the knob (peft=lora), not a raw traceback."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(AssertionError) as stopped:
+        launch_script(FAULTS, str(run_dir), mode, *TINY, "trainer.micro_batch_size=8", "trainer.max_steps=2",
+                      "trainer.log_with=none", processes=1)
+    message = str(stopped.value)
+    assert "script failed (2)" in message and f"error: {where}, after the backward passes" in message
+    assert "Train fewer parameters with peft=lora" in message and "Traceback" not in message
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_out_of_memory_in_evaluation_on_one_rank_falls_back_to_smaller_slices(tmp_path):
+    """Rank 1 of 2 cannot evaluate more than 8 rows at once: its validation batch of 64 rows (trainer.eval_batch_size
+    64; Accelerate tops the 37 examples up with repeats so each rank gets a full batch) fails, then slices of 32
+    and 16 fail, and slices of 8 go through, for this and every later evaluation, while rank 0 evaluates whole
+    batches (no collective in an evaluation forward pass: nothing to agree on). The predictions are the model's:
+    transformers' pipeline on model/ gives the same."""
+    from transformers import pipeline
+
+    run_dir = tmp_path / "run"
+    launch_script(FAULTS, str(run_dir), "oom_eval", *TINY, "trainer.micro_batch_size=4", "trainer.epochs=2",
+                  "trainer.log_with=none", processes=2)
+    assert (tmp_path / "run.oom_eval").read_text().split() == ["64", "32", "16"]
+    m = read_metrics(run_dir)
+    assert m["eval"]["num_examples"] == 37 and len(m["history"]) == 2
+    predictions = pd.read_csv(run_dir / "validation_predictions.csv")
+    classify = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
+    labels = [out["label"] for out in classify(list(predictions["text"]), batch_size=64, truncation=True)]
+    assert labels == list(predictions["prediction"])

@@ -1,5 +1,7 @@
 """Beyond one machine: launch configs, 2 CPU ranks through them, sync_each_batch, the DeepSpeed route
-(pre-scaled losses), refused launches, FSDP/DeepSpeed on GPUs. Real processes, no mocks."""
+(pre-scaled losses), refused launches, FSDP/DeepSpeed on GPUs. Real processes, no mocks. And the update
+variants on a tiny model in this process: the fp16 skip and the GradScaler, class weights' dtype, evaluation
+in smaller slices on out of memory."""
 
 import importlib.util
 import json
@@ -238,3 +240,172 @@ def test_two_nodes_on_localhost_train_one_run(tmp_path, equivalent_runs):
     metrics = read_metrics(run_dir)
     assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 16)
     assert max_abs_diff(load_params(run_dir), load_params(equivalent_runs["1x8x1"])) <= 1e-5
+
+
+# --- the update variants on a real (tiny) model, in this process ------------------------------------
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """An Accelerator of its own precision: Accelerate's state is a per-process singleton."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _tiny_job(accelerator, examples=16, lr=1e-2):
+    """A tiny BERT, AdamW and a constant schedule, prepared; a make_loader of real (random) token rows."""
+    from torch.utils.data import DataLoader
+
+    model = _tiny_bert()
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 50, (6,), generator=gen), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": i % 2} for i in range(examples)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, optimizer, scheduler, lambda b: accelerator.prepare(DataLoader(rows, batch_size=b)), examples
+
+
+def test_fp16_skip_of_a_non_finite_loss_leaves_the_scaler_as_torchs_own_skipped_step(fresh_accelerate_state):
+    """fp16: update 1's loss is NaN, so the engine skips it after the clip's unscale_(); the GradScaler must
+    end that update as GradScaler.step + update() do on an inf (scale x backoff, growth count 0), or update 2's
+    unscale_() raises "unscale_() has already been called on this optimizer since the last update()".
+    A CPU GradScaler stands in for CUDA's (Accelerate makes none on a CPU)."""
+    from accelerate import Accelerator
+
+    from dist_gacc.engines import build_engine
+    from dist_gacc.loop import Hooks, fit, standalone
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, optimizer, scheduler, make_loader, n = _tiny_job(accelerator)
+    seen = {}
+
+    def before_forward(micro, updates):
+        seen.setdefault(updates, (accelerator.scaler.state_dict(),
+                                  {k: v.detach().clone() for k, v in model.named_parameters()}))
+
+    nan_first = lambda losses, updates: losses * float("nan") if updates == 0 else losses  # noqa: E731
+    loop, state = standalone(accelerator, model, optimizer, scheduler, make_loader, n, 4, 2, total_updates=2,
+                             max_grad_norm=1.0, engine=build_engine("single", "exact", fp16=True),
+                             hooks=Hooks(before_forward=before_forward, after_forward=nan_first))
+    fit(loop, state)
+
+    # torch's own skipped step: an inf found in the gradients, step() skips, update() backs off
+    reference = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    param = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([param], lr=1.0)
+    reference.scale(param.sum()).backward()
+    param.grad[0] = float("inf")
+    reference.step(sgd)
+    reference.update()
+    after_skip, params_after_skip = seen[1]
+    assert after_skip == reference.state_dict() and after_skip["scale"] == 2.0**9
+    assert state.skipped_updates == 1 and state.optimizer_steps == 1 and state.updates == 2
+    assert all(torch.equal(params_after_skip[k], v) for k, v in seen[0][1].items())  # update 1 changed nothing
+    assert max((p - params_after_skip[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-4
+    assert accelerator.scaler.state_dict()["_growth_tracker"] == 1  # update 2 stepped through the scaler
+
+
+class _Float64Spotter(torch.overrides.TorchFunctionMode):
+    """Records every torch call that returns a float64 tensor (Apple's MPS has no float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                self.calls.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_class_weighted_updates_stay_in_the_loss_dtype(fresh_accelerate_state):
+    """Class weights (and the window's sum of them) in the loss dtype, never float64 on the device: MPS has no
+    float64. A float32 run of the exact weighted engine creates no float64 tensor and still trains."""
+    from accelerate import Accelerator
+
+    from dist_gacc.engines import build_engine
+    from dist_gacc.loop import fit, standalone
+    from dist_gacc.objectives import CrossEntropy
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler, make_loader, n = _tiny_job(accelerator)
+    objective = CrossEntropy([0.5, 2.0])
+    loop, state = standalone(accelerator, model, optimizer, scheduler, make_loader, n, 4, 2, total_updates=2,
+                             max_grad_norm=1.0, engine=build_engine("single", "exact", fp16=False, weighted=True),
+                             objective=objective)
+    with _Float64Spotter() as spotter:
+        fit(loop, state)
+    assert spotter.calls == []
+    assert state.optimizer_steps == 2 and state.window_sizes == [8, 8]
+    # 8 rows alternate labels 0, 1: the window's normaliser is 4 x 0.5 + 4 x 2.0 = 10 (so the mean of its
+    # weighted losses, not of the rows, is what was logged)
+    labels = torch.tensor([0, 1] * 4)
+    weights = objective.weights({"labels": labels}, torch.zeros(8))
+    assert weights.dtype == torch.float32 and weights.sum().item() == 10.0
+
+
+def test_naive_loss_normalisation_under_deepspeed_is_refused():
+    """DeepSpeed divides by its own N inside backward, so the naive variant cannot be reproduced there: it
+    would silently train exact while metrics.json said naive."""
+    from types import SimpleNamespace
+
+    from dist_gacc.engines import check_supported
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    with pytest.raises(ConfigError, match="trainer.loss_normalisation=naive is not supported under DeepSpeed"):
+        check_supported(deepspeed, TrainerConfig(loss_normalisation="naive", micro_batch_size=4))
+    check_supported(deepspeed, TrainerConfig(loss_normalisation="exact", micro_batch_size=4))  # accepted
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    check_supported(ddp, TrainerConfig(loss_normalisation="naive", micro_batch_size=4))  # naive runs under DDP
+
+
+def test_evaluation_out_of_memory_runs_the_batch_in_smaller_slices_with_the_same_logits(fresh_accelerate_state):
+    """oom.EvalForward: a 19-row batch where more than 5 rows do not fit runs in slices of 4 (19 -> 9 -> 4), which
+    stay for later batches; each row's logits as in one pass. Under FSDP, or at 1 row, the run stops naming
+    trainer.eval_batch_size / the model."""
+    from accelerate import PartialState
+
+    from dist_gacc import oom
+    from dist_gacc.errors import UserError
+
+    PartialState(cpu=True)  # Accelerate's logger (the fallback's warning) needs it
+    model = _tiny_bert().eval()
+    fits = {"rows": 5}
+
+    def out_of_memory(module, args, kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        if rows > fits["rows"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory at {rows} rows (simulated)")
+
+    gen = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(1, 50, (19, 7), generator=gen),
+             "attention_mask": torch.ones(19, 7, dtype=torch.long)}
+    batch["attention_mask"][3:, 5:] = 0  # padded rows: slicing keeps the batch's padding
+    with torch.no_grad():
+        expected = model(**batch).logits
+        handle = model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+        forward = oom.EvalForward(oom.policy("ddp", "auto", False, False), 64)
+        assert torch.allclose(forward(model, batch), expected, atol=1e-6) and forward.rows == 4
+        assert torch.allclose(forward(model, batch), expected, atol=1e-6) and forward.rows == 4  # no retry
+        fits["rows"] = 0
+        with pytest.raises(UserError, match="out of memory evaluating 1 example at a time"):
+            oom.EvalForward(oom.policy("ddp", "auto", False, False), 1)(model, batch)
+        with pytest.raises(UserError, match="out of memory evaluating at trainer.eval_batch_size=64 under FSDP"):
+            oom.EvalForward(oom.policy("fsdp", "auto", False, False), 64)(model, batch)
+        handle.remove()

@@ -105,3 +105,53 @@ def test_quoted_compressed_and_ambiguous_tables(tmp_path):
         predict.read_inputs(options, [])
     options["tsv_quoting"] = "none"
     assert predict.read_inputs(options, []) == ['"A whole quotation"', "plain"]
+
+
+def test_saved_tokenizer_truncates_like_training(tmp_path):
+    """model/'s tokenizer carries data.max_length as model_max_length: the pipeline and predict.py (truncation=True)
+    cut a long text where training did (32 tokens here), not at the pretrained tokenizer's 512."""
+    import json
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from transformers import BertConfig, BertForSequenceClassification, pipeline
+
+    from dist_gacc.config import ModelConfig
+    from dist_gacc.data import rotten_tomatoes_pool
+    from dist_gacc.models import build_tokenizer
+    from dist_gacc.outputs import save_model
+
+    texts = rotten_tomatoes_pool()[0][:200]
+    sizes = {"vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}
+    pretrained = tmp_path / "pretrained"  # a "pretrained" folder whose tokenizer says 512
+    build_tokenizer(ModelConfig(name_or_path=None, from_scratch=sizes), texts, 512).save_pretrained(pretrained)
+    tokenizer = build_tokenizer(ModelConfig(name_or_path=str(pretrained)), [], 32)  # data.max_length=32
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**sizes, "vocab_size": len(tokenizer)}, num_labels=2,
+                                                     id2label={0: "rotten", 1: "fresh"},
+                                                     label2id={"rotten": 0, "fresh": 1})).eval()
+    with torch.no_grad():  # large weights: the tokens past 32 move the score visibly (0.28 vs 0.38)
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(std=0.5)
+    job = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, rc=SimpleNamespace(output_dir=str(tmp_path)),
+                          tokenizer=tokenizer)
+    save_model(job)
+    saved = tmp_path / "model"
+    assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    long_text = " ".join(texts[:6])
+    assert len(tokenizer(long_text)["input_ids"]) > 60  # well past 32 tokens
+
+    def fresh_score(**truncation):
+        with torch.no_grad():
+            logits = model(**tokenizer(long_text, return_tensors="pt", **truncation)).logits
+        return logits.softmax(-1)[0, 1].item()
+
+    trained_like = fresh_score(truncation="longest_first", max_length=32)  # as data.tokenize cut it
+    assert abs(trained_like - fresh_score()) > 0.05  # the cut matters for this text
+    classify = pipeline("text-classification", model=str(saved), device="cpu", top_k=None)
+    scores = {out["label"]: out["score"] for out in classify([long_text], truncation=True)[0]}
+    assert scores["fresh"] == pytest.approx(trained_like, abs=1e-5)
+    (_, score, _), = _predict(f"model={saved}", long_text)
+    assert float(score) == pytest.approx(max(trained_like, 1 - trained_like), abs=1e-4)

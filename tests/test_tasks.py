@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_gacc.config import TrainerConfig
-from dist_gacc.errors import ConfigError
+from dist_gacc.errors import ConfigError, DataError
 from dist_gacc.metrics import load_metric, score
 from dist_gacc.objectives import BinaryCrossEntropy, CrossEntropy
 from dist_gacc.tasks import build_task, class_weights, resolve_average
@@ -29,6 +29,19 @@ def test_balanced_weights_by_hand():
     # multi-label: 4 rows; label 0 positive in 1 row (3 negatives -> 3), label 1 in 2 (-> 1), label 2 in 4 (-> 0)
     weights, _ = class_weights("balanced", ["x", "y", "z"], [[0, 2], [1, 2], [1, 2], [2]], multi_label=True)
     assert weights == pytest.approx([3.0, 1.0, 0.0], abs=1e-12)
+
+
+def test_balanced_weights_refuse_a_label_with_no_training_row():
+    """After the split or data.max_train_samples a label can be left with no training row: its balanced weight
+    would be infinite (multi-label: every update skipped) or scikit-learn's ValueError (single-label)."""
+    with pytest.raises(DataError) as err:
+        class_weights("balanced", ["a", "b", "c"], [0, 0, 1, 0], multi_label=False)
+    assert "trainer.class_weights=balanced: label(s) ['c'] have no row in the training split" in str(err.value)
+    assert "data.max_train_samples" in str(err.value)
+    with pytest.raises(DataError, match=r"label\(s\) \['x', 'z'\] have no row in the training split"):
+        class_weights("balanced", ["x", "y", "z"], [[1], [1], []], multi_label=True)
+    # explicit weights need no count: still accepted
+    assert class_weights([1.0, 2.0, 3.0], ["a", "b", "c"], [0, 0, 1], False) == ([1.0, 2.0, 3.0], "explicit")
 
 
 def test_explicit_weights_by_list_or_name_and_their_errors():
@@ -63,12 +76,12 @@ def test_weighted_window_normaliser_is_the_sum_of_weights_for_any_split():
     model = _Logits(logits)
     parts = [[0, 1, 2], [3, 4], [5, 6]]  # a ragged split of the window
     loss_sum = sum(objective(model, {"row": torch.tensor(p), "labels": labels[p]}).sum() for p in parts)
-    weight_sum = sum(objective.weights({"labels": labels[p]}).sum() for p in parts)
+    weight_sum = sum(objective.weights({"labels": labels[p]}, logits[p]).sum() for p in parts)
     expected = F.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64))
     assert (loss_sum / weight_sum).item() == pytest.approx(expected.item(), abs=1e-14)
     assert weight_sum.item() == pytest.approx(4 * 0.5 + 2.0 + 2 * 3.0)
     assert abs((loss_sum / 7).item() - expected.item()) > 1e-3  # the count is the wrong normaliser
-    assert CrossEntropy(None).weights({"labels": labels}) is None
+    assert CrossEntropy(None).weights({"labels": labels}, logits) is None
 
 
 def test_multi_label_loss_is_bce_mean_over_labels_with_positive_weights():
@@ -80,7 +93,7 @@ def test_multi_label_loss_is_bce_mean_over_labels_with_positive_weights():
     expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))(
         logits, labels.double())
     assert per_row.shape == (4,) and per_row.mean().item() == pytest.approx(expected.item(), abs=1e-14)
-    assert BinaryCrossEntropy(pos_weight).weights({"labels": labels}) is None  # each row weighs 1
+    assert BinaryCrossEntropy(pos_weight).weights({"labels": labels}, logits) is None  # each row weighs 1
 
 
 def test_multi_label_predictions_threshold_and_report_by_hand():

@@ -90,6 +90,23 @@ def test_verify_equivalence_with_class_weights_on_two_ranks(tmp_path, imbalanced
     assert naive.returncode == 1 and naive.stdout.strip().endswith("FAIL")
 
 
+def test_balanced_weights_with_a_label_left_out_by_max_train_samples_stop_before_training(tmp_path):
+    """A training file with one 'mixed' row among 40; data.max_train_samples=10 leaves it out (seed 42): a
+    balanced weight for 'mixed' would divide by 0 (scikit-learn raised ValueError, a traceback). Exit 2 names it."""
+    texts, labels = dedupe(*rotten_tomatoes_pool()[:2])
+    rows = [{"text": texts[39], "label": "mixed"}] + [{"text": t, "label": label}
+                                                      for t, label in zip(texts[:39], labels[:39])]
+    train = write_csv(tmp_path / "train.csv", rows)
+    validation = write_csv(tmp_path / "validation.csv", [{"text": t, "label": label}
+                                                         for t, label in zip(texts[40:60], labels[40:60])])
+    run = tmp_path / "run"
+    proc = launch(run, *TINY, "data=csv", f"data.train_file={train}", f"data.validation_file={validation}",
+                  "data.max_train_samples=10", "trainer.class_weights=balanced", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: trainer.class_weights=balanced: label(s) ['mixed'] have no row in the training split" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run / "metrics.json").exists()
+
+
 # --- sentence pairs and multi-label, on crafted data whose answer is known ------------------------------
 
 FILLER = ("the a film plot story scene actor music long short slow quiet bright night city road house "

@@ -130,6 +130,7 @@ class Job:
     trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
     total_parameters: int = 0
     precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
+    eval_forward: oom.EvalForward | None = None          # evaluation logits, sliced on out of memory (None: plain)
 
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
@@ -204,7 +205,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
                                   weighted=task.weighted_normaliser)
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
-              trainable_parameters, total_parameters, choice)
+              trainable_parameters, total_parameters, choice, oom.EvalForward(oom_policy, t.eval_batch_size))
     log_plan(job, engine_name)
     return job
 
@@ -217,6 +218,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
+    models.check_max_length(model, rc.data.max_length)  # before tokenizing: a longer row would fail mid-run
     # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
     # parameters that require grad (LoRA: the adapters and the classification head).
     model = models.apply_memory_levers(model, rc.model, rc.peft)

@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .errors import ConfigError, TrainingError
+from .oom import is_out_of_memory, update_out_of_memory
 from .step import StepResult
 
 DEEPSPEED_STAGES = (0, 1, 2)  # ZeRO-3 partitions parameters: saving/reloading the model is not handled here
@@ -72,6 +73,11 @@ def check_supported(accelerator, trainer, peft=None) -> None:
             "parameters would mix frozen and trainable weights) and DeepSpeed owns; neither path is implemented "
             "or tested here. Use DDP (or one process), or peft=none.")
     if engine == "deepspeed":
+        if trainer.loss_normalisation == "naive":
+            raise ConfigError("trainer.loss_normalisation=naive is not supported under DeepSpeed: DeepSpeed divides "
+                              "each micro-batch's loss by its own gradient_accumulation_steps inside backward, and "
+                              "the loop pre-scales the losses to the exact window mean; the naive variant (the "
+                              "comparison baseline) would silently train exact. Use DDP or one process for naive.")
         if trainer.micro_batch_size == "auto":
             raise ConfigError("trainer.micro_batch_size=auto is not supported under DeepSpeed: DeepSpeed fixes "
                               "train_micro_batch_size_per_gpu when it starts. Give a number.")
@@ -180,20 +186,47 @@ def _apply(parts, window, totals: torch.Tensor, rescale: bool, fp16: bool):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, window.grad_accum_steps * window.world_size / totals[1])
     # The norm of the all-reduced gradients: every rank sees the same number.
-    norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
+    try:
+        parts.hooks.before_clip()
+        norm = acc.clip_grad_norm_(model.parameters(), parts.max_grad_norm or math.inf)
+    except RuntimeError as err:
+        if is_out_of_memory(err):
+            raise update_out_of_memory("clipping the gradients", window, model) from err
+        raise
     loss_sum, weight, examples, stop_votes, grad_norm = torch.cat(
         [totals.float(), norm.reshape(1).float().to(totals.device)]).tolist()  # the update's one host read
     finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or fp16)  # fp16: the GradScaler skips infs
     stepped = False
     if finite:
-        parts.optimizer.step()
+        try:
+            parts.optimizer.step()
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise update_out_of_memory("in the optimizer step", window, model) from err
+            raise
         stepped = not acc.optimizer_step_was_skipped  # a GradScaler-skipped step does not advance the schedule
         if stepped:
             parts.scheduler.step()
+    elif acc.scaler is not None:
+        skip_scaler_step(acc.scaler)  # the clip's unscale_() above must be closed by an update()
     # Not optimizer.zero_grad(): Accelerate makes that a no-op off a sync step.
     model.zero_grad(set_to_none=True)
     return StepResult(loss_sum, weight, int(examples), grad_norm, int(stop_votes), stepped=stepped,
                       skipped=not finite)
+
+
+def skip_scaler_step(scaler) -> None:
+    """Leave the fp16 GradScaler as torch's own skipped step does (GradScaler.step finding an inf, then
+    update()): the scale times backoff_factor, the growth count back to 0, and this update's unscale_() record
+    cleared (without that, the next unscale_() raises "unscale_() has already been called on this optimizer
+    since the last update()"). Public API only: update(new_scale) clears the record but keeps the growth count,
+    which load_state_dict resets. Runs only on a skipped update (it reads the scale: a host sync)."""
+    state = scaler.state_dict()
+    if not state:  # a disabled scaler keeps no state
+        return
+    backed_off = state["scale"] * state["backoff_factor"]
+    scaler.update(new_scale=backed_off)
+    scaler.load_state_dict({**state, "scale": backed_off, "_growth_tracker": 0})
 
 
 def _apply_deepspeed(parts, window, totals: torch.Tensor):

@@ -48,6 +48,7 @@ class Hooks:
     after_backward: Callable[[torch.nn.Module, bool], None] = _no_op        # (model, sync_gradients)
     before_checkpoint_rename: Callable[[str], None] | None = None           # (temporary folder)
     after_setup: Callable[[], None] = _no_op                 # built, before the first update
+    before_clip: Callable[[], None] = _no_op                 # after the window's backward passes
 
 
 @dataclass

@@ -19,9 +19,10 @@ def load_metric(multi_label: bool = False) -> evaluate.EvaluationModule:
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator, task) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, loader, accelerator, task, forward=None) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and labels of the whole split, in dataset order, on every rank: class ids, or multi-hot
-    rows for a multi-label task (`task.predictions`).
+    rows for a multi-label task (`task.predictions`). `forward(model, batch)` gives the logits (oom.EvalForward:
+    sliced on out of memory); None: one forward pass per batch.
 
     `gather_for_metrics` drops the samples Accelerate repeats to give every rank equal batches, so an
     odd-sized split yields exactly its own number of predictions.
@@ -31,7 +32,7 @@ def predict(model, loader, accelerator, task) -> tuple[np.ndarray, np.ndarray]:
     predictions, references = [], []
     for batch in loader:
         labels = batch.pop("labels")
-        logits = model(**batch).logits
+        logits = forward(model, batch) if forward is not None else model(**batch).logits
         preds, labels = accelerator.gather_for_metrics((task.predictions(logits), labels.long()))
         predictions.append(preds.cpu())
         references.append(labels.cpu())

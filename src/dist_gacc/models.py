@@ -58,9 +58,12 @@ def build_vocab(texts: list[str], vocab_size: int) -> list[str]:
 
 
 def build_tokenizer(cfg: ModelConfig, train_texts: list[str], max_length: int):
+    """The run's tokenizer, its model_max_length data.max_length (as a from-scratch one has it): model/ saves it,
+    so transformers' pipeline and scripts/predict.py (truncation=True) cut texts where training did, not at the
+    pretrained tokenizer's own limit (512 for MiniLM)."""
     if cfg.name_or_path is not None:
         try:
-            return AutoTokenizer.from_pretrained(cfg.name_or_path)
+            return AutoTokenizer.from_pretrained(cfg.name_or_path, model_max_length=max_length)
         except OSError as err:
             raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load its tokenizer "
                               f"(a folder, or a Hub name with network access): {err}") from err
@@ -105,6 +108,30 @@ def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
     if getattr(config, "classifier_dropout", None) is not None:
         config.classifier_dropout = cfg.dropout
     return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, config=config)
+
+
+def position_limit(model) -> int | None:
+    """The most tokens per row the model's absolute-position table holds (None: it has none, e.g. relative or
+    rotary positions, which do not index a table). Read from the `position_embeddings` Embedding itself, not
+    only config.max_position_embeddings: RoBERTa-style models number positions from padding_idx + 1, so 514
+    rows hold 512 tokens."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(module, torch.nn.Embedding):
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            return module.num_embeddings - offset
+    return None
+
+
+def check_max_length(model, max_length: int) -> None:
+    """Refuse data.max_length beyond the model's positions before training: otherwise the first text that long
+    fails mid-run with an index error in the embedding lookup."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        configured = getattr(model.config, "max_position_embeddings", None)
+        raise ConfigError(f"data.max_length={max_length} is longer than the model's {limit} positions "
+                          f"(max_position_embeddings {configured}): set data.max_length={limit} or less")
 
 
 # --- memory levers: gradient checkpointing, LoRA ----------------------------------------------------

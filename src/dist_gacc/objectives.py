@@ -1,6 +1,7 @@
 """Per-example losses and weights. An update is the weighted mean of these over the window's real examples:
-each objective returns one (weighted) loss per row, and `weights(batch)` the weight each row adds to the
-window's normaliser (None: every row weighs 1, and the normaliser is the window's count of real rows).
+each objective returns one (weighted) loss per row, and `weights(batch, losses)` the weight each row adds to
+the window's normaliser, in the losses' dtype (None: every row weighs 1, and the normaliser is the window's
+count of real rows).
 
 Chosen once at build (tasks.Task.objective):
 - `CrossEntropy`: single-label; with class weights w, row i's loss is w[y_i] * CE_i and its weight w[y_i], so
@@ -39,11 +40,11 @@ class _Weighted:
         self.label_weights = label_weights
         self._cache: dict = {}
 
-    def _weights_like(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """The weights on `like`'s device, in `dtype` (default: `like`'s)."""
+    def _weights_like(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The weights on `like`'s device, in its dtype."""
         if self.label_weights is None:
             return None
-        key = (like.device, dtype or like.dtype)
+        key = (like.device, like.dtype)
         if key not in self._cache:
             self._cache[key] = torch.tensor(self.label_weights, dtype=key[1], device=key[0])
         return self._cache[key]
@@ -57,11 +58,11 @@ class CrossEntropy(_Weighted):
         logits = logits.to(_float_dtype(logits))
         return F.cross_entropy(logits, batch["labels"], weight=self._weights_like(logits), reduction="none")
 
-    def weights(self, batch: dict) -> torch.Tensor | None:
-        """Each row's class weight: its share of the window's normaliser."""
-        labels = batch["labels"]
-        weights = self._weights_like(labels, torch.float64)  # summed over the window: float64 loses nothing
-        return None if weights is None else weights[labels]
+    def weights(self, batch: dict, losses: torch.Tensor) -> torch.Tensor | None:
+        """Each row's class weight, its share of the window's normaliser, in the losses' dtype and device (the
+        weight tensor the loss itself used). Not float64: Apple's MPS has none."""
+        weights = self._weights_like(losses)
+        return None if weights is None else weights[batch["labels"]]
 
     def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """torch's own weighted mean of one batch (verify_equivalence's definition of an update)."""
@@ -78,7 +79,7 @@ class BinaryCrossEntropy(_Weighted):
         return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype),
                                                   pos_weight=self._weights_like(logits), reduction="none").mean(dim=1)
 
-    def weights(self, batch: dict) -> None:
+    def weights(self, batch: dict, losses: torch.Tensor) -> None:
         return None
 
     def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,62 @@ class MemoryGuard:
         self.armed = None
 
 
+def update_out_of_memory(phase: str, window, model) -> UserError:
+    """Out of memory after a window's backward passes (clipping, the optimizer step): its activations are freed,
+    so no smaller micro-batch helps and there is nothing to redo. What has to fit is the parameters, their
+    gradients and AdamW's state (two fp32 tensors per trainable parameter, allocated at the first step)."""
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return UserError(
+        f"out of memory {phase} in window {window.index} of epoch {window.epoch}, after the backward passes (a "
+        f"smaller trainer.micro_batch_size does not help here): the parameters, gradients and AdamW state of "
+        f"{trainable_parameters:,} trainable parameters do not fit. Train fewer parameters with peft=lora (the "
+        "adapters and the head only), or a smaller model (model.name_or_path).")
+
+
+class EvalForward:
+    """Evaluation logits that survive out of memory: a batch that does not fit at trainer.eval_batch_size is
+    run in slices, halved until they fit; the slice size then stays for the rest of the run.
+
+    Local to the rank, no vote: an evaluation forward pass holds no collective (no gradient, so DDP does not
+    synchronise; DeepSpeed ZeRO-1/2 keeps whole parameters), and every rank still returns one row of logits per
+    row of its batch for gather_for_metrics. A row's logits depend on its own tokens and mask only, so the
+    slicing changes no prediction. Under FSDP the forward pass all-gathers parameters, so a rank that failed
+    could not rejoin the others mid-pass: the run stops, naming trainer.eval_batch_size."""
+
+    def __init__(self, policy: Policy, eval_batch_size: int):
+        self.policy, self.configured, self.rows = policy, eval_batch_size, eval_batch_size
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        while True:
+            try:
+                return self._logits(model, batch)
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                self._fall_back(err, len(next(iter(batch.values()))))
+
+    def _logits(self, model, batch: dict) -> torch.Tensor:
+        n = len(next(iter(batch.values())))
+        if n <= self.rows:
+            return model(**batch).logits
+        return torch.cat([self._logits(model, {k: v[i:i + self.rows] for k, v in batch.items()})
+                          for i in range(0, n, self.rows)])
+
+    def _fall_back(self, err: BaseException, batch_rows: int) -> None:
+        if not self.policy.agree:
+            raise UserError(f"out of memory evaluating at trainer.eval_batch_size={self.configured} under FSDP, "
+                            "where a rank cannot redo a forward pass alone. Restart with a smaller "
+                            "trainer.eval_batch_size (resume=auto keeps every update).") from err
+        if min(self.rows, batch_rows) == 1:
+            raise UserError("out of memory evaluating 1 example at a time: the model does not fit for inference; "
+                            "try trainer.mixed_precision=bf16, a shorter data.max_length or a smaller model") from err
+        failed = min(self.rows, batch_rows)
+        self.rows = failed // 2
+        clear_device_cache(garbage_collection=True)
+        log.warning("out of memory in evaluation at %d rows per forward pass (trainer.eval_batch_size=%d): "
+                    "evaluating %d rows at a time from here on", failed, self.configured, self.rows)
+
+
 def resplit(state, accelerator, micro_batch_size: int, reason: str, grad_accum_steps: int | None = None) -> None:
     """Change the micro-batch (and N), keeping the effective batch fixed; logged in the state.
 

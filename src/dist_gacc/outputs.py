@@ -27,7 +27,7 @@ log = get_logger(__name__)
 
 def evaluate(job: Job, split: str, average: str) -> dict:
     """Collective. Metrics of `split` on every rank, with the predictions in dataset order."""
-    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task)
+    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task, job.eval_forward)
     return {**metrics.score(job.metric, preds, refs, average, job.task.label_names), "predictions": preds,
             "references": refs}
 

@@ -134,12 +134,13 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
 def main(cfg: DictConfig) -> float:
     """Entry point for scripts/train.py: expected failures end with a message and a documented code.
 
-    Returns the objective for Hydra sweepers: the best validation F1 (the final one if not tracked).
+    Returns the objective for Hydra sweepers: the validation F1 of the model in model/ (`eval`, outputs.finish):
+    the best model with save_best or early stopping, else the final one. Not the best evaluation's F1 when
+    model/ is the final model: a sweep would then pick settings by a model it never saved.
     """
     check_multirun()
     try:
-        result = run(cfg)
-        return (result["best"] or result["eval"])["f1"]
+        return run(cfg)["eval"]["f1"]
     except Exception as err:
         known = exit_code(err)
         if known is None:

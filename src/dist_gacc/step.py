@@ -38,7 +38,7 @@ class StepParts:
     model: torch.nn.Module
     optimizer: object
     scheduler: object
-    objective: Callable          # (model, batch) -> per-example losses; .weights(batch): None or per-example weights
+    objective: Callable          # (model, batch) -> per-example losses; .weights(batch, losses): None or per-row weights
     engine: object               # engines.Engine: how losses are scaled and the update applied
     guard: object                # oom.MemoryGuard
     hooks: object                # Hooks (test instrumentation)
@@ -58,7 +58,7 @@ def train_step(parts: StepParts, window, state, stop: bool) -> StepResult:
                                         f"(last micro-batch: {micro.last}) disagree")
                 losses = guard.forward(parts.objective, micro, state)  # collective where it syncs (the vote)
                 real_sum = losses[:micro.real].sum()  # Accelerate's repeats masked out
-                weights = parts.objective.weights(micro.batch)  # None: every row weighs 1
+                weights = parts.objective.weights(micro.batch, losses)  # None: every row weighs 1
                 guard.backward(parts.engine.loss_to_backward(real_sum, losses, window), micro, state)
             loss_sum = real_sum.detach() if loss_sum is None else loss_sum + real_sum.detach()
             examples += micro.real

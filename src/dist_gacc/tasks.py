@@ -14,7 +14,7 @@ import torch
 from sklearn.preprocessing import MultiLabelBinarizer
 from sklearn.utils.class_weight import compute_class_weight
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .objectives import BinaryCrossEntropy, CrossEntropy
 
 
@@ -76,9 +76,11 @@ def class_weights(setting, label_names: list[str], train_labels, multi_label: bo
         if multi_label:
             y = MultiLabelBinarizer(classes=range(k)).fit_transform(train_labels)
             positives = y.sum(axis=0)
+            _require_every_label(positives, label_names)
             return [float((len(y) - p) / p) for p in positives], "balanced"
-        # Every label name comes from the training split, so each class has a count.
-        weights = compute_class_weight("balanced", classes=np.arange(k), y=np.asarray(train_labels))
+        y = np.asarray(train_labels)
+        _require_every_label(np.bincount(y, minlength=k), label_names)
+        weights = compute_class_weight("balanced", classes=np.arange(k), y=y)
         return [float(w) for w in weights], "balanced"
     if isinstance(setting, dict):
         unknown = sorted(set(map(str, setting)) - set(label_names))
@@ -93,6 +95,18 @@ def class_weights(setting, label_names: list[str], train_labels, multi_label: bo
         raise ConfigError(f"trainer.class_weights has {len(setting)} weight(s) but the data has {k} labels "
                           f"{label_names} (in this order); or give a mapping label -> weight")
     return [float(w) for w in setting], "explicit"
+
+
+def _require_every_label(counts, label_names: list[str]) -> None:
+    """Balanced weights divide by each label's count in the training split. The label names come from the
+    whole training data, so the split or data.max_train_samples can leave a label with no row: its weight
+    would be infinite (multi-label: every update non-finite) or scikit-learn's ValueError."""
+    missing = [name for name, count in zip(label_names, counts) if count == 0]
+    if missing:
+        raise DataError(f"trainer.class_weights=balanced: label(s) {missing} have no row in the training split "
+                        "(after the validation/test split and data.max_train_samples), so no balanced weight "
+                        "exists for them. Raise data.max_train_samples, add rows of those labels, or give "
+                        "explicit weights (trainer.class_weights={label: weight}).")
 
 
 def build_task(trainer, label_names: list[str], multi_label: bool, train_labels) -> Task:

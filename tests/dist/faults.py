@@ -10,6 +10,10 @@ nan         rank 1's losses are NaN in update 4
 nan_always  every rank's losses are NaN from update 2 on
 save_crash  the main process dies while saving checkpoint step-4, after the files, before the rename
 term_setup  the process sends itself SIGTERM at the end of set-up, before the first update
+oom_step    torch.OutOfMemoryError in the first optimizer step (as AdamW allocating its state)
+oom_clip    torch.OutOfMemoryError while clipping the first update's gradients
+oom_eval    rank 1 (of 2) runs out of memory in evaluation forward passes of more than 8 rows; each failed
+            size is appended to <run_dir>.oom_eval
 """
 
 import os
@@ -54,10 +58,36 @@ def after_setup() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def before_clip() -> None:
+    if mode == "oom_clip":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated, clipping)")
+
+
+def optimizer_step(optimizer, args, kwargs) -> None:  # torch's global optimizer step pre-hook
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 88.00 MiB (simulated, AdamW state)")
+
+
+def eval_forward(module, args) -> None:  # torch's global module forward pre-hook: the first Linear of a pass
+    rows = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 0
+    if rank == 1 and isinstance(module, torch.nn.Linear) and not module.training and rows > 8:
+        with open(f"{run_dir}.oom_eval", "a") as f:
+            f.write(f"{rows}\n")
+        raise torch.OutOfMemoryError(f"CUDA out of memory at {rows} rows (simulated, evaluation)")
+
+
+if mode == "oom_step":
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(optimizer_step)
+if mode == "oom_eval":
+    torch.nn.modules.module.register_module_forward_pre_hook(eval_forward)
+
+
 try:  # as dist_gacc.main does: expected failures exit with their documented code
     run(compose_cfg(*overrides, f"output_dir={run_dir}"),
         hooks=Hooks(before_forward=before_forward, after_forward=after_forward,
-                    before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup))
+                    before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup,
+                    before_clip=before_clip))
 except Exception as err:
     known = exit_code(err)
     if known is None:
