@@ -48,13 +48,14 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
                 job.oom_policy, t.max_bad_steps, checkpointer, stop)
 
 
-def train_only(job: Job, engine: engines.Engine | None = None) -> TrainState:
-    """Train `job` from scratch with its engine (or `engine`): no evaluation, checkpoints or trackers."""
-    loop, state = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
+def train_only(job: Job, engine: engines.Engine | None = None, state: TrainState | None = None) -> TrainState:
+    """Train `job` from scratch (or on from a resumed `state`) with its engine (or `engine`): no evaluation,
+    checkpoints or trackers."""
+    loop, fresh = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
                              len(job.splits["train"]), job.micro_batch_size, job.grad_accum_steps, job.total_updates,
                              max_grad_norm=job.rc.trainer.max_grad_norm, engine=engine or job.engine, hooks=job.hooks,
                              objective=job.task.objective())
-    return fit(loop, state)
+    return fit(loop, state or fresh)
 
 
 def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:

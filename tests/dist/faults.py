@@ -10,6 +10,8 @@ nan         rank 1's losses are NaN in update 4
 nan_always  every rank's losses are NaN from update 2 on
 save_crash  the main process dies while saving checkpoint step-4, after the files, before the rename
 term_setup  the process sends itself SIGTERM at the end of set-up, before the first update
+verify-<mode>  the same fault under scripts/verify_equivalence.py's check (float64 against one batch per
+            update): exit 0 on PASS, 1 on FAIL
 """
 
 import os
@@ -23,8 +25,10 @@ from conftest import compose_cfg
 from dist_gacc import run
 from dist_gacc.loop import Hooks
 from dist_gacc.run import exit_code
+from dist_gacc.verify import verify
 
 run_dir, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+checked, mode = mode.startswith("verify-"), mode.removeprefix("verify-")
 rank = int(os.environ.get("RANK", "0"))  # set by the launcher
 
 
@@ -54,10 +58,12 @@ def after_setup() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+hooks = Hooks(before_forward=before_forward, after_forward=after_forward,
+              before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup)
 try:  # as dist_gacc.main does: expected failures exit with their documented code
-    run(compose_cfg(*overrides, f"output_dir={run_dir}"),
-        hooks=Hooks(before_forward=before_forward, after_forward=after_forward,
-                    before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup))
+    if checked:
+        sys.exit(0 if verify(compose_cfg(*overrides, f"output_dir={run_dir}"), hooks) else 1)
+    run(compose_cfg(*overrides, f"output_dir={run_dir}"), hooks=hooks)
 except Exception as err:
     known = exit_code(err)
     if known is None:
