@@ -64,3 +64,23 @@ def test_freeze_keeps_running_statistics_fixed_while_weights_train(policy):
         assert moved == 0.0 and model.norm.num_batches_tracked.item() == 0
     else:
         assert moved > 1e-4 and model.norm.num_batches_tracked.item() == 4 * 2  # per micro-batch: N per update
+
+
+@pytest.mark.slow
+def test_frozen_batchnorm_is_part_of_the_resume_fingerprint(tmp_path):
+    """Frozen statistics change every forward pass: a resume that switches warn <-> freeze is refused where the
+    model has BatchNorm layers. Elsewhere, and at the default, the key is absent (older checkpoints resume)."""
+    import dataclasses
+
+    from conftest import TINY, compose_cfg
+    from dist_gacc.build import build, fingerprint
+    from dist_gacc.checkpoint import CheckpointError, check_fingerprint
+
+    job = build(compose_cfg(*TINY, "trainer.batchnorm=freeze", "trainer.log_with=none", f"output_dir={tmp_path}"))
+    assert "batchnorm" not in fingerprint(job) and "group_by_length" not in fingerprint(job)  # BERT: no BatchNorm
+    frozen = dataclasses.replace(job, model=BatchNormClassifier())
+    warned = dataclasses.replace(frozen, rc=dataclasses.replace(
+        job.rc, trainer=dataclasses.replace(job.rc.trainer, batchnorm="warn")))
+    assert fingerprint(frozen)["batchnorm"] == "freeze" and "batchnorm" not in fingerprint(warned)
+    with pytest.raises(CheckpointError, match=r"batchnorm: checkpoint None -> now 'freeze'"):
+        check_fingerprint(fingerprint(warned), fingerprint(frozen), "step-4", force=False)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import TINY, launch, load_params, max_abs_diff, read_metrics
+from conftest import ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
 from dist_gacc.elastic import check_world_change, rank_seed
 from dist_gacc.errors import ConfigError
 from test_resume import signal_tree, start, steps, wait_for_checkpoint
@@ -44,6 +44,8 @@ def same_run(resumed, reference, total=16):
     assert a["train_losses"] == pytest.approx(b["train_losses"], abs=1e-5)
     assert a["lr_after_update"] == pytest.approx(b["lr_after_update"], rel=1e-9)  # the same schedule
     assert max_abs_diff(load_params(resumed), load_params(reference)) <= 1e-5
+    # Adam barely sees a gradient's scale (and clipping hides it): compare each update's gradient norm too.
+    assert len(a["grad_norms"]) == total and a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-5)
     return a
 
 
@@ -94,3 +96,18 @@ def test_a_change_of_effective_batch_is_still_refused(tmp_path, uninterrupted):
     assert proc.returncode == 2 and "effective_batch_size: checkpoint 8 -> now 16" in proc.stderr
     assert "world_size" not in proc.stderr  # the world size alone is not a difference
     assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_verify_float64_passes_through_a_world_change(tmp_path):
+    """2 ranks train 3 updates in float64 and checkpoint; scripts/verify_equivalence.py resumes that checkpoint on
+    1 process (micro 4 x N 2) and compares all 6 updates with one batch per window from the initial model."""
+    config = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=2", "trainer.effective_batch_size=8",
+              "verify.updates=6"]  # windows of 8, 8, 8, 8, 5, then 8 of the second epoch
+    first = tmp_path / "first"
+    launch_script(ROOT / "tests" / "dist" / "float64_checkpoint.py", str(first), "3", *config, processes=2)
+    proc = launch(tmp_path / "verify", *config, "trainer.micro_batch_size=4",
+                  f"resume={first}/checkpoints/step-3", script=ROOT / "scripts" / "verify_equivalence.py")
+    assert "world size 2 -> 1, micro-batch 2 -> 4, N 2 -> 2 (effective batch 8)" in proc.stdout + proc.stderr
+    assert "windows of 8, 8, 8, 8, 5, 8 examples" in proc.stdout and "float64" in proc.stdout
+    assert proc.stdout.strip().endswith("PASS")

@@ -75,6 +75,9 @@ def test_effective_batch_gives_same_updates_on_1_and_2_processes(eff16_runs):
     assert one["optimizer_steps"] == two["optimizer_steps"] == 8
     assert max_abs_diff(load_params(eff16_runs[1]), load_params(eff16_runs[2])) <= 1e-5
     assert one["train_losses"] == pytest.approx(two["train_losses"], rel=1e-6)
+    # Adam is nearly blind to a gradient's scale (and clipping to max_grad_norm=1 hides it): a wrong factor
+    # shows in every update's gradient norm before clipping.
+    assert len(one["grad_norms"]) == 8 and one["grad_norms"] == pytest.approx(two["grad_norms"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -87,6 +90,18 @@ def test_oom_midway_on_one_rank_keeps_every_update(tmp_path, eff16_runs):
     assert m["optimizer_steps"] == 8 and m["effective_batch_size"] == 16
     assert max_abs_diff(load_params(run_dir), load_params(eff16_runs[2])) <= 1e-5
     assert m["train_losses"] == pytest.approx(read_metrics(eff16_runs[2])["train_losses"], rel=1e-6)
+    assert m["grad_norms"] == pytest.approx(read_metrics(eff16_runs[2])["grad_norms"], rel=1e-5)  # the scale too
+
+
+@pytest.mark.slow
+def test_verify_float64_passes_through_the_oom_fallback(tmp_run):
+    """The float64 check (scripts/verify_equivalence.py) with rank 1 out of memory from update 3: the updates
+    after the fallback (micro 2 x N 4) equal one batch per window to rounding."""
+    proc = launch_script(ROOT / "tests" / "dist" / "faults.py", str(tmp_run), "verify-midway", *EFF16,
+                         "verify.updates=4")
+    assert "out of memory at update 2: micro-batch 4 x N 2 -> 2 x 4" in proc.stdout + proc.stderr
+    assert "split: micro-batch 2 x N 4 x processes 2 = effective 16; 4 updates" in proc.stdout
+    assert "float64" in proc.stdout and proc.stdout.strip().endswith("PASS")
 
 
 @pytest.mark.slow

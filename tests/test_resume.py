@@ -226,3 +226,99 @@ def test_bad_data_stops_before_training_without_a_finished_looking_run(tmp_path)
     assert "updates:" not in proc.stderr  # no training started
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model").exists()
     assert not (run_dir / "checkpoints").exists()
+
+
+# RESUMABLE with every checkpoint kept, the best model kept (model/) and an evaluation every 2 updates. Measured
+# (tiny BERT, binary F1): 0.0 at updates 2 and 4, 0.68 from update 6 on, so model/ is replaced after step-4.
+KEPT = [*RESUMABLE, "trainer.keep_checkpoints=20", "trainer.save_best=true", "trainer.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("kept")
+    launch(run_dir, *KEPT, processes=1)
+    return run_dir
+
+
+def abandoned_copy(kept, run_dir):
+    """A finished run whose user goes back to an older checkpoint: its folder without metrics.json."""
+    shutil.copytree(kept, run_dir)
+    (run_dir / "metrics.json").unlink()
+    return run_dir
+
+
+def resume_and_stop(run_dir, *overrides):
+    """Resume, then stop by a signal at the end of set-up: one update is trained and checkpointed (exit 75).
+    Returns the run's output."""
+    with pytest.raises(AssertionError, match=r"script failed \(75\)") as stopped:
+        launch_script(FAULTS, str(run_dir), "term_setup", *KEPT, *overrides, processes=1)
+    return str(stopped.value)
+
+
+def test_resume_in_another_example_order_is_refused_and_changes_nothing(tmp_path, kept):
+    """trainer.group_by_length decides every epoch's order: a mid-epoch resume in another order would train
+    some examples twice and skip others."""
+    run_dir = abandoned_copy(kept, tmp_path / "run")
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = launch(run_dir, *KEPT, f"resume={run_dir}/checkpoints/step-4", "trainer.group_by_length=true",
+                  processes=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "group_by_length: checkpoint None -> now True" in proc.stderr
+    # Refused before anything moved: the newer checkpoints stay where they were.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_resume_from_an_older_checkpoint_retires_the_newer_ones(tmp_path, kept):
+    run_dir = abandoned_copy(kept, tmp_path / "run")
+    output = resume_and_stop(run_dir, f"resume={run_dir}/checkpoints/step-4", "trainer.keep_checkpoints=2")
+    retired = list((run_dir / "checkpoints").glob("retired-from-step-4-*"))
+    assert len(retired) == 1
+    assert sorted(int(p.name.split("-")[1]) for p in retired[0].glob("step-*")) == list(range(5, 16))
+    assert (f"resuming from update 4: moved the newer checkpoints step-5, step-6, step-7, step-8, step-9, step-10, "
+            f"step-11, step-12, step-13, step-14, step-15 (an abandoned continuation) aside into {retired[0]}") in output
+    # The new step-5 is kept (pruning used to keep the abandoned step-14 and step-15 and delete it) ...
+    assert steps(run_dir) == [4, 5]
+    # ... and resume=auto continues the new run, not the abandoned one: the same run as uninterrupted.
+    launch(run_dir, *KEPT, "resume=auto", processes=1)
+    m = read_metrics(run_dir)
+    assert m["resumed_from"].endswith("checkpoints/step-5")
+    assert m["train_losses"] == read_metrics(kept)["train_losses"] and m["updates"] == 16
+    assert max_abs_diff(load_params(run_dir), load_params(kept)) == 0.0
+
+
+def test_resume_puts_back_the_best_model_its_checkpoint_describes(tmp_path, kept):
+    """model/ travels with the checkpoints: after a resume it is the model of the resumed state's `best`,
+    not the abandoned run's later best (which a replay that differs may never overwrite)."""
+    from safetensors.torch import load_file
+
+    step4 = json.loads((kept / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert step4["state"]["best"]["update"] == 2 and read_metrics(kept)["best"]["update"] == 6  # measured
+    after_update_2 = load_file(str(kept / "checkpoints" / "step-2" / "model.safetensors"))
+    run_dir = abandoned_copy(kept, tmp_path / "run")
+    assert max_abs_diff(load_params(run_dir), after_update_2) > 1e-3  # model/: the abandoned run's best (update 6)
+    resume_and_stop(run_dir, f"resume={run_dir}/checkpoints/step-4")
+    assert max_abs_diff(load_params(run_dir), after_update_2) == 0.0
+    # The checkpoint written after the resume (update 5, no evaluation) carries that model, as hard links.
+    saved = run_dir / "checkpoints" / "step-5" / "best_model" / "model.safetensors"
+    assert os.path.samefile(saved, run_dir / "model" / "model.safetensors")
+    record = json.loads((run_dir / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    assert record["state"]["best"]["update"] == 2 and "best_model/model.safetensors" in record["files"]
+
+
+def test_a_checkpoint_without_an_evaluation_removes_the_abandoned_best_model(tmp_path):
+    from accelerate import PartialState
+
+    from dist_gacc.checkpoint import restore_best_model
+
+    PartialState()  # Accelerate's logger needs its state
+    model, step = tmp_path / "model", tmp_path / "checkpoints" / "step-1"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"abandoned")
+    step.mkdir(parents=True)
+    restore_best_model(str(step), {"state": {"updates": 1, "best": None}}, str(model))
+    assert not model.exists() and not (tmp_path / "model.old").exists()
+    (step / "best_model").mkdir()
+    (step / "best_model" / "model.safetensors").write_bytes(b"best")
+    restore_best_model(str(step), {"state": {"updates": 1, "best": {"update": 1}}}, str(model))
+    assert (model / "model.safetensors").read_bytes() == b"best" and not (tmp_path / "model.tmp").exists()

@@ -132,6 +132,11 @@ class Job:
     precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
     eval_forward: oom.EvalForward | None = None          # evaluation logits, sliced on out of memory (None: plain)
 
+    @property
+    def keep_best(self) -> bool:
+        """model/ holds the best model by validation F1 (save_best, implied by early stopping)."""
+        return self.rc.trainer.save_best or self.rc.trainer.early_stopping_patience is not None
+
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
         loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
@@ -265,6 +270,10 @@ def describe_precision(choice: precision.PrecisionChoice | None, resolved: str) 
     return f"{choice.requested} -> {choice.resolved} ({choice.reason})"
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def fingerprint(job: Job) -> dict:
     """The settings that define the sequence of updates; a resume must not change them silently.
     (Not the micro-batch, N or the world size: any split of the effective batch over any number of processes
@@ -284,6 +293,14 @@ def fingerprint(job: Job) -> dict:
     }
     if rc.peft.name != "none":  # absent without peft: checkpoints written before the peft group still resume
         record["peft"] = dataclasses.asdict(rc.peft)
+    # The order of every epoch: a mid-epoch resume in another order would repeat some examples and miss others.
+    # Absent when off (the default), so checkpoints written before this key still resume.
+    if rc.trainer.group_by_length:
+        record["group_by_length"] = True
+    # Frozen BatchNorm statistics change every forward pass; warn and error train alike (error refuses N > 1).
+    # Only where the model has BatchNorm layers (elsewhere the setting changes nothing); absent otherwise.
+    if rc.trainer.batchnorm == "freeze" and has_batchnorm(job.accelerator.unwrap_model(job.model)):
+        record["batchnorm"] = "freeze"
     return json.loads(json.dumps(record))  # the form it takes in trainer_state.json
 
 

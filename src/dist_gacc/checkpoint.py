@@ -5,6 +5,10 @@ states; we add `trainer_state.json` (loop counters, data position, the logged hi
 that define the math, and a manifest of every file's size and SHA-256). Everything is written into
 `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when complete: a crash mid-save
 leaves a temporary folder that is never resumed from.
+
+A run that keeps its best model (model/) saves it with each checkpoint (`best_model/`, hard links), so a resume
+puts back the model/ that the checkpoint's `best` describes. Resuming from a checkpoint older than the newest
+moves the newer ones (an abandoned continuation) aside into `checkpoints/retired-from-step-N-<time>/`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+import time
 
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
@@ -24,6 +30,7 @@ from .errors import UserError
 log = get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best_model"  # in a checkpoint: model/ as it was at that update (when the run keeps its best model)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -60,9 +67,10 @@ class Checkpointer:
     """Saves `step-N` checkpoints of a run every `every` updates and at each epoch's end."""
 
     def __init__(self, accelerator, run_dir: str, every: int | None, keep: int, fingerprint: dict,
-                 before_rename=None):
+                 before_rename=None, best_model_dir: str | None = None):
         self.accelerator, self.every, self.keep, self.fingerprint = accelerator, every, keep, fingerprint
         self.root = os.path.join(run_dir, "checkpoints")
+        self.best_model_dir = best_model_dir  # model/ when the run keeps its best model: saved with each checkpoint
         self.before_rename = before_rename  # tests: a crash after the files, before the rename
 
     def due(self, state, window) -> bool:
@@ -84,6 +92,10 @@ class Checkpointer:
         acc.save_state(tmp)  # model, optimizer, scheduler, scaler, RNG of every rank
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if self.best_model_dir is not None and os.path.isdir(self.best_model_dir):
+                # model/ is settled here (a new best was saved, collectively, before this save), and it is the
+                # model the state's `best` describes: the two travel together.
+                link_tree(self.best_model_dir, os.path.join(tmp, BEST_DIR))
             if self.before_rename is not None:
                 self.before_rename(tmp)
             record = {"state": dataclasses.asdict(state), "position": position, "world_size": acc.num_processes,
@@ -105,6 +117,67 @@ class Checkpointer:
         steps = complete_checkpoints(self.root)
         for _, path in steps[: max(len(steps) - self.keep, 0)]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: str, dst: str) -> None:
+    """A copy of folder `src` made of hard links: no disk space, and safe because model/ files are never
+    rewritten in place (save_model writes model.tmp/ and renames). Falls back to copying."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy)
+
+
+def replace_folder(new: str | None, final: str) -> None:
+    """Put the complete folder `new` at `final` by renames (None: remove `final`): `final` is always absent or
+    complete (a crash between the renames leaves the previous one in `final`.old)."""
+    old = f"{final}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    if new is not None:
+        os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_best_model(path: str, record: dict, model_dir: str) -> None:
+    """Main process, resuming a run that keeps its best model: model/ becomes the checkpoint's best model,
+    so `best` and model/ describe the same evaluation even when the replay does not repeat the abandoned run."""
+    saved = os.path.join(path, BEST_DIR)
+    if os.path.isdir(saved):
+        tmp = f"{model_dir}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        link_tree(saved, tmp)
+        replace_folder(tmp, model_dir)
+        log.info("model/ restored from %s (the best model as of update %d)", saved, record["state"]["updates"])
+    elif record["state"].get("best") is None:
+        if os.path.isdir(model_dir):  # no evaluation before this checkpoint: model/ is the abandoned run's
+            replace_folder(None, model_dir)
+            log.warning("removed %s: written after %s, which has no evaluation yet", model_dir, path)
+    else:
+        log.warning("%s holds no copy of the best model (written by an older version); %s is kept as found and "
+                    "may not be the model its `best` entry describes", path, model_dir)
+
+
+def retire_newer(run_dir: str, updates: int) -> str | None:
+    """Main process, resuming from update `updates`: this run's checkpoints of later updates belong to the
+    abandoned continuation. Moved aside (not deleted) into checkpoints/retired-from-step-N-<time>/, where
+    pruning (which keeps the highest steps) and resume=auto never look. Returns that folder, or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    newer = [path for step, path in complete_checkpoints(root) if step > updates]
+    if not newer:
+        return None
+    retired = tempfile.mkdtemp(prefix=f"retired-from-step-{updates}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)
+    for path in newer:
+        os.rename(path, os.path.join(retired, os.path.basename(path)))
+    _fsync_dir(root)
+    log.warning("resuming from update %d: moved the newer checkpoints %s (an abandoned continuation) aside into %s",
+                updates, ", ".join(os.path.basename(p) for p in newer), retired)
+    return retired
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:

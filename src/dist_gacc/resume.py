@@ -1,7 +1,10 @@
 """resume(job): the state to continue from -- the newest good checkpoint (auto) or the one named, checked
-against this run's fingerprint and world size -- or a fresh TrainState."""
+against this run's fingerprint and world size -- or a fresh TrainState. Resuming also settles the run folder
+to that checkpoint: newer checkpoints are moved aside, model/ (best model) becomes the checkpoint's."""
 
 from __future__ import annotations
+
+import os
 
 from accelerate.logging import get_logger
 
@@ -29,6 +32,11 @@ def resume(job: Job) -> tuple[TrainState, str | None]:
     state = TrainState(**{**record["state"], "epoch": record["position"]["epoch"],
                           "window": record["position"]["window"], "total_updates": job.total_updates})
     elastic.restore_rng(acc, saved_world, rc.seed, state.updates)
+    if acc.is_main_process:  # only after every check passed: a refused resume changes nothing
+        checkpoint.retire_newer(rc.output_dir, state.updates)
+        if job.keep_best:
+            checkpoint.restore_best_model(path, record, os.path.join(rc.output_dir, "model"))
+    acc.wait_for_everyone()
     acc.gradient_accumulation_steps = state.grad_accum_steps
     saved_split = (state.micro_batch_size, state.grad_accum_steps)
     reason = (f"resume on {world} process(es) (checkpoint: {saved_world})" if world != saved_world

@@ -36,8 +36,10 @@ log = get_logger(__name__)
 def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) -> Loop:
     acc, t = job.accelerator, job.rc.trainer
     telemetry = Telemetry(acc, job.total_updates, state.updates, t.log_every, trackers=bool(acc.log_with))
+    best_model_dir = os.path.join(job.rc.output_dir, "model") if keep_best else None  # saved with each checkpoint
     checkpointer = checkpoint.Checkpointer(acc, job.rc.output_dir, t.checkpoint_every, t.keep_checkpoints,
-                                           fingerprint(job), before_rename=job.hooks.before_checkpoint_rename)
+                                           fingerprint(job), before_rename=job.hooks.before_checkpoint_rename,
+                                           best_model_dir=best_model_dir)
     parts = StepParts(acc, job.model, job.optimizer, job.scheduler, job.task.objective(), job.engine,
                       oom.MemoryGuard(acc, job.model, job.oom_policy, job.hooks), job.hooks, t.max_grad_norm)
     evaluator = Evaluator(evaluate_fn, t.eval_every, t.early_stopping_patience,
@@ -46,13 +48,14 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
                 job.oom_policy, t.max_bad_steps, checkpointer, stop)
 
 
-def train_only(job: Job, engine: engines.Engine | None = None) -> TrainState:
-    """Train `job` from scratch with its engine (or `engine`): no evaluation, checkpoints or trackers."""
-    loop, state = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
+def train_only(job: Job, engine: engines.Engine | None = None, state: TrainState | None = None) -> TrainState:
+    """Train `job` from scratch (or on from a resumed `state`) with its engine (or `engine`): no evaluation,
+    checkpoints or trackers."""
+    loop, fresh = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
                              len(job.splits["train"]), job.micro_batch_size, job.grad_accum_steps, job.total_updates,
                              max_grad_norm=job.rc.trainer.max_grad_norm, engine=engine or job.engine, hooks=job.hooks,
                              objective=job.task.objective())
-    return fit(loop, state)
+    return fit(loop, state or fresh)
 
 
 def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
@@ -60,10 +63,10 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
     wall_start = time.perf_counter()
     with StopSignals() as stop:  # from the first moment: a signal during set-up or the final save is kept
         job = build(cfg, hooks)
-        acc, t = job.accelerator, job.rc.trainer
+        acc = job.accelerator
         average = job.task.f1_average
         state, resumed_from = resume(job)
-        keep_best = t.save_best or t.early_stopping_patience is not None
+        keep_best = job.keep_best
         if acc.log_with:  # the whole config becomes hyperparameters
             acc.init_trackers(run_name(job.rc), config=flat_hparams(cfg))
         loop = build_loop(job, state, stop, lambda: evaluate(job, "validation", average), keep_best)

@@ -21,6 +21,8 @@ from transformers import DataCollatorWithPadding
 
 from . import data, optim, teardown
 from .build import build
+from .loop import Hooks
+from .resume import resume
 from .run import train_only
 
 
@@ -73,8 +75,8 @@ def reference_updates(job, initial_state: dict, window_indices: list[list[int]])
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def verify(cfg: DictConfig) -> bool:
-    """Print the per-group difference table and PASS/FAIL on the main process; same verdict on all ranks."""
+def verify_config(cfg: DictConfig) -> DictConfig:
+    """The config verify trains: dropout off, `verify.updates` updates."""
     with open_dict(cfg):
         cfg.model.dropout = 0.0  # dropout would make the two computations differ by design
         if "dropout" in cfg.get("peft", {}):
@@ -85,11 +87,24 @@ def verify(cfg: DictConfig) -> bool:
             # (bf16 on a CPU with AMX would leave ~1e-4 of rounding and FAIL a 1e-9 tolerance). An explicit
             # bf16/fp16 is checked as asked, and the table says so.
             cfg.trainer.mixed_precision = "no"
-    tolerance = float(cfg.verify.tolerance)
-    job = build(cfg, dtype=lambda precision: torch.float64 if precision == "no" else None)  # fp32 checked in float64
+    return cfg
+
+
+def verify_dtype(precision: str):
+    return torch.float64 if precision == "no" else None  # fp32 is checked in float64
+
+
+def verify(cfg: DictConfig, hooks: Hooks | None = None) -> bool:
+    """Print the per-group difference table and PASS/FAIL on the main process; same verdict on all ranks.
+
+    With `resume=<checkpoint>` (written by a float64 run of the same config, e.g. on another number of
+    processes) training continues from it, and the reference still replays every window from the initial
+    model: the check then covers the resume too. `hooks`: tests inject faults (out of memory) into training."""
+    tolerance = float(verify_config(cfg).verify.tolerance)
+    job = build(cfg, hooks, dtype=verify_dtype)
     acc = job.accelerator
-    initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}
-    state = train_only(job)
+    initial = {k: v.detach().clone() for k, v in acc.unwrap_model(job.model).state_dict().items()}  # seeded init
+    state = train_only(job, state=resume(job)[0])  # without `resume`: a fresh state
     trained = {k: v.detach() for k, v in acc.unwrap_model(job.model).state_dict().items()}
 
     verdict = [None]

@@ -14,6 +14,8 @@ oom_step    torch.OutOfMemoryError in the first optimizer step (as AdamW allocat
 oom_clip    torch.OutOfMemoryError while clipping the first update's gradients
 oom_eval    rank 1 (of 2) runs out of memory in evaluation forward passes of more than 8 rows; each failed
             size is appended to <run_dir>.oom_eval
+verify-<mode>  the same fault under scripts/verify_equivalence.py's check (float64 against one batch per
+            update): exit 0 on PASS, 1 on FAIL
 """
 
 import os
@@ -27,8 +29,10 @@ from conftest import compose_cfg
 from dist_gacc import run
 from dist_gacc.loop import Hooks
 from dist_gacc.run import exit_code
+from dist_gacc.verify import verify
 
 run_dir, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+checked, mode = mode.startswith("verify-"), mode.removeprefix("verify-")
 rank = int(os.environ.get("RANK", "0"))  # set by the launcher
 
 
@@ -83,11 +87,12 @@ if mode == "oom_eval":
     torch.nn.modules.module.register_module_forward_pre_hook(eval_forward)
 
 
+hooks = Hooks(before_forward=before_forward, after_forward=after_forward,
+              before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup, before_clip=before_clip)
 try:  # as dist_gacc.main does: expected failures exit with their documented code
-    run(compose_cfg(*overrides, f"output_dir={run_dir}"),
-        hooks=Hooks(before_forward=before_forward, after_forward=after_forward,
-                    before_checkpoint_rename=before_checkpoint_rename, after_setup=after_setup,
-                    before_clip=before_clip))
+    if checked:
+        sys.exit(0 if verify(compose_cfg(*overrides, f"output_dir={run_dir}"), hooks) else 1)
+    run(compose_cfg(*overrides, f"output_dir={run_dir}"), hooks=hooks)
 except Exception as err:
     known = exit_code(err)
     if known is None:

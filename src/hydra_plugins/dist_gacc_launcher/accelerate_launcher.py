@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,7 +39,10 @@ class AccelerateLauncherConf:
     # CUDA device is visible, GPUs otherwise; true/false force it.
     cpu: Optional[bool] = None
     extra_args: list = field(default_factory=list)  # more `accelerate launch` arguments, e.g. [--config_file, x.yaml]
-    timeout_s: Optional[int] = None  # per job; null = none
+    # per job; null = none. On timeout every process of the job gets SIGTERM (the trainer finishes its update,
+    # checkpoints and exits 75: the job resumes with resume=auto), then SIGKILL after timeout_grace_s.
+    timeout_s: Optional[int] = None
+    timeout_grace_s: int = 30
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="accelerate", node=AccelerateLauncherConf,
@@ -77,10 +82,10 @@ def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_
 
 class AccelerateLauncher(Launcher):
     def __init__(self, num_processes: int = 1, cpu: Optional[bool] = None, extra_args: Sequence[str] = (),
-                 timeout_s: Optional[int] = None) -> None:
+                 timeout_s: Optional[int] = None, timeout_grace_s: int = 30) -> None:
         self.num_processes, self.cpu_setting = num_processes, cpu
         self.cpu = False  # decided in launch(), where torch is imported only once a sweep runs
-        self.extra_args, self.timeout_s = list(extra_args), timeout_s
+        self.extra_args, self.timeout_s, self.timeout_grace_s = list(extra_args), timeout_s, timeout_grace_s
         self.config: Optional[DictConfig] = None
         self.hydra_context: Any = None
 
@@ -127,11 +132,19 @@ class AccelerateLauncher(Launcher):
         shown = " ".join(filter_overrides(overrides))
         log.info("\t#%d : %s", num, shown)
         with open(log_path, "w") as out:
+            # Its own session: the job's processes are signalled without touching the sweep's.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                      timeout=self.timeout_s).returncode
+                code = proc.wait(timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
+                left = end_job(proc, self.timeout_grace_s)
+                log.error("job #%d ran past hydra.launcher.timeout_s=%s: its processes were sent SIGTERM (SIGKILL "
+                          "after %s s)%s", num, self.timeout_s, self.timeout_grace_s,
+                          f"; could not end {[p.pid for p in left]}" if left else "; none is left")
                 code = "timeout"
+            except BaseException:  # Ctrl-C or an error in the sweep: its job (own session) must not outlive it
+                end_job(proc, self.timeout_grace_s)
+                raise
         job = JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
                         task_name=str(sweep_config.hydra.job.name))
         if code == 0:
@@ -143,12 +156,82 @@ class AccelerateLauncher(Launcher):
         return job
 
 
+def process_tree(pid: int) -> list:
+    """The process `pid` and every process below it. torch's launcher starts each worker in a session of its
+    own, so neither the launcher's process group nor its death reaches them: they are found by ancestry
+    (psutil), before anything is signalled (an orphan loses its parent link)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def living(processes: list) -> list:
+    """Those still running (a zombie has ended: only its parent's wait is missing)."""
+    import psutil
+
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _signal(processes: list, sig: int) -> None:
+    """`sig` to each process and to its process group (a worker's DataLoader workers share its group)."""
+    import psutil
+
+    own_group = os.getpgrp()
+    for p in processes:
+        try:
+            if not p.is_running():  # ended, its pid maybe reused: not ours to signal
+                continue
+            group = os.getpgid(p.pid)
+            if group != own_group:  # never the sweep's own group
+                os.killpg(group, sig)
+            p.send_signal(sig)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+
+
+def _wait_gone(processes: list, seconds: float) -> list:
+    deadline = time.monotonic() + seconds
+    while (alive := living(processes)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def end_job(proc: subprocess.Popen, grace_s: float) -> list:
+    """End every process of a job: SIGTERM (the trainer finishes its update, checkpoints and exits 75), then
+    SIGKILL after `grace_s` seconds to whatever is left, and to processes started meanwhile (collected again
+    each round). Returns the processes that could not be ended (none, barring an unkillable state)."""
+    processes = process_tree(proc.pid)
+    _signal(processes, signal.SIGTERM)
+    alive = _wait_gone(processes, grace_s)
+    for _ in range(10):
+        if not alive:
+            break
+        seen = {p.pid for p in alive}
+        alive += [c for p in list(alive) for c in process_tree(p.pid)[1:] if c.pid not in seen]
+        _signal(alive, signal.SIGKILL)
+        alive = _wait_gone(alive, 5)
+    proc.wait()  # reap accelerate launch
+    return alive
+
+
 def _job_metric(run_dir: Path) -> Optional[float]:
-    """The job's objective for sweepers: best validation F1 (final F1 without early stopping)."""
+    """The job's objective for sweepers, as dist_gacc.main returns it: the validation F1 of the model in
+    model/ (`eval`: the best model with save_best or early stopping, else the final one)."""
     import json
 
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return (metrics.get("best") or metrics["eval"])["f1"]
+    return metrics["eval"]["f1"]
