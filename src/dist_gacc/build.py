@@ -205,7 +205,8 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
         engines.configure_fsdp(accelerator)  # reduce in fp32 under bf16/fp16
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if engine_name == "fsdp":
-        log.info("FSDP: %d parameter tensors sharded over %d ranks", engines.check_sharded(accelerator, model), world)
+        log.info("FSDP: %d parameter tensors sharded over %d ranks; mixed precision policy %s",
+                 engines.check_sharded(accelerator, model), world, accelerator.state.fsdp_plugin.mixed_precision_policy)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",
