@@ -140,3 +140,20 @@ def test_fsdp2_bf16_reduces_in_fp32_and_matches_bf16_ddp(tmp_path):
     assert (a["mixed_precision"], b["mixed_precision"], b["engine"]) == ("bf16", "bf16", "fsdp")
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-3)
     assert max_abs_diff(load_params(ddp), load_params(fsdp)) <= 2e-3
+
+
+@pytest.mark.parametrize("name, message", [
+    pytest.param("zero2", "written by 2 DeepSpeed processes, resumed on 1. DeepSpeed's ZeRO checkpoints are "
+                 "partitioned by rank; convert it to a universal checkpoint first (deepspeed.checkpoint.ds_to_universal)",
+                 marks=needs_deepspeed),
+    ("fsdp_sharded", "written by 2 FSDP processes, resumed on 1. The sharded optimizer state is not resharded here"),
+])
+def test_resume_on_another_world_size_is_refused(name, message, engine_runs, tmp_path):
+    """The same effective batch (1 x 3 x 4), so only the world size changes; refused before any update."""
+    run = tmp_path / "run"
+    shutil.copytree(engine_runs(name), run, ignore=shutil.ignore_patterns("model", "metrics.json"))
+    config, launch_args, env, _ = ENGINES[name]
+    proc = launch_config(run, config, *RAGGED, "trainer.grad_accum_steps=4", "resume=auto",
+                         env={**os.environ, **BIN_FIRST, **env}, launch_args=("--num_processes", "1", *launch_args))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-4000:]
+    assert not (run / "metrics.json").exists()
