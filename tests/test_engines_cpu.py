@@ -157,3 +157,24 @@ def test_resume_on_another_world_size_is_refused(name, message, engine_runs, tmp
                          env={**os.environ, **BIN_FIRST, **env}, launch_args=("--num_processes", "1", *launch_args))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-4000:]
     assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_model_loads_in_a_pipeline_and_reproduces_the_validation_predictions(name, engine_runs, one_process):
+    """model/ is whole (DeepSpeed's partitions and FSDP's DTensors gathered by get_state_dict): the run's own
+    validation predictions, and the one-process model's scores (the tiny model predicts mostly one class and its
+    scores vary by ~4e-5 across texts, hence the tight bound; the parameters themselves are compared in
+    test_two_cpu_ranks_equal_one_process)."""
+    import pandas as pd
+    from transformers import pipeline
+
+    run = engine_runs(name)
+    saved = pd.read_csv(run / "validation_predictions.csv")
+    texts = saved["text"].tolist()
+    out = pipeline("text-classification", model=str(run / "model"), device="cpu")(texts, truncation=True,
+                                                                                  max_length=64)
+    assert len(saved) == 37 and [o["label"] for o in out] == saved["prediction"].tolist()
+    reference = pipeline("text-classification", model=str(one_process / "model"), device="cpu")(
+        texts, truncation=True, max_length=64)
+    assert [o["label"] for o in out] == [o["label"] for o in reference]
+    assert [o["score"] for o in out] == pytest.approx([o["score"] for o in reference], abs=1e-6)
