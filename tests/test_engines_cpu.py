@@ -24,22 +24,23 @@ RAGGED = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "tra
 # The same ninja for every load of DeepSpeed's JIT-built shm op (the environment's): another one rewrites
 # ninja's log and rebuilds it (Makefile).
 BIN_FIRST = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
-ENGINES = {  # name: (config file, launcher arguments, environment added to this one's, engine in metrics.json)
+ENGINES = {  # name: (config file, launcher arguments, environment added to this one's, engine in metrics.json,
+    #                overrides: gradient checkpointing under one configuration of each engine, same math)
     # ACCELERATE_USE_CPU=1 kept: the project drops it for DeepSpeed (it would switch DeepSpeed off)
-    "zero2": ("deepspeed_zero2", (), {"ACCELERATE_USE_CPU": "1"}, "deepspeed"),
-    "zero1": ("deepspeed_zero2", ("--zero_stage", "1"), {}, "deepspeed"),
-    "fsdp_full": ("fsdp", (), {"DIST_GACC_FSDP_ON_CPU": "1"}, "fsdp"),
+    "zero2": ("deepspeed_zero2", (), {"ACCELERATE_USE_CPU": "1"}, "deepspeed", ()),
+    "zero1": ("deepspeed_zero2", ("--zero_stage", "1"), {}, "deepspeed", ("model.gradient_checkpointing=true",)),
+    "fsdp_full": ("fsdp", (), {"DIST_GACC_FSDP_ON_CPU": "1"}, "fsdp", ("model.gradient_checkpointing=true",)),
     "fsdp_sharded": ("fsdp", ("--fsdp_state_dict_type", "SHARDED_STATE_DICT"),
-                     {"DIST_GACC_FSDP_ON_CPU": "1", "ACCELERATE_USE_CPU": "1"}, "fsdp"),
+                     {"DIST_GACC_FSDP_ON_CPU": "1", "ACCELERATE_USE_CPU": "1"}, "fsdp", ()),
 }
 TIMES = {}
 
 
 def launch_engine(run_dir, name, *overrides):
-    config, launch_args, env, _ = ENGINES[name]
+    config, launch_args, env, _, levers = ENGINES[name]
     base = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     start = time.perf_counter()
-    proc = launch_config(run_dir, config, *RAGGED, "trainer.grad_accum_steps=2", *overrides,
+    proc = launch_config(run_dir, config, *RAGGED, "trainer.grad_accum_steps=2", *levers, *overrides,
                          env={**base, **BIN_FIRST, **env}, launch_args=("--num_processes", "2", *launch_args))
     TIMES[f"{name}{' resumed' if overrides else ''}"] = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -81,6 +82,8 @@ def test_two_cpu_ranks_equal_one_process(name, engine_runs, one_process):
     assert max(a["grad_norms"]) > 1.0  # clipping at trainer.max_grad_norm=1.0 mattered
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)  # the norm before clipping
     assert max_abs_diff(load_params(one_process), load_params(run)) <= 1e-5
+    checkpointing = "gradient checkpointing on" in (run / "train.log").read_text()
+    assert checkpointing == ("model.gradient_checkpointing=true" in ENGINES[name][4])
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -152,8 +155,8 @@ def test_resume_on_another_world_size_is_refused(name, message, engine_runs, tmp
     """The same effective batch (1 x 3 x 4), so only the world size changes; refused before any update."""
     run = tmp_path / "run"
     shutil.copytree(engine_runs(name), run, ignore=shutil.ignore_patterns("model", "metrics.json"))
-    config, launch_args, env, _ = ENGINES[name]
-    proc = launch_config(run, config, *RAGGED, "trainer.grad_accum_steps=4", "resume=auto",
+    config, launch_args, env, _, levers = ENGINES[name]
+    proc = launch_config(run, config, *RAGGED, "trainer.grad_accum_steps=4", *levers, "resume=auto",
                          env={**os.environ, **BIN_FIRST, **env}, launch_args=("--num_processes", "1", *launch_args))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-4000:]
     assert not (run / "metrics.json").exists()
