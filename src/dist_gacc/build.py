@@ -23,13 +23,8 @@ import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    GradientAccumulationPlugin,
-    ProjectConfiguration,
-    TorchDynamoPlugin,
-    broadcast_object_list,
-    set_seed,
-)
+from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list,
+                              set_seed)
 from omegaconf import DictConfig
 
 from . import checkpoint, data, engines, metrics, models, oom, optim, precision

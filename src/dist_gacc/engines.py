@@ -13,6 +13,8 @@ The loop and step are the same everywhere; what is engine-specific:
 - FSDP shards parameters; reloading the best model into them is not supported here (refused).
 - A launch that does not give the world it asked for is refused before any work (measured with
   accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
+- Without a GPU, DeepSpeed and (behind DIST_GACC_FSDP_ON_CPU=1) FSDP2 run on gloo CPU ranks: the first
+  process group is set up for them (`start_process_group`).
 """
 
 from __future__ import annotations
@@ -22,18 +24,14 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 from accelerate import InitProcessGroupKwargs, PartialState
-from accelerate.utils import (
-    DistributedType,
-    get_distributed_backend,
-    get_torch_accelerator_backend,
-    parse_flag_from_env,
-)
+from accelerate.utils import (DistributedType, get_distributed_backend, get_torch_accelerator_backend,
+                              parse_flag_from_env)
 
 from .errors import ConfigError, TrainingError
 from .step import StepResult
