@@ -172,8 +172,7 @@ RAGGED = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "tra
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (.[deepspeed])")
 def test_deepspeed_zero2_one_cpu_process_matches_the_plain_loop(tmp_path):
     """DeepSpeed divides by its N, clips and steps inside backward; the pre-scaled losses keep every
-    update the exact window mean (ragged last window). Accelerate runs DeepSpeed on a CPU only as
-    one process (with 2, its state counts 1 process while DeepSpeed counts 2)."""
+    update the exact window mean (ragged last window). 2 CPU ranks: tests/test_engines_cpu.py."""
     plain, ds = tmp_path / "plain", tmp_path / "deepspeed"
     launch(plain, *RAGGED)
     proc = launch_config(ds, "deepspeed_zero2", *RAGGED, env={"DS_ACCELERATOR": "cpu"},
@@ -194,8 +193,8 @@ GPUS = torch.cuda.device_count()
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs: accelerate 1.15 enables FSDP only on GPU-like devices "
-                    "(on CPU it silently falls back to DDP, measured; see test_fsdp_config_on_cpu_is_refused)")
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs (FSDP2 on 2 CPU ranks: tests/test_engines_cpu.py, "
+                    "DIST_GACC_FSDP_ON_CPU=1)")
 def test_fsdp_full_shard_matches_ddp(tmp_path, equivalent_runs):
     run = tmp_path / "fsdp"
     proc = launch_config(run, "fsdp", *TINY, "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2",
@@ -209,7 +208,7 @@ def test_fsdp_full_shard_matches_ddp(tmp_path, equivalent_runs):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("deepspeed") is None,
-                    reason="needs 2 CUDA GPUs and deepspeed (with 2 CPU processes Accelerate's process count is wrong)")
+                    reason="needs 2 CUDA GPUs and deepspeed (2 CPU ranks: tests/test_engines_cpu.py)")
 def test_deepspeed_two_gpus_matches_one_process(tmp_path):
     plain, ds = tmp_path / "plain", tmp_path / "deepspeed"
     launch(plain, *RAGGED)  # 1 process x 3 x 4 = 12

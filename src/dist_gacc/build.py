@@ -17,16 +17,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import datasets
 import torch
 import transformers
-from accelerate import (Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs,
-                        InitProcessGroupKwargs, PartialState)
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list,
-                              parse_flag_from_env, set_seed)
+                              set_seed)
 from omegaconf import DictConfig
 
 from . import checkpoint, data, engines, metrics, models, oom, optim, precision
@@ -50,9 +48,9 @@ def choose_precision(rc: RunConfig) -> precision.PrecisionChoice:
     starts here, before the Accelerator that needs the answer: the main process decides (it alone may probe
     and write the probe's cache) and every rank takes its answer. A resume under `auto` keeps the precision
     the checkpoint trained in."""
-    # The same arguments AcceleratorState would pass; the Accelerator then reuses this PartialState.
-    state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"),
-                         **InitProcessGroupKwargs(timeout=timedelta(seconds=rc.trainer.dist_timeout_s)).to_kwargs())
+    # The same arguments AcceleratorState would pass; the Accelerator then reuses this PartialState. Without a
+    # GPU, DeepSpeed and FSDP need a gloo group set up here (engines.process_group_setup).
+    state = engines.start_process_group(rc.trainer.dist_timeout_s)
     choice = [None]
     if state.is_main_process:
         saved = checkpoint_precision(rc) if rc.trainer.mixed_precision == "auto" else None
@@ -90,7 +88,8 @@ def build_accelerator(rc: RunConfig) -> Accelerator:
         # One seeded permutation per epoch, sharded by batch: 1 and 2 processes see the same windows.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=rc.seed),
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s)),
+            # as choose_precision's, which started the group (the first initialisation fixes it)
+            engines.process_group_kwargs(t.dist_timeout_s, engines.process_group_setup()[1]),
             # No collective in forward passes, so a rank that runs out of memory mid-window can still
             # meet the others at the window's agreement point (oom.MemoryGuard.vote). Buffers of
             # the supported encoders are constants; BatchNorm statistics stay per rank (rank 0 saved).
@@ -203,7 +202,12 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     fused = accelerator.device.type in ("cuda", "cpu") if t.fused_adamw == "auto" else t.fused_adamw
     optimizer = optim.build_optimizer(model, rc.optim, lr, fused=fused)
     scheduler = optim.build_scheduler(optimizer, rc.optim, total_updates)
+    if engine_name == "fsdp":
+        engines.configure_fsdp(accelerator)  # reduce in fp32 under bf16/fp16
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if engine_name == "fsdp":
+        log.info("FSDP: %d parameter tensors sharded over %d ranks; mixed precision policy %s",
+                 engines.check_sharded(accelerator, model), world, accelerator.state.fsdp_plugin.mixed_precision_policy)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",

@@ -13,18 +13,25 @@ The loop and step are the same everywhere; what is engine-specific:
 - FSDP shards parameters; reloading the best model into them is not supported here (refused).
 - A launch that does not give the world it asked for is refused before any work (measured with
   accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
+- Without a GPU, DeepSpeed and (behind DIST_GACC_FSDP_ON_CPU=1) FSDP2 run on gloo CPU ranks: the first
+  process group is set up for them (`start_process_group`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import InitProcessGroupKwargs, PartialState
+from accelerate.utils import (DistributedType, get_distributed_backend, get_torch_accelerator_backend,
+                              parse_flag_from_env)
 
 from .errors import ConfigError, TrainingError
 from .oom import is_out_of_memory, update_out_of_memory
@@ -43,6 +50,80 @@ def engine_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+ACCELERATE_TESTED = ">=1.15,<1.17"  # FSDP on CPU relabels a private field: pinned in pyproject.toml
+FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # the rehearsal switch: FSDP2 on CPU ranks (README, "FSDP and DeepSpeed")
+
+
+def _launched(engine: str) -> bool:
+    """The launch config asks for FSDP / DEEPSPEED (accelerate launch exports ACCELERATE_USE_<engine>)."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+
+
+def _no_accelerator() -> bool:
+    """No GPU-like device Accelerate would pick a process-group backend for (it then leaves it unset)."""
+    return get_distributed_backend(get_torch_accelerator_backend()[0]) is None
+
+
+def process_group_setup() -> tuple[bool, str | None]:
+    """(cpu, backend) for the first PartialState of a run (build.choose_precision), set for the engine the
+    launch asks for. Measured with accelerate 1.16 on a machine without CUDA:
+
+    - DeepSpeed: Accelerate leaves the backend unset without a GPU (each rank a world of 1), and
+      ACCELERATE_USE_CPU=1 switches DeepSpeed off altogether. So the variable is dropped for this process
+      and the backend is gloo: DeepSpeed's own process group, 2 ranks, device cpu.
+    - FSDP: Accelerate enables it only for GPU-like distributed types; on CPU it silently trains DDP
+      (check_launch refuses). With DIST_GACC_FSDP_ON_CPU=1 the gloo CPU group is built as for DDP and then
+      relabelled (relabel_for_fsdp).
+    Otherwise (DDP, one process, any GPU launch): Accelerate's own choice, from ACCELERATE_USE_CPU.
+    """
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    distributed = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    if not distributed or not _no_accelerator():
+        return cpu, None
+    if _launched("DEEPSPEED"):
+        # AcceleratorState reads the variable again: drop it for this process, not only here.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        return False, "gloo"
+    if parse_flag_from_env(FSDP_ON_CPU):
+        if not _launched("FSDP"):
+            raise ConfigError(f"{FSDP_ON_CPU}=1 rehearses an FSDP launch on CPU ranks, but this launch does not ask "
+                              "for FSDP: launch with --config_file conf/accelerate/fsdp.yaml (or unset the variable).")
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError(f"{FSDP_ON_CPU}=1 supports FSDP2 only (fsdp_version: 2, as conf/accelerate/fsdp.yaml): "
+                              "FSDP1 on CPU segfaults in torch when Accelerate gathers a full state dict with "
+                              "offload_to_cpu=True (measured, torch 2.13).")
+        return True, "gloo"
+    return cpu, None
+
+
+def start_process_group(timeout_s: float) -> PartialState:
+    """The run's first PartialState (Hydra's ${now} resolver or build.choose_precision, whichever comes first:
+    the first one fixes the backend and timeout), set up for the launched engine."""
+    cpu, backend = process_group_setup()
+    state = PartialState(cpu, **process_group_kwargs(timeout_s, backend).to_kwargs())
+    relabel_for_fsdp(state)
+    return state
+
+
+def process_group_kwargs(timeout_s: float, backend: str | None) -> InitProcessGroupKwargs:
+    """`backend` None: Accelerate's default for the device."""
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **({"backend": backend} if backend else {}))
+
+
+def relabel_for_fsdp(state) -> None:
+    """Under DIST_GACC_FSDP_ON_CPU=1: relabel the CPU group MULTI_GPU before AcceleratorState reads it, so
+    Accelerate enables FSDP (it does only for GPU-like types). A private field of Accelerate's shared state,
+    written by hand because no public switch exists: the FSDP CPU test asserts the parameters are really
+    DTensor-sharded, so an Accelerate upgrade cannot turn this into DDP unnoticed."""
+    if not (parse_flag_from_env(FSDP_ON_CPU) and _launched("FSDP") and state.device.type == "cpu"
+            and state.distributed_type == DistributedType.MULTI_CPU):
+        return
+    state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    if state.is_main_process:
+        warnings.warn(f"{FSDP_ON_CPU}=1: FSDP2 on CPU ranks (gloo) is a rehearsal mode for tests and trying a "
+                      "launch, not for speed.", stacklevel=2)
+
+
 def check_launch(accelerator) -> None:
     """Refuse launches where Accelerate silently set up something other than what was launched."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,7 +132,7 @@ def check_launch(accelerator) -> None:
             f"the launcher started {launched} processes but each sees a world of {accelerator.num_processes} "
             f"(distributed type {accelerator.distributed_type.value}): they would train independently. Without a "
             "GPU, set ACCELERATE_USE_CPU=1 for `accelerate launch --multi_gpu` (or --config_file "
-            "conf/accelerate/cpu_2proc.yaml); DeepSpeed through Accelerate needs GPUs for more than one process."
+            "conf/accelerate/cpu_2proc.yaml)."
         )
     for engine, wanted in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
         asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
@@ -59,8 +140,33 @@ def check_launch(accelerator) -> None:
             raise ConfigError(
                 f"the launch config asks for {engine} but Accelerate set up {accelerator.distributed_type.value} "
                 f"(device {accelerator.device}). Accelerate enables {engine} only on GPUs (and similar "
-                "accelerators); on a CPU it would silently train without it."
+                "accelerators); on a CPU it would silently train without it"
+                + (f". To rehearse an FSDP2 launch on CPU ranks, set {FSDP_ON_CPU}=1." if engine == "FSDP" else ".")
             )
+
+
+def configure_fsdp(accelerator) -> None:
+    """Before `accelerator.prepare`: FSDP2 under bf16/fp16 reduces (and, inside a window, accumulates) gradients
+    in fp32, as DDP's fp32 `.grad` does. Accelerate's policy reduces in the compute dtype, so a window's
+    gradient sum and its reduce-scatter would round to bf16. Parameters are still all-gathered and computed in
+    the compute dtype (FSDP's memory and bandwidth saving)."""
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if plugin.fsdp_version == 2 and policy is not None and policy.reduce_dtype not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+
+
+def check_sharded(accelerator, model) -> int:
+    """Under FSDP, after prepare: the number of DTensor-sharded parameters, refused if none (FSDP2 on CPU rests
+    on relabel_for_fsdp: an Accelerate that wrapped DDP instead must not train unnoticed)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+    if engine_name(accelerator) == "fsdp" and accelerator.num_processes > 1 and not sharded:
+        raise TrainingError(f"the launch asks for FSDP but no parameter of the prepared model is sharded "
+                            f"({type(model).__name__}): Accelerate did not apply fully_shard (FSDP2 is supported "
+                            f"here; with {FSDP_ON_CPU}=1, accelerate {ACCELERATE_TESTED} only).")
+    return sharded
 
 
 def check_supported(accelerator, trainer, peft=None) -> None:

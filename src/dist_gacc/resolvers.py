@@ -1,6 +1,5 @@
 """OmegaConf resolvers used by conf/train.yaml. Registered when `dist_gacc` is imported."""
 
-import datetime
 import functools
 import importlib
 import os
@@ -26,13 +25,13 @@ def run_stamp(dist_timeout_s: int = 1800) -> str:
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
 
-        # Initialises torch.distributed from the launcher's environment. PartialState (unlike
-        # Accelerator) ignores ACCELERATE_USE_CPU, and without cpu=True it silently runs one process.
-        PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
-                     timeout=datetime.timedelta(seconds=int(dist_timeout_s)))
+        from .engines import start_process_group
+
+        # Initialises torch.distributed from the launcher's environment, as the launched engine needs it
+        # (PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without cpu=True it silently runs
+        # one process).
+        start_process_group(int(dist_timeout_s))
         box = [stamp]
         dist.broadcast_object_list(box, src=0)
         stamp = box[0]
