@@ -358,7 +358,7 @@ FEATURES = [  # name, spec changes (off), spec changes (on), in the trainer as
 
 # Quick mode compiles through the trainer's path (TorchDynamoPlugin, torch.compile in Accelerator.prepare) with
 # a backend that captures the graphs (dynamo, AOTAutograd's forward and backward) but generates no code:
-# inductor's codegen was ~4 min of the quick run on 2 cores, and quick timings are not meaningful anyway.
+# the features section took 156-258 s with inductor on 2 cores, 21 s so; quick timings are not meaningful anyway.
 QUICK_COMPILE_BACKEND = "aot_eager"
 
 

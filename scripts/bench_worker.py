@@ -209,8 +209,8 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     acc = build_accelerator(rc)
     if spec.get("compile_backend"):
         # bench.py --quick: the trainer's compile path (TorchDynamoPlugin from build_accelerator, torch.compile
-        # in prepare) with a backend that traces but generates no code; inductor's codegen of the tiny model
-        # took ~4 of the quick run's minutes, and quick-mode timings are not meaningful anyway.
+        # in prepare) with a backend that traces but generates no code (inductor's codegen of the tiny model
+        # was most of the quick run's features section); quick-mode timings are not meaningful anyway.
         from accelerate.utils import DynamoBackend
 
         assert acc.state.dynamo_plugin.backend == DynamoBackend.INDUCTOR, acc.state.dynamo_plugin
