@@ -358,7 +358,8 @@ FEATURES = [  # name, spec changes (off), spec changes (on), in the trainer as
 
 # Quick mode compiles through the trainer's path (TorchDynamoPlugin, torch.compile in Accelerator.prepare) with
 # a backend that captures the graphs (dynamo, AOTAutograd's forward and backward) but generates no code:
-# the features section took 156-258 s with inductor on 2 cores, 21 s so; quick timings are not meaningful anyway.
+# measured (2 cores, 1 thread, a cold inductor cache), the quick features section took 52 s with inductor and
+# 20 s with aot_eager (156-258 s with inductor at 2 threads under load); quick timings mean nothing anyway.
 QUICK_COMPILE_BACKEND = "aot_eager"
 
 
