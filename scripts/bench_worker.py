@@ -207,6 +207,14 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
         rc = load_config(compose(config_name="train", overrides=overrides))
     acc = build_accelerator(rc)
+    if spec.get("compile_backend"):
+        # bench.py --quick: the trainer's compile path (TorchDynamoPlugin from build_accelerator, torch.compile
+        # in prepare) with a backend that traces but generates no code (inductor's codegen of the tiny model
+        # was most of the quick run's features section); quick-mode timings are not meaningful anyway.
+        from accelerate.utils import DynamoBackend
+
+        assert acc.state.dynamo_plugin.backend == DynamoBackend.INDUCTOR, acc.state.dynamo_plugin
+        acc.state.dynamo_plugin.backend = DynamoBackend(spec["compile_backend"].upper())
     acc.gradient_accumulation_steps = spec["accum"]
     total = total_updates(spec)
     optimizer = optim.build_optimizer(model, rc.optim, LR, fused=spec["fused"])
@@ -238,7 +246,8 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
 
     state = fit(*standalone(acc, model, optimizer, scheduler, make_loader, len(ds), spec["micro"], spec["accum"],
                             total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate()))
-    return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {"compiled": compiled}
+    backend = acc.state.dynamo_plugin.backend.value.lower() if compiled else None
+    return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {"compiled": compiled, "backend": backend}
 
 
 def run_hand(spec, model, ds, tokenizer, timer):

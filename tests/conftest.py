@@ -132,3 +132,21 @@ def equivalent_runs(tmp_path_factory):
                f"trainer.grad_accum_steps={s['accum']}", "trainer.epochs=2", processes=s["processes"])
         runs[name] = run_dir
     return runs
+
+
+# 64 examples, effective batch 16 (micro 4: N 4 on 1 process, N 2 on 2 ranks), 2 epochs = 8 updates.
+EFF16 = [*TINY, "trainer.effective_batch_size=16", "trainer.micro_batch_size=4", "trainer.epochs=2",
+         "trainer.log_with=none"]
+EFF16_CKPT = ["trainer.checkpoint_every=1", "trainer.keep_checkpoints=20"]
+
+
+@pytest.fixture(scope="session")
+def eff16_runs(tmp_path_factory):
+    """The EFF16 job on 1 process (a checkpoint after every update, all kept: a resume can start from any) and
+    on 2 ranks: {processes: run_dir}. Shared, read-only, by every module whose reference run it is
+    (exact accumulation, memory levers, the core resume), so it is trained once per session."""
+    runs = {}
+    for processes, extra in ((1, EFF16_CKPT), (2, [])):
+        runs[processes] = tmp_path_factory.mktemp(f"eff16-{processes}") / "run"
+        launch(runs[processes], *EFF16, *extra, processes=processes)
+    return runs

@@ -21,11 +21,22 @@ MACHINE_KEYS = {"cpu_model", "cpu_capability", "native_bf16", "bf16_flags", "cpu
                 "torch", "threads_per_process"}
 
 
+# Every section but data_scale, whose quick pass test_data_scale.py::test_data_scale_section_quick_mode runs
+# (the same function, the same rows): the suite ran it twice.
+SECTIONS = "speed,math,memory,comm,features,levers,time_to_f1"
+# One torch thread per process, as every other launch of the suite (conftest.launch: OMP_NUM_THREADS=1). Quick
+# timings mean nothing, and on a loaded 2-core machine 2 threads made the same 7 updates 10-20x slower (measured:
+# 1.1-1.3 s at 1 thread, 14-26 s at 2, load 6). A non-default value also checks that --threads is applied.
+THREADS = 1
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out),
-                           "--work-dir", str(out / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--sections", SECTIONS,
+                           "--threads", str(THREADS),
+                           "--out", str(out), "--work-dir", str(out / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text()), proc.stdout, out
 
@@ -91,6 +102,8 @@ def test_every_table_has_every_row(bench):
     # Measured in quick mode (not asserted: timings): dynamic padding 3.0x idle, 1.9x under load; cached
     # tokenization 15.8x, 6.3x; fused AdamW's step 9.6x, 9.2x.
     assert all(row["on"] > 0 and row["off"] > 0 for row in features.values())
+    # quick mode compiles through the trainer's TorchDynamoPlugin with a backend that generates no code
+    assert features["torch.compile"]["setting"] == "trainer.compile=true (quick: backend aot_eager)"
     for section in ("speed", "speed_paired", "math", "memory", "comm", "features", "time_to_f1"):
         assert f"## {section}" in stdout  # the printed table
     assert (out / "memory.png").stat().st_size > 1000 and (out / "tables.md").exists()
@@ -190,7 +203,7 @@ def test_results_name_their_machine(bench):
     results, stdout, out = bench
     record = results["machine"]
     assert set(record) == MACHINE_KEYS
-    assert record["torch_threads"] == record["threads_per_process"] == results["args"]["threads"]
+    assert record["torch_threads"] == record["threads_per_process"] == results["args"]["threads"] == THREADS
     assert record["fp32_gflops"] > 0 and record["cpu_model"] and record["cpu_capability"]
     from dist_gacc import machine
 

@@ -11,20 +11,19 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
+from conftest import EFF16, EFF16_CKPT, ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
 
 pytestmark = pytest.mark.slow
 
 FAULTS = ROOT / "tests" / "dist" / "faults.py"
 # 64 examples, effective batch 16 (micro 4 x N 4 on 1 process): 4 windows an epoch, 8 updates, a
 # checkpoint after every update, all kept.
-RESUMABLE = [*TINY, "trainer.micro_batch_size=4", "trainer.effective_batch_size=16", "trainer.epochs=2",
-             "trainer.checkpoint_every=1", "trainer.keep_checkpoints=20", "trainer.log_with=none"]
+# The uninterrupted run is conftest's eff16_runs[1] (EFF16 with EFF16_CKPT), shared with other modules.
+RESUMABLE = [*EFF16, *EFF16_CKPT]
 
 
-def test_resume_with_another_micro_batch_uses_it_and_equals_the_uninterrupted_run(tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(full, *RESUMABLE)
+def test_resume_with_another_micro_batch_uses_it_and_equals_the_uninterrupted_run(tmp_path, eff16_runs):
+    full, resumed = eff16_runs[1], tmp_path / "resumed"
     step3 = full / "checkpoints" / "step-3"  # epoch 0, window 3 of 4: the resume starts mid-epoch
     assert json.loads((step3 / "trainer_state.json").read_text())["position"]["window"] == 3
     launch(resumed, *RESUMABLE, "trainer.micro_batch_size=2", f"resume={step3}")

@@ -4,12 +4,11 @@ import math
 
 import pytest
 
-from conftest import ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
+from conftest import EFF16, ROOT, TINY, launch, launch_script, load_params, max_abs_diff, read_metrics
 from dist_gacc.config import OptimConfig, TrainerConfig, batch_plan, scaled_lr
 from dist_gacc.errors import ConfigError
 
 RAGGED = [*TINY, "data.max_train_samples=37", "trainer.epochs=1"]
-EFF16 = [*TINY, "trainer.effective_batch_size=16", "trainer.micro_batch_size=4", "trainer.epochs=2"]
 
 
 def _run(tmp_path_factory, name, overrides, processes=1):
@@ -32,9 +31,7 @@ def ragged_runs(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def eff16_runs(tmp_path_factory):
-    return {p: _run(tmp_path_factory, f"eff16-{p}", EFF16, processes=p) for p in (1, 2)}
+# eff16_runs (conftest): the EFF16 job on 1 process and on 2 ranks, shared with other modules.
 
 
 @pytest.mark.slow

@@ -12,16 +12,14 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from conftest import ROOT, TINY, compose_cfg, launch, launch_script, load_params, max_abs_diff, read_metrics
+from conftest import EFF16, ROOT, TINY, compose_cfg, launch, launch_script, load_params, max_abs_diff, read_metrics
 from dist_gacc import engines, models
 from dist_gacc.config import ModelConfig, PeftConfig, TrainerConfig, load_config
 from dist_gacc.errors import ConfigError
 
 FAULTS = ROOT / "tests" / "dist" / "faults.py"
-# 64 examples, effective batch 16 (2 ranks x micro 4 x N 2), 2 epochs: 8 updates, 4 windows an epoch;
-# a checkpoint after every update, all kept (the resume starts from step-3, mid-epoch).
-EFF16 = [*TINY, "trainer.effective_batch_size=16", "trainer.micro_batch_size=4", "trainer.epochs=2",
-         "trainer.log_with=none"]
+# EFF16 (conftest): 64 examples, effective batch 16 (2 ranks x micro 4 x N 2), 2 epochs: 8 updates, 4 windows
+# an epoch; CKPT: a checkpoint after every update, all kept (the resume starts from step-3, mid-epoch).
 CKPT = ["trainer.checkpoint_every=1", "trainer.keep_checkpoints=20"]
 GC = ["model.gradient_checkpointing=true"]
 LORA = ["peft=lora", "peft.dropout=0.0"]
@@ -38,10 +36,10 @@ def _run(factory, name, *overrides, processes=1):
 # --- gradient checkpointing ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gc_runs(tmp_path_factory):
+def gc_runs(tmp_path_factory, eff16_runs):
     f = tmp_path_factory
     return {
-        "plain2": _run(f, "plain2", *EFF16, processes=2),
+        "plain2": eff16_runs[2],  # EFF16 on 2 ranks (conftest, shared with test_exact_accumulation)
         "gc2": _run(f, "gc2", *EFF16, *GC, *CKPT, processes=2),
     }
 
