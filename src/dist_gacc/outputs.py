@@ -15,7 +15,7 @@ import transformers
 from accelerate.logging import get_logger
 from omegaconf import DictConfig, OmegaConf
 
-from . import engines, metrics, models
+from . import checkpoint, engines, metrics, models
 from .build import Job
 from .config import RunConfig
 from .evaluation import Evaluator
@@ -109,7 +109,7 @@ def save_model(job: Job) -> None:
     (a crash between the two renames leaves the previous complete model in model.old/)."""
     acc = job.accelerator
     final = os.path.join(job.rc.output_dir, "model")
-    tmp, old = f"{final}.tmp", f"{final}.old"
+    tmp = f"{final}.tmp"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
     acc.wait_for_everyone()
@@ -131,10 +131,7 @@ def save_model(job: Job) -> None:
         job.tokenizer.save_pretrained(tmp)
     acc.wait_for_everyone()  # every rank is done with model.tmp/ before it is renamed
     if acc.is_main_process:
-        if os.path.isdir(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint.replace_folder(tmp, final)
     acc.wait_for_everyone()
 
 
