@@ -285,6 +285,17 @@ class ModelConfig:
             for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                         "intermediate_size"):
                 _int(f"model.from_scratch.{key}", self.from_scratch.get(key), 1)
+            architecture = self.from_scratch.get("architecture", "bert")
+            if architecture not in ("bert", "llama"):
+                raise ConfigError(f"model.from_scratch.architecture must be bert (model=tiny) or llama "
+                                  f"(model=tiny_decoder), got {architecture!r}")
+            heads, kv_heads = self.from_scratch["num_attention_heads"], self.from_scratch.get("num_key_value_heads")
+            if _int("model.from_scratch.num_key_value_heads", kv_heads, 1, allow_none=True) and heads % kv_heads:
+                raise ConfigError(f"model.from_scratch.num_key_value_heads={kv_heads} must divide "
+                                  f"num_attention_heads={heads}")
+            if self.from_scratch["hidden_size"] % heads:
+                raise ConfigError(f"model.from_scratch.hidden_size={self.from_scratch['hidden_size']} must be a "
+                                  f"multiple of num_attention_heads={heads}")
 
 
 @dataclass(frozen=True)

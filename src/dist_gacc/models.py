@@ -1,11 +1,14 @@
-"""Tokenizer and model builders: any AutoModelForSequenceClassification, or a tiny BERT from scratch."""
+"""Tokenizer and model builders: any AutoModelForSequenceClassification (encoders, and decoders such as Llama,
+Qwen2, Mistral, Gemma, GPT-2, which classify from their last real token), or a tiny BERT or Llama from scratch."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 
-from tokenizers import BertWordPieceTokenizer
+from tokenizers import BertWordPieceTokenizer, Tokenizer, decoders, processors
+from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import (
@@ -15,22 +18,29 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
 )
 
 from .config import ModelConfig
 from .errors import ConfigError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The from-scratch decoder's (model=tiny_decoder): unknown, begin and end of sequence, and no pad token, as Llama's
+# own tokenizer ships; ensure_pad_token then gives it one by the transformers convention (eos as pad).
+DECODER_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 # Config attributes that hold dropout probabilities, across common encoder architectures.
 DROPOUT_ATTRIBUTES = (
     "hidden_dropout_prob", "attention_probs_dropout_prob",  # BERT, RoBERTa, ELECTRA, MiniLM
     "dropout", "attention_dropout", "seq_classif_dropout",  # DistilBERT
     "hidden_dropout", "attention_probs_dropout",
-)
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",  # GPT-2 (Llama, Qwen2, Mistral, Gemma:
+)                                                                        # attention_dropout, above)
 
 
-def build_vocab(texts: list[str], vocab_size: int) -> list[str]:
+def build_vocab(texts: list[str], vocab_size: int, specials: list[str] = SPECIAL_TOKENS) -> list[str]:
     """A WordPiece vocabulary from texts: frequent characters (and their ## forms), then frequent words.
 
     Written by hand because the `tokenizers` WordPiece trainer is not deterministic (two runs on the
@@ -48,10 +58,10 @@ def build_vocab(texts: list[str], vocab_size: int) -> list[str]:
         for ch in word:
             chars[ch] += count
 
-    budget = max(vocab_size - len(SPECIAL_TOKENS), 2)
+    budget = max(vocab_size - len(specials), 2)
     by_count = lambda counter: sorted(counter, key=lambda key: (-counter[key], key))  # noqa: E731
     top_chars = by_count(chars)[: budget // 2]
-    vocab = SPECIAL_TOKENS + top_chars + ["##" + ch for ch in top_chars]
+    vocab = list(specials) + top_chars + ["##" + ch for ch in top_chars]
     multi_char_words = [w for w in by_count(words) if len(w) > 1 and words[w] > 1]
     vocab += multi_char_words[: max(vocab_size - len(vocab), 0)]
     return vocab
@@ -60,16 +70,69 @@ def build_vocab(texts: list[str], vocab_size: int) -> list[str]:
 def build_tokenizer(cfg: ModelConfig, train_texts: list[str], max_length: int):
     """The run's tokenizer, its model_max_length data.max_length (as a from-scratch one has it): model/ saves it,
     so transformers' pipeline and scripts/predict.py (truncation=True) cut texts where training did, not at the
-    pretrained tokenizer's own limit (512 for MiniLM)."""
+    pretrained tokenizer's own limit (512 for MiniLM). One without a pad token (most decoders') gets eos as pad."""
     if cfg.name_or_path is not None:
         try:
-            return AutoTokenizer.from_pretrained(cfg.name_or_path, model_max_length=max_length)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, model_max_length=max_length)
         except OSError as err:
             raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load its tokenizer "
                               f"(a folder, or a Hub name with network access): {err}") from err
-    vocab = build_vocab(train_texts, cfg.from_scratch["vocab_size"])
-    wordpiece = BertWordPieceTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, lowercase=True)
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=max_length)
+    elif is_decoder_scratch(cfg):
+        vocab = build_vocab(train_texts, cfg.from_scratch["vocab_size"], DECODER_SPECIAL_TOKENS)
+        tokenizer = decoder_tokenizer(vocab, max_length)
+    else:
+        vocab = build_vocab(train_texts, cfg.from_scratch["vocab_size"])
+        wordpiece = BertWordPieceTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, lowercase=True)
+        tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=max_length)
+    note = ensure_pad_token(tokenizer, cfg.name_or_path or "model.from_scratch (tiny decoder)")
+    if note:
+        _log_main(note)
+    return tokenizer
+
+
+def is_decoder_scratch(cfg: ModelConfig) -> bool:
+    return cfg.name_or_path is None and cfg.from_scratch.get("architecture", "bert") == "llama"
+
+
+def decoder_tokenizer(vocab: list[str], max_length: int) -> PreTrainedTokenizerFast:
+    """The from-scratch decoder's tokenizer: the same deterministic WordPiece vocabulary as the tiny BERT's, with
+    Llama's framing (`<s>` before the text; a pair `<s> a </s> b`), no pad token, and no token_type_ids (Llama's
+    forward takes none)."""
+    backend = Tokenizer(WordPiece({tok: i for i, tok in enumerate(vocab)}, unk_token="<unk>"))
+    backend.normalizer = BertNormalizer(lowercase=True, handle_chinese_chars=True)
+    backend.pre_tokenizer = BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B", special_tokens=[("<s>", vocab.index("<s>")), ("</s>", vocab.index("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=max_length, model_input_names=["input_ids", "attention_mask"])
+
+
+def ensure_pad_token(tokenizer, source: str) -> str | None:
+    """Give a tokenizer without a pad token one, by the transformers convention for decoders: eos as pad (no new
+    token, so no embedding row to train). The collator pads with it, and the model's config gets its id
+    (build_model): a decoder classifier pools the rightmost token that is not pad, whichever side the padding is
+    on. Returns the line to log, or None if the tokenizer had one."""
+    if tokenizer.pad_token is not None:
+        return None
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"model.name_or_path={source!r}: its tokenizer has neither a pad nor an eos token, so "
+                          "batches cannot be padded; give the tokenizer a pad_token (saved in its folder)")
+    tokenizer.pad_token = tokenizer.eos_token
+    return (f"tokenizer of {source} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
+            f"(id {tokenizer.pad_token_id}; the transformers convention), saved with model/")
+
+
+def _log_main(message: str) -> None:
+    """Log on the main process through Accelerate once it is set up (a run); plain logging otherwise (the bench
+    and scripts/trainer_baseline.py build tokenizers without an Accelerator)."""
+    from accelerate.logging import get_logger
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:  # Accelerate's own test before its logger may be used
+        get_logger(__name__).info(message, main_process_only=True)
+    else:
+        logging.getLogger(__name__).info(message)
 
 
 def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
@@ -83,21 +146,7 @@ def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
         problem_type=problem_type,
     )
     if cfg.name_or_path is None:
-        tiny = cfg.from_scratch
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tiny["hidden_size"],
-            num_hidden_layers=tiny["num_hidden_layers"],
-            num_attention_heads=tiny["num_attention_heads"],
-            intermediate_size=tiny["intermediate_size"],
-            max_position_embeddings=max(512, tokenizer.model_max_length + 2),
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            pad_token_id=tokenizer.pad_token_id,
-            **labels,
-        )
-        return BertForSequenceClassification(config)
-
+        return scratch_model(cfg, tokenizer, labels)
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, **labels)
     except OSError as err:
@@ -107,7 +156,39 @@ def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
             setattr(config, name, cfg.dropout)
     if getattr(config, "classifier_dropout", None) is not None:
         config.classifier_dropout = cfg.dropout
+    set_pad_token_id(config, tokenizer)
     return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, config=config)
+
+
+def set_pad_token_id(config, tokenizer) -> None:
+    """The config's pad_token_id is the tokenizer's: a decoder classifier pools the rightmost token whose id is
+    not config.pad_token_id (transformers' GenericForSequenceClassification, GPT2ForSequenceClassification), and
+    without one it refuses batches of more than one row. Set on the text config (multimodal configs nest it);
+    saved with model/, so a pipeline over model/ pools the same token."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if tokenizer.pad_token_id is not None and getattr(text_config, "pad_token_id", None) != tokenizer.pad_token_id:
+        text_config.pad_token_id = tokenizer.pad_token_id
+        if text_config is not config:
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def scratch_model(cfg: ModelConfig, tokenizer, labels: dict):
+    """model=tiny (a BERT) or model=tiny_decoder (a Llama: rotary positions, RMSNorm, SwiGLU, grouped-query
+    attention when num_key_value_heads < num_attention_heads; the score head over the last real token)."""
+    tiny = cfg.from_scratch
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=tiny["hidden_size"],
+                 num_hidden_layers=tiny["num_hidden_layers"], num_attention_heads=tiny["num_attention_heads"],
+                 intermediate_size=tiny["intermediate_size"], pad_token_id=tokenizer.pad_token_id, **labels)
+    if is_decoder_scratch(cfg):
+        config = LlamaConfig(
+            **sizes, num_key_value_heads=tiny.get("num_key_value_heads") or tiny["num_attention_heads"],
+            max_position_embeddings=max(512, tokenizer.model_max_length), attention_dropout=cfg.dropout,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        return LlamaForSequenceClassification(config)
+    config = BertConfig(
+        **sizes, max_position_embeddings=max(512, tokenizer.model_max_length + 2),
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    return BertForSequenceClassification(config)
 
 
 def position_limit(model) -> int | None:
@@ -142,6 +223,10 @@ LORA_DEFAULT_TARGETS = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert",
                      "data2vec-text", "xmod", "roc_bert", "layoutlm"), ["query", "value"]),
     "distilbert": ["q_lin", "v_lin"],
+    # Decoders: the attention's query and value projections too (as peft's own defaults for these types).
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "phi3"), ["q_proj", "v_proj"]),
+    "gpt2": ["c_attn"],  # GPT-2's fused query/key/value projection, a Conv1D (fan_in_fan_out below)
 }
 
 
@@ -205,8 +290,11 @@ def apply_lora(model, peft_cfg):
     if not any(name == t or name.endswith("." + t) for name in names for t in targets):
         raise ConfigError(f"peft.target_modules={targets} matches no module of {type(model).__name__}; "
                           f"its linear modules are named {', '.join(linear_module_names(model))}")
+    # GPT-2's Conv1D stores its weight transposed: peft would switch fan_in_fan_out on itself, with a warning.
+    transposed = any(type(module).__name__ == "Conv1D" for name, module in model.named_modules()
+                     if any(name == t or name.endswith("." + t) for t in targets))
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
-                             lora_dropout=peft_cfg.dropout, target_modules=targets)
+                             lora_dropout=peft_cfg.dropout, target_modules=targets, fan_in_fan_out=transposed)
     try:
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
