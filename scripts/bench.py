@@ -9,6 +9,8 @@ writes them (markdown, JSON, a PNG) to --out.
     python scripts/bench.py --device cuda        # GPU: BERT-base-sized config, bf16, seq 128
     python scripts/bench.py --sections speed --models minilm --repeats 9 --profile cprofile   # the last percent
     python scripts/bench.py --sections precision --repeats 2   # the default job in fp32 vs bf16: does auto pay?
+    python scripts/bench.py --sections accumulation_peers      # N=1 vs N=4, same effective batch: this trainer vs
+                                                               #   the Trainer on a decoder classifier (~2 min)
 
 Each measurement runs in its own process (scripts/bench_worker.py); the variants of a comparison
 are interleaved and repeated, and tables quote medians and ratios to the hand-written loop.
@@ -68,7 +70,8 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks every row, not speed")
     p.add_argument("--models", help="comma list of tiny,minilm,bert-base (default: cpu tiny,minilm; cuda bert-base)")
-    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,data_scale,time_to_f1")
+    p.add_argument("--sections", default="speed,math,memory,comm,features,levers,data_scale,time_to_f1,"
+                   "accumulation_peers")
     p.add_argument("--budgets-gib", default="2,4,8", help="levers: memory budgets for the what-fits table")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed and time_to_f1 comparisons "
                    "(9+ for a paired-ratio spread under 1 %%; quick mode: 1)")
@@ -486,6 +489,78 @@ def section_precision(args, work: Path) -> dict:
     return {"precision": table, "precision_runs": runs}
 
 
+# accumulation_peers: does the logged loss and the first gradient stay put when the same effective batch is split
+# into N micro-batches? Each case is a job (Hydra overrides) the three variants train; a row per case and variant.
+# A regression case is one more entry, e.g. {"case": "regression", "overrides": [*decoder, "data.problem_type=
+# regression"]}: prepare_case saves whatever model and labels the composed job builds.
+PEER_CASES = [
+    {"case": "single-label (tiny decoder)", "overrides": ["model=tiny_decoder", "model.dropout=0.0"]},
+]
+PEER_VARIANTS = ["dist_gacc", "hf_trainer_stock", "hf_trainer"]
+PEER_LABELS = {"dist_gacc": "dist-gacc", "hf_trainer_stock": "Trainer as shipped",
+               "hf_trainer": "Trainer, model_accepts_loss_kwargs=False"}
+PEER_NS = (1, 4)
+
+
+def section_accumulation_peers(args, work: Path) -> dict:
+    """Each case's job, N = 1 vs N = 4 at the same effective batch (16; quick: 8) of the same rows, fp32, one
+    update: the loss each variant logs for it and the gradient norm before clipping, and their ratio N=4 / N=1
+    (exact accumulation: 1 to float rounding; a loop that skips the division by N: N)."""
+    effective = 8 if args.quick else 16
+    results = []
+    for case in PEER_CASES:
+        prepared = prepare_case(case, work, MAX_LENGTH)
+        specs = [{"kind": "train", "variant": variant, "model_dir": prepared["model_dir"],
+                  "data_dir": prepared["data_dir"], "micro": effective // n, "accum": n, "warmup": 1, "updates": 0,
+                  "precision": "no", "threads": args.threads, "device": args.device, "fused": True,
+                  "log_first": True, "case": case["case"]}
+                 for variant in PEER_VARIANTS for n in PEER_NS]
+        results += measure(specs, args.quick)
+    return {"accumulation_peers": peer_rows(results), "accumulation_peers_runs": results}
+
+
+def prepare_case(case: dict, work: Path, max_length: int) -> dict:
+    """The case's initial model (seeded as a run builds it: the same task, tokenizer, labels and problem_type)
+    and its tokenized training rows, saved once for the workers."""
+    target = work / "peers" / re.sub(r"[^a-z0-9]+", "-", case["case"].lower()).strip("-")
+    if not (target / "done").exists():
+        from accelerate.utils import set_seed
+        from hydra import compose, initialize_config_dir
+
+        from dist_gacc import data, models
+        from dist_gacc.config import load_config
+        from dist_gacc.tasks import build_task
+
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            rc = load_config(compose("train", overrides=[*case["overrides"], "output_dir=/tmp/unused"]))
+        set_seed(rc.seed)
+        splits = data.load_splits(rc.data, rc.seed)
+        train = splits["train"]
+        task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
+        tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), max_length)
+        net = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
+        net.save_pretrained(target / "model")
+        tokenizer.save_pretrained(target / "model")
+        data.tokenize(splits, tokenizer, max_length)["train"].save_to_disk(str(target / "train"))
+        (target / "done").write_text("")
+    return {"model_dir": str(target / "model"), "data_dir": str(target / "train")}
+
+
+def peer_rows(results: list[dict]) -> list[dict]:
+    """One row per case and variant from the worker results: the logged first-update loss and the gradient norm
+    before clipping at N = 1 and N = 4, and each ratio N=4 / N=1."""
+    by = {(r["spec"]["case"], r["spec"]["variant"], r["spec"]["accum"]): r for r in results}
+    rows = []
+    for case, variant in dict.fromkeys((c, v) for c, v, _ in by):
+        one, four = (by[(case, variant, n)] for n in PEER_NS)
+        rows.append({"case": case, "variant": PEER_LABELS[variant],
+                     "loss_N1": one["logged_loss"], "loss_N4": four["logged_loss"],
+                     "loss_ratio": four["logged_loss"] / one["logged_loss"],
+                     "grad_norm_N1": one["first_grad_norm"], "grad_norm_N4": four["first_grad_norm"],
+                     "grad_norm_ratio": four["first_grad_norm"] / one["first_grad_norm"]})
+    return rows
+
+
 def order_balanced_ratio(rows: list[dict], key: str = "ratio_ours_to_trainer") -> float | None:
     """ours/Trainer with the position in the pair averaged out: the geometric mean, over the two orders, of
     each order's geometric-mean ratio (measured: the first run of a pair was ~5 % slower whichever side it
@@ -671,7 +746,8 @@ def main():
                "features": lambda: section_features(args, inputs), "levers": lambda: section_levers(args, inputs),
                "data_scale": lambda: section_data_scale([10_000, 100_000, 1_000_000], work, args.quick),
                "time_to_f1": lambda: section_time_to_f1(args, work),
-               "precision": lambda: section_precision(args, work)}
+               "precision": lambda: section_precision(args, work),
+               "accumulation_peers": lambda: section_accumulation_peers(args, work)}
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine_label']}; threads per process: {args.threads}"]
     print(text[0], flush=True)

@@ -247,7 +247,9 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     state = fit(*standalone(acc, model, optimizer, scheduler, make_loader, len(ds), spec["micro"], spec["accum"],
                             total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate()))
     backend = acc.state.dynamo_plugin.backend.value.lower() if compiled else None
-    return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {"compiled": compiled, "backend": backend}
+    return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {
+        "compiled": compiled, "backend": backend,
+        "logged_loss": state.losses[0], "logged_grad_norm": state.grad_norms[0]}  # what the run logs and records
 
 
 def run_hand(spec, model, ds, tokenizer, timer):
@@ -318,12 +320,18 @@ def run_hf_trainer(spec, model, ds, tokenizer, timer):
         def on_step_end(self, args, state, control, **kwargs):
             timer.on_update(state.global_step)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):  # log_first: what the Trainer reports
+            if logs and "loss" in logs:
+                recorded.setdefault("logged", logs)
+
     total = total_updates(spec)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-trainer-"), per_device_train_batch_size=spec["micro"],
         gradient_accumulation_steps=spec["accum"], max_steps=total, learning_rate=LR, weight_decay=WEIGHT_DECAY,
         warmup_steps=round(WARMUP_RATIO * total), lr_scheduler_type="linear", max_grad_norm=MAX_GRAD_NORM,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], seed=SEED,
+        # log_first (bench.py accumulation_peers): log every update, to read the loss and norm the Trainer reports
+        logging_strategy="steps" if spec.get("log_first") else "no", logging_steps=1,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=SEED,
         use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16", disable_tqdm=True,
         dataloader_pin_memory=spec["device"] == "cuda", optim="adamw_torch_fused" if spec["fused"] else "adamw_torch",
     )
@@ -333,7 +341,9 @@ def run_hf_trainer(spec, model, ds, tokenizer, timer):
         trainer.model_accepts_loss_kwargs = False  # the fix: the Trainer now divides each micro-batch loss by N
     trainer.train()
     first_loss = float(sum(recorded["losses"])) / spec["accum"]
-    return model, float(recorded["norm"]), first_loss, {}
+    logged = recorded.get("logged", {})
+    extra = {"logged_loss": logged["loss"], "logged_grad_norm": logged.get("grad_norm")} if logged else {}
+    return model, float(recorded["norm"]), first_loss, extra
 
 
 LOOPS = {"dist_gacc": run_dist_gacc, "hand": run_hand, "hf_trainer": run_hf_trainer,

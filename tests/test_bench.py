@@ -251,3 +251,25 @@ def test_order_balanced_time_to_f1_ratio():
     expected = math.sqrt((426.8 / 407.9) * (411.4 / 429.1))
     assert bench.order_balanced_ratio(rows) == pytest.approx(expected, rel=1e-12)  # 1.0014; the median is 1.046
     assert bench.order_balanced_ratio(rows[:1]) is None  # one order only: nothing to balance
+
+
+def test_accumulation_peers_rows_are_ratios_of_n4_to_n1():
+    """The accumulation_peers table from worker results (no run: the section itself is
+    `scripts/bench.py --sections accumulation_peers`, docs/benchmarks.md §11): one row per case and variant, in
+    their order, the logged loss and first gradient norm at N = 1 and N = 4 and each ratio N=4 / N=1."""
+    bench = _bench_module()
+
+    def result(case, variant, n, loss, norm):
+        return {"spec": {"case": case, "variant": variant, "accum": n, "micro": 16 // n},
+                "logged_loss": loss, "first_grad_norm": norm}
+
+    results = [result("single-label", "dist_gacc", 1, 0.8161, 7.6), result("single-label", "dist_gacc", 4, 0.8161, 7.6),
+               result("single-label", "hf_trainer_stock", 1, 0.8161, 7.6),
+               result("single-label", "hf_trainer_stock", 4, 3.2644, 30.4),
+               result("regression", "dist_gacc", 1, 2.0, 3.0), result("regression", "dist_gacc", 4, 2.0, 3.0)]
+    rows = bench.peer_rows(results)
+    assert [(r["case"], r["variant"]) for r in rows] == [
+        ("single-label", "dist-gacc"), ("single-label", "Trainer as shipped"), ("regression", "dist-gacc")]
+    assert rows[1]["loss_N4"] == 3.2644 and rows[1]["grad_norm_N1"] == 7.6
+    assert rows[1]["loss_ratio"] == pytest.approx(4.0) and rows[1]["grad_norm_ratio"] == pytest.approx(4.0)
+    assert rows[0]["loss_ratio"] == rows[0]["grad_norm_ratio"] == rows[2]["loss_ratio"] == 1.0

@@ -199,7 +199,8 @@ def position_limit(model) -> int | None:
     import torch
 
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(module, torch.nn.Embedding):
+        # position_embeddings: BERT and kin; wpe: GPT-2 (n_positions)
+        if name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe") and isinstance(module, torch.nn.Embedding):
             offset = module.padding_idx + 1 if module.padding_idx is not None else 0
             return module.num_embeddings - offset
     return None
