@@ -733,6 +733,8 @@ def main():
     sections = args.sections.split(",")
     needed = set(models) | {"tiny"} | ({"tiny" if args.quick else "minilm"} if {"memory", "comm", "features"} & set(sections) else set())
     needed |= {"tiny" if args.quick else "bert-base"} if "levers" in sections else set()
+    if not {"speed", "math", "memory", "comm", "features", "levers"} & set(sections):
+        needed = set()  # the other sections build their own jobs (time_to_f1, precision, accumulation_peers, data_scale)
     inputs = {m: prepare(m, work) for m in sorted(needed)}
     from dist_gacc import machine
 
