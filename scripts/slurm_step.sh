@@ -8,30 +8,36 @@
 # checkpoint. Only 75 requeues: a failed run (1, 2, 3, a kill by the OOM killer: 137) would fail again, and
 # a run that finished inside the warning time (0) has nothing left to do.
 #
-# Under `accelerate launch` the workers exit 75 but torch's launcher, signalled too, exits 1 (README,
-# "Nothing lost"), so a step that ended nonzero AFTER the signal counts as 75 when the run directory holds
-# a checkpoint written for the stop signal after the signal arrived: its workers stopped as asked.
+# Under `accelerate launch` the workers exit 75 but torch's launcher, signalled too, exits 1 (143 when only it
+# was signalled; README, "Nothing lost"), so a step that ended nonzero AFTER the signal counts as 75 when the
+# run directory holds a checkpoint saved for the stop signal that was not there when the step started: its
+# workers stopped as asked. (Compared by file and mtime, not by clock: a shared file system's server clock
+# may differ from this node's.)
 # Needs RUN_DIR (the run directory) and SLURM_JOB_ID.
 
 on_signal() {
     echo "signal received: asking the training step to checkpoint and stop"
-    SIGNAL_AT="$(date +%s.%N)"
+    SIGNALLED=1
     kill -TERM "${STEP_PID}" 2>/dev/null
 }
 
-# stopped_for_signal <run dir> <since (epoch seconds)>: a checkpoint saved for the stop signal since then.
-stopped_for_signal() {
-    python - "$1" "$2" <<'PY'
+# stop_checkpoints <run dir>: "<trainer_state.json> <mtime ns>" of every checkpoint saved for a stop signal.
+stop_checkpoints() {
+    python - "$1" <<'PY' 2>/dev/null
 import glob, json, os, sys
-run, since = sys.argv[1], float(sys.argv[2])
-states = [p for p in glob.glob(os.path.join(run, "checkpoints", "step-*", "trainer_state.json"))
-          if os.path.getmtime(p) >= since]
-sys.exit(0 if any(json.load(open(p))["position"]["reason"] == "stop signal" for p in states) else 1)
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "checkpoints", "step-*", "trainer_state.json"))):
+    try:
+        if json.load(open(path))["position"]["reason"] == "stop signal":
+            print(path, os.stat(path).st_mtime_ns)
+    except (OSError, ValueError, KeyError):
+        pass
 PY
 }
 
 run_step() {
-    SIGNAL_AT=""
+    SIGNALLED=0
+    local before status
+    before="$(stop_checkpoints "${RUN_DIR}")"
     trap on_signal TERM USR1
     "$@" &
     STEP_PID=$!
@@ -39,9 +45,9 @@ run_step() {
     # once more for its exit status (bash keeps it).
     while kill -0 "${STEP_PID}" 2>/dev/null; do wait "${STEP_PID}"; done
     wait "${STEP_PID}"
-    local status=$?
-    if [[ -n "${SIGNAL_AT}" && ${status} -ne 0 && ${status} -ne 75 ]] \
-        && stopped_for_signal "${RUN_DIR}" "${SIGNAL_AT}"; then
+    status=$?
+    if [[ ${SIGNALLED} -eq 1 && ${status} -ne 0 && ${status} -ne 75 ]] \
+        && stop_checkpoints "${RUN_DIR}" | grep -qFxv -e "${before:-no checkpoint}"; then
         echo "the step exited ${status} after the signal and its run checkpointed for it: counted as 75"
         status=75
     fi

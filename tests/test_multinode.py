@@ -130,6 +130,35 @@ def test_batch_script_after_the_signal_requeues_only_a_step_that_stopped_with_75
     assert requeues(log) == (["scontrol requeue 4242"] if requeued else []), out + err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("stale", [False, True])
+def test_batch_script_counts_a_launchers_exit_1_as_75_only_with_a_new_stop_checkpoint(slurm, tmp_path, script,
+                                                                                      stale):
+    """torch's launcher exits 1 while its workers save a checkpoint for the signal and exit 75: requeued, the
+    job ends 75. A "stop signal" checkpoint already there before the step (an earlier preemption's) is no
+    such evidence: the step's 1 stands, not requeued."""
+    env, log = slurm
+    state = Path(env["RUN_DIR"]) / "checkpoints" / "step-3" / "trainer_state.json"
+    state.parent.mkdir(parents=True)
+    saved = tmp_path / "saved.json"  # what the workers write on the signal (the fields the rule reads)
+    saved.write_text('{"position": {"reason": "stop signal"}}')
+    if stale:
+        state.write_text(saved.read_text())
+    started = tmp_path / "started"
+    on_term = "exit 1" if stale else f"cp {saved} {state}; exit 1"
+    step = f"trap '{on_term}' TERM; touch {started}; while :; do sleep 0.05; done"
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / script)], env={**env, "FAKE_STEP": step},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not started.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == (1 if stale else 75), out + err
+    assert requeues(log) == ([] if stale else ["scontrol requeue 4242"]), out + err
+
+
 def _steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
