@@ -192,10 +192,6 @@ def check_supported(accelerator, trainer, peft=None) -> None:
             raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported here (stages "
                               f"{', '.join(map(str, DEEPSPEED_STAGES))}): ZeRO-3 partitions the parameters, "
                               "and saving and reloading the model are not handled for it")
-    if engine == "fsdp" and (trainer.save_best or trainer.early_stopping_patience is not None):
-        raise ConfigError("trainer.save_best / trainer.early_stopping_patience are not supported under FSDP: "
-                          "reloading the best model into sharded parameters is not implemented. Use checkpoints "
-                          "(trainer.checkpoint_every) and evaluate the one you want, or DDP.")
 
 
 def configure_deepspeed(accelerator, trainer, micro_batch_size: int, grad_accum_steps: int) -> dict:

@@ -150,9 +150,34 @@ def load_saved_model(job: Job) -> None:
         if result.unexpected_keys:
             raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")
         return
-    saved = transformers.AutoModelForSequenceClassification.from_pretrained(
+    if engines.engine_name(job.accelerator) == "fsdp":
+        load_saved_model_fsdp(job)
+        return
+    job.accelerator.unwrap_model(job.model).load_state_dict(read_saved_model(job).state_dict())
+
+
+def read_saved_model(job: Job):
+    """model/ as a transformers model on the CPU, in the trained parameters' dtype."""
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
         os.path.join(job.rc.output_dir, "model"), dtype=next(job.model.parameters()).dtype)
-    job.accelerator.unwrap_model(job.model).load_state_dict(saved.state_dict())
+
+
+def load_saved_model_fsdp(job: Job) -> None:
+    """Collective. FSDP2: rank 0 reads model/ (the full state dict save_model gathered), and torch's
+    set_model_state_dict broadcasts each tensor and keeps this rank's shard of it (strict: every key of the
+    sharded model must be there). The same call Accelerate's get_state_dict mirrors when it gathers.
+
+    Resharded first: after an evaluation's forward (no backward) FSDP2 leaves the root module's parameters
+    (embeddings, classifier) unsharded, plain tensors, and loading the broadcast DTensors into them fails
+    ("got mixed torch.Tensor and DTensor", measured with torch 2.13)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in job.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    full = read_saved_model(job).state_dict() if job.accelerator.is_main_process else {}
+    set_model_state_dict(job.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
