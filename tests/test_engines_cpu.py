@@ -200,6 +200,9 @@ LIFTED = {
     # early stopping (6 evaluations without gain) ends the run at update 14, and the best model is update 2's.
     "best": ("fsdp_full", ("trainer.epochs=4", "trainer.eval_every=2", "trainer.early_stopping_patience=6",
                            "optim.lr=1e-2")),
+    # LoRA on the query/value projections: ZeRO-1/2 keep every parameter whole on every rank (they partition
+    # gradients and optimizer state), so the merged model/ and the adapter are written as under DDP
+    "lora": ("zero2", ("peft=lora", "peft.dropout=0.0")),  # no dropout: ranks draw other masks
 }
 
 
@@ -252,3 +255,28 @@ def test_fsdp_best_model_reload_equals_one_process(lifted_runs):
     assert b["test"]["f1"] == a["test"]["f1"] and b["test"]["accuracy"] == a["test"]["accuracy"]
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert max_abs_diff(load_params(one), load_params(two)) <= 1e-5
+
+
+@needs_deepspeed
+def test_lora_under_deepspeed_equals_one_process_and_its_merged_model_loads(lifted_runs):
+    """The trained adapter (model/adapter/) and the merged model (model/) as on one process; the merged model is a
+    plain transformers folder that reproduces the run's validation predictions."""
+    import pandas as pd
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    one, two = lifted_runs("lora", 1), lifted_runs("lora", 2)
+    a, b = read_metrics(one), read_metrics(two)
+    assert (b["engine"], b["world_size"], b["peft"]) == ("deepspeed", 2, "lora")
+    assert b["trainable_parameters"] == a["trainable_parameters"] < b["total_parameters"] / 10
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
+    assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
+    adapters = [load_file(str(run / "model" / "adapter" / "adapter_model.safetensors")) for run in (one, two)]
+    assert max(t.abs().max().item() for k, t in adapters[1].items() if "lora_B" in k) > 1e-3  # the adapters trained
+    assert max_abs_diff(*adapters) <= 1e-5
+    assert max_abs_diff(load_params(one), load_params(two)) <= 1e-5
+    saved = pd.read_csv(two / "validation_predictions.csv")
+    out = pipeline("text-classification", model=str(two / "model"), device="cpu")(saved["text"].tolist(),
+                                                                                truncation=True, max_length=64)
+    assert [o["label"] for o in out] == saved["prediction"].tolist()

@@ -172,7 +172,7 @@ def check_sharded(accelerator, model) -> int:
 def check_supported(accelerator, trainer, peft=None) -> None:
     """Settings an engine cannot honour, refused before any work. `peft`: the PeftConfig slice (None: none)."""
     engine = engine_name(accelerator)
-    if peft is not None and peft.name != "none" and engine in ("fsdp", "deepspeed"):
+    if peft is not None and peft.name != "none" and engine == "fsdp":
         raise ConfigError(
             f"peft={peft.name} is not supported under {engine}: the merged model/ and the best-model reload read "
             "and write the unwrapped PeftModel's full parameters on one process, which FSDP shards (and its flat "
