@@ -8,9 +8,12 @@ The loop and step are the same everywhere; what is engine-specific:
   `engine.step()` (clipping with its `gradient_clipping`, the optimizer step, zeroing). Its ZeRO-2
   gradients live in partitioned buffers, so the exact normalisation cannot rescale them afterwards;
   instead each micro-batch's loss sum is pre-scaled by N*W / (the window's real examples), a count
-  every rank computes without communication (windows.window_examples). DeepSpeed's /N and its
-  mean over W processes then leave exactly the mean over the window's real examples.
-- FSDP shards parameters; reloading the best model into them is not supported here (refused).
+  every rank computes without communication (windows.window_examples); with class weights, the
+  window's sum of weights, read from the epoch's order (windows.TrainBatches, build.Job.order_weights).
+  DeepSpeed's /N and its mean over W processes then leave exactly the (weighted) mean over the
+  window's real examples.
+- FSDP shards parameters: the best model is reloaded into the shards (outputs.load_saved_model_fsdp);
+  LoRA is refused (check_supported says why).
 - A launch that does not give the world it asked for is refused before any work (measured with
   accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
 - Without a GPU, DeepSpeed and (behind DIST_GACC_FSDP_ON_CPU=1) FSDP2 run on gloo CPU ranks: the first
@@ -250,7 +253,8 @@ def build_engine(engine: str, loss_normalisation: str, fp16: bool, weighted: boo
     """`weighted`: the objective's rows carry weights (class weights), so the window's normaliser is known
     only after its last micro-batch."""
     if engine == "deepspeed":
-        # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front).
+        # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front; with
+        # class weights, the window's sum of weights, read from the epoch's order: windows.Window.normaliser).
         return Engine("deepspeed", _prescaled, _apply_deepspeed)
     if loss_normalisation == "naive":
         # Accelerate's plain loss/N on the micro-batch mean, repeats included: only to show what it gets wrong.

@@ -115,8 +115,8 @@ def save_model(job: Job) -> None:
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(job.model)
     if models.is_peft_model(unwrapped):
-        # LoRA runs on one process or under DDP only (engines.check_supported): every rank holds the whole
-        # model, and the main process writes. model/ is the merged model, a plain transformers folder
+        # LoRA runs on one process, under DDP or DeepSpeed ZeRO-1/2 only (engines.check_supported): every rank
+        # holds the whole model, and the main process writes. model/ is the merged model, a plain transformers folder
         # (pipeline() loads it without peft); model/adapter/ the adapter alone (LoRA weights and the head).
         if acc.is_main_process:
             models.merged_copy(unwrapped).save_pretrained(tmp)
