@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from accelerate.utils import DistributedType
 
 from conftest import EFF16, ROOT, TINY, compose_cfg, launch, launch_script, load_params, max_abs_diff, read_metrics
-from dist_gacc import engines, models
-from dist_gacc.config import ModelConfig, PeftConfig, TrainerConfig, load_config
+from dist_gacc import models
+from dist_gacc.config import ModelConfig, PeftConfig, load_config
 from dist_gacc.errors import ConfigError
 
 FAULTS = ROOT / "tests" / "dist" / "faults.py"
@@ -299,16 +298,6 @@ def test_gradient_checkpointing_on_a_model_without_support_is_refused():
         models.enable_gradient_checkpointing(NoCheckpointing(PretrainedConfig()))
     models.enable_gradient_checkpointing(bert := _tiny_bert())  # BERT does
     assert any(getattr(m, "gradient_checkpointing", False) for m in bert.modules())
-
-
-def test_lora_under_fsdp_is_refused_and_under_deepspeed_accepted():
-    """DeepSpeed ZeRO-1/2 LoRA runs on 2 CPU ranks (tests/test_engines_cpu.py)."""
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
-    with pytest.raises(ConfigError, match="peft=lora is not supported under fsdp"):
-        engines.check_supported(fsdp, TrainerConfig(), PeftConfig(name="lora"))
-    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
-                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
-    engines.check_supported(deepspeed, TrainerConfig(micro_batch_size=4), PeftConfig(name="lora"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -176,7 +176,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     accelerator = build_accelerator(rc)
     engine_name = engines.engine_name(accelerator)
     engines.check_launch(accelerator)
-    engines.check_supported(accelerator, rc.trainer, rc.peft)
+    engines.check_supported(accelerator, rc.trainer)
     if rc.peft.name == "lora":
         models.require_peft()  # before any data is loaded
     t, world = rc.trainer, accelerator.num_processes

@@ -12,8 +12,9 @@ The loop and step are the same everywhere; what is engine-specific:
   window's sum of weights, read from the epoch's order (windows.TrainBatches, build.Job.order_weights).
   DeepSpeed's /N and its mean over W processes then leave exactly the (weighted) mean over the
   window's real examples.
-- FSDP shards parameters: the best model is reloaded into the shards (outputs.load_saved_model_fsdp);
-  LoRA is refused (check_supported says why).
+- FSDP shards parameters: model/ is written from the gathered full state dict (under LoRA through a whole
+  CPU copy of the PeftModel, models.whole_peft_copy), and the best model is broadcast back into the shards
+  (outputs.load_full_state_dict_fsdp).
 - A launch that does not give the world it asked for is refused before any work (measured with
   accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
 - Without a GPU, DeepSpeed and (behind DIST_GACC_FSDP_ON_CPU=1) FSDP2 run on gloo CPU ranks: the first
@@ -172,15 +173,9 @@ def check_sharded(accelerator, model) -> int:
     return sharded
 
 
-def check_supported(accelerator, trainer, peft=None) -> None:
-    """Settings an engine cannot honour, refused before any work. `peft`: the PeftConfig slice (None: none)."""
+def check_supported(accelerator, trainer) -> None:
+    """Settings an engine cannot honour, refused before any work."""
     engine = engine_name(accelerator)
-    if peft is not None and peft.name != "none" and engine == "fsdp":
-        raise ConfigError(
-            f"peft={peft.name} is not supported under {engine}: the merged model/ and the best-model reload read "
-            "and write the unwrapped PeftModel's full parameters on one process, which FSDP shards (and its flat "
-            "parameters would mix frozen and trainable weights) and DeepSpeed owns; neither path is implemented "
-            "or tested here. Use DDP (or one process), or peft=none.")
     if engine == "deepspeed":
         if trainer.loss_normalisation == "naive":
             raise ConfigError("trainer.loss_normalisation=naive is not supported under DeepSpeed: DeepSpeed divides "
