@@ -145,3 +145,30 @@ def test_window_prescale_is_n_w_over_examples():
     windows = list(batches.windows(state))
     assert [w.examples for w in windows] == [8, 2] and windows[1].prescale == pytest.approx(2 * 1 / 2)
     assert torch.tensor(1.0) * windows[0].prescale == pytest.approx(0.25)
+
+
+def test_window_weight_read_from_the_epoch_order_is_what_the_loader_draws():
+    """Under DeepSpeed with class weights a window's sum of weights must be known before its first forward pass:
+    windows.TrainBatches reads it from the epoch's order (data.epoch_order, as build.Job.order_weights does). It
+    must equal the weights of the real examples the prepared loader then draws, in every epoch and window (the
+    last one holds 1 real example), and after a mid-epoch resume."""
+    import numpy as np
+
+    from dist_gacc import data
+
+    accelerator, plain, state = _batches()
+    weight_of = 1.0 + np.arange(37) % 3  # example x weighs 1, 2 or 3
+    batches = TrainBatches(accelerator, plain.make_loader, 37,
+                           lambda epoch: weight_of[data.epoch_order(range(37), 0, epoch, False, 12)])
+    for epoch, start in ((0, 0), (1, 0), (1, 2)):
+        state.epoch, state.window = epoch, start
+        drawn, expected = [], []
+        for window in batches.windows(state):
+            micro = list(window.micro_batches())
+            drawn.append(sum(weight_of[int(x)] for m in micro for x in m.batch["x"][:m.real]))
+            expected.append(window.weight)
+            assert window.prescale == pytest.approx(4 * 1 / window.weight)
+        assert drawn == expected and len(drawn) == 4 - start
+        assert drawn[-1] in (1.0, 2.0, 3.0)  # the 1-example window
+    state.epoch, state.window = 0, 0
+    assert [w.weight for w in plain.windows(state)] == [None] * 4  # unweighted: the count is the normaliser

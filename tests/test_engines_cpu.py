@@ -36,21 +36,29 @@ ENGINES = {  # name: (config file, launcher arguments, environment added to this
 TIMES = {}
 
 
-def launch_engine(run_dir, name, *overrides):
+def launch_engine(run_dir, name, *overrides, label=None):
     config, launch_args, env, _, levers = ENGINES[name]
     base = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     start = time.perf_counter()
     proc = launch_config(run_dir, config, *RAGGED, "trainer.grad_accum_steps=2", *levers, *overrides,
                          env={**base, **BIN_FIRST, **env}, launch_args=("--num_processes", "2", *launch_args))
-    TIMES[f"{name}{' resumed' if overrides else ''}"] = time.perf_counter() - start
+    TIMES[label or f"{name}{' resumed' if overrides else ''}"] = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wall_times():
+    yield
+    print("\nwall times (s):", {k: round(v, 1) for k, v in TIMES.items()})
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     run = tmp_path_factory.mktemp("one") / "run"
+    start = time.perf_counter()
     launch(run, *RAGGED, "trainer.grad_accum_steps=4")
+    TIMES["one process"] = time.perf_counter() - start
     return run
 
 
@@ -64,8 +72,7 @@ def engine_runs(tmp_path_factory):
             runs[name] = tmp_path_factory.mktemp(name) / "run"
             launch_engine(runs[name], name)
         return runs[name]
-    yield get
-    print("\nwall times (s):", {k: round(v, 1) for k, v in TIMES.items()})
+    return get
 
 
 PARAMS = [pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero1", marks=needs_deepspeed),
@@ -181,3 +188,102 @@ def test_model_loads_in_a_pipeline_and_reproduces_the_validation_predictions(nam
         texts, truncation=True, max_length=64)
     assert [o["label"] for o in out] == [o["label"] for o in reference]
     assert [o["score"] for o in out] == pytest.approx([o["score"] for o in reference], abs=1e-6)
+
+
+# --- settings once refused under these engines because nothing could test them (issue 21) --------------
+# Each variant is launched once on one process (N 4) and once on 2 ranks of its engine (N 2), lazily.
+LIFTED = {
+    # label 1 ("fresh") weighs 3: a window's normaliser is its sum of weights, not its count, and DeepSpeed's
+    # pre-scale must carry it (the last window of each epoch: 1 real example on rank 0, a padded duplicate on 1)
+    "weighted": ("zero2", ("trainer.class_weights=[1.0,3.0]",)),
+    # At lr 1e-2 the model predicts "fresh" everywhere (validation F1 0.679) until update 13, then "rotten" (F1 0):
+    # early stopping (6 evaluations without gain) ends the run at update 14, and the best model is update 2's.
+    "best": ("fsdp_full", ("trainer.epochs=4", "trainer.eval_every=2", "trainer.early_stopping_patience=6",
+                           "optim.lr=1e-2")),
+    # LoRA on the query/value projections (no dropout: ranks draw other masks). ZeRO-1/2 keep every parameter
+    # whole on every rank (they partition gradients and optimizer state): model/ is written as under DDP.
+    "lora": ("zero2", ("peft=lora", "peft.dropout=0.0")),
+    # FSDP2 shards frozen and trainable parameters alike: model/ is merged from a whole copy on rank 0, and the
+    # best adapter (update 2's: the F1 never improves on it) goes back into the shards through that copy.
+    "lora_best": ("fsdp_full", ("peft=lora", "peft.dropout=0.0", "trainer.save_best=true", "trainer.eval_every=2")),
+}
+
+
+@pytest.fixture(scope="module")
+def lifted_runs(tmp_path_factory):
+    """(variant, processes) -> run_dir, each launched once."""
+    runs = {}
+
+    def get(variant, processes):
+        if (variant, processes) not in runs:
+            run = runs[variant, processes] = tmp_path_factory.mktemp(f"{variant}-{processes}") / "run"
+            engine, overrides = LIFTED[variant]
+            if processes == 1:
+                start = time.perf_counter()
+                launch(run, *RAGGED, "trainer.grad_accum_steps=4", *overrides)
+                TIMES[f"one process {variant}"] = time.perf_counter() - start
+            else:
+                launch_engine(run, engine, *overrides, label=f"{engine} {variant}")
+        return runs[variant, processes]
+    return get
+
+
+@needs_deepspeed
+def test_deepspeed_class_weights_equal_one_process(lifted_runs, one_process):
+    """DeepSpeed steps inside the window's last backward, so its pre-scale divides by the window's sum of class
+    weights, read from the epoch's order before the first forward pass (windows.TrainBatches)."""
+    a, b = read_metrics(lifted_runs("weighted", 1)), read_metrics(lifted_runs("weighted", 2))
+    assert (b["engine"], b["world_size"], b["class_weights"]) == ("deepspeed", 2, {"rotten": 1.0, "fresh": 3.0})
+    assert a["train_window_examples"] == b["train_window_examples"] == [12, 12, 12, 1] * 2
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
+    assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
+    assert max_abs_diff(load_params(lifted_runs("weighted", 1)), load_params(lifted_runs("weighted", 2))) <= 1e-5
+    unweighted = read_metrics(one_process)  # the weights changed the updates (a count normaliser would not match)
+    assert a["train_losses"] != pytest.approx(unweighted["train_losses"], rel=1e-3)
+    assert max_abs_diff(load_params(lifted_runs("weighted", 2)), load_params(one_process)) > 1e-4
+
+
+def test_fsdp_best_model_reload_equals_one_process(lifted_runs):
+    """Early stopping under FSDP2: model/ holds update 2's model (save_model gathers the shards), and finish
+    reloads it into the sharded parameters (outputs.load_saved_model_fsdp) before scoring validation and test:
+    metrics.json's eval is the best model's F1, not the final model's 0."""
+    one, two = lifted_runs("best", 1), lifted_runs("best", 2)
+    a, b = read_metrics(one), read_metrics(two)
+    assert (b["engine"], b["world_size"], b["model"], b["stopped_early"]) == ("fsdp", 2, "best", True)
+    assert b["best"]["update"] == a["best"]["update"] == 2 and b["updates"] == a["updates"] == 14
+    assert [h["f1"] for h in b["history"]] == pytest.approx([h["f1"] for h in a["history"]], abs=1e-12)
+    assert b["history"][-1]["f1"] == 0.0  # the final (sharded) model's score; the reloaded one's below
+    assert b["eval"]["f1"] == b["best"]["f1"] == pytest.approx(0.6786, abs=1e-4)
+    assert b["test"]["f1"] == a["test"]["f1"] and b["test"]["accuracy"] == a["test"]["accuracy"]
+    assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
+    assert max_abs_diff(load_params(one), load_params(two)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", [pytest.param("lora", marks=needs_deepspeed), "lora_best"])
+def test_lora_equals_one_process_and_its_merged_model_loads(variant, lifted_runs):
+    """The trained adapter (model/adapter/) and the merged model (model/) as on one process; the merged model is a
+    plain transformers folder that reproduces the run's validation predictions (scored after the best-model
+    reload for lora_best)."""
+    import pandas as pd
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    one, two = lifted_runs(variant, 1), lifted_runs(variant, 2)
+    a, b = read_metrics(one), read_metrics(two)
+    assert (b["engine"], b["world_size"], b["peft"]) == (ENGINES[LIFTED[variant][0]][3], 2, "lora")
+    assert b["trainable_parameters"] == a["trainable_parameters"] < b["total_parameters"] / 10
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
+    assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
+    assert (b["model"], b["best"]["update"]) == (("best", 2) if variant == "lora_best" else ("final", a["best"]["update"]))
+    assert b["eval"]["f1"] == a["eval"]["f1"] and b["test"]["f1"] == a["test"]["f1"]
+    adapters = [load_file(str(run / "model" / "adapter" / "adapter_model.safetensors")) for run in (one, two)]
+    moved = max(t.abs().max().item() for k, t in adapters[1].items() if "lora_B" in k)  # B starts at 0
+    assert moved > (1e-4 if variant == "lora_best" else 1e-3)  # after 2 updates (best) or 8
+    assert max_abs_diff(*adapters) <= 1e-5
+    assert max_abs_diff(load_params(one), load_params(two)) <= 1e-5
+    saved = pd.read_csv(two / "validation_predictions.csv")
+    out = pipeline("text-classification", model=str(two / "model"), device="cpu")(saved["text"].tolist(),
+                                                                                truncation=True, max_length=64)
+    assert [o["label"] for o in out] == saved["prediction"].tolist()

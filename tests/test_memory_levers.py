@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from accelerate.utils import DistributedType
 
 from conftest import EFF16, ROOT, TINY, compose_cfg, launch, launch_script, load_params, max_abs_diff, read_metrics
-from dist_gacc import engines, models
-from dist_gacc.config import ModelConfig, PeftConfig, TrainerConfig, load_config
+from dist_gacc import models
+from dist_gacc.config import ModelConfig, PeftConfig, load_config
 from dist_gacc.errors import ConfigError
 
 FAULTS = ROOT / "tests" / "dist" / "faults.py"
@@ -299,13 +298,6 @@ def test_gradient_checkpointing_on_a_model_without_support_is_refused():
         models.enable_gradient_checkpointing(NoCheckpointing(PretrainedConfig()))
     models.enable_gradient_checkpointing(bert := _tiny_bert())  # BERT does
     assert any(getattr(m, "gradient_checkpointing", False) for m in bert.modules())
-
-
-@pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_lora_under_fsdp_or_deepspeed_is_refused(engine):
-    accelerator = SimpleNamespace(distributed_type=engine, num_processes=2)
-    with pytest.raises(ConfigError, match=f"peft=lora is not supported under {engine.value.lower()}"):
-        engines.check_supported(accelerator, TrainerConfig(), PeftConfig(name="lora"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -136,6 +136,20 @@ class Job:
         """model/ holds the best model by validation F1 (save_best, implied by early stopping)."""
         return self.rc.trainer.save_best or self.rc.trainer.early_stopping_patience is not None
 
+    def order_weights(self):
+        """Under DeepSpeed with class weights: epoch -> the class weight at each position of the epoch's order
+        (windows.TrainBatches: a window's sum of weights, known before its first forward pass, so DeepSpeed's
+        pre-scale can divide by it; DeepSpeed steps inside the window's last backward). Else None: the
+        pre-scaled engines divide by the count, the rescaled one by the weights all-reduced after backward."""
+        if self.engine.name != "deepspeed" or not self.task.weighted_normaliser:
+            return None
+        import numpy as np
+
+        train, t = self.encoded["train"], self.rc.trainer
+        example_weights = np.asarray(self.task.class_weights, dtype=np.float64)[np.asarray(train["labels"])]
+        return lambda epoch: example_weights[data.epoch_order(train, self.rc.seed, epoch, t.group_by_length,
+                                                              self.effective_batch_size)]
+
     def make_loader(self, micro_batch_size: int):
         t = self.rc.trainer
         loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
@@ -162,7 +176,7 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     accelerator = build_accelerator(rc)
     engine_name = engines.engine_name(accelerator)
     engines.check_launch(accelerator)
-    engines.check_supported(accelerator, rc.trainer, rc.peft)
+    engines.check_supported(accelerator, rc.trainer)
     if rc.peft.name == "lora":
         models.require_peft()  # before any data is loaded
     t, world = rc.trainer, accelerator.num_processes
@@ -176,10 +190,6 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     set_seed(rc.seed)
     splits, tokenizer, model, encoded, metric, task = build_data_and_model(rc, accelerator, dtype)
     trainable_parameters, total_parameters = models.parameter_counts(model)  # before prepare (FSDP shards)
-    if engine_name == "deepspeed" and task.weighted_normaliser:
-        raise ConfigError("trainer.class_weights under DeepSpeed: the update divides by the window's sum of weights, "
-                          "known only after its last backward, and DeepSpeed steps inside that backward. Use DDP "
-                          "(or FSDP), or class_weights=none.")
 
     # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
     micro = t.micro_batch_size

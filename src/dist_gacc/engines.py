@@ -8,9 +8,13 @@ The loop and step are the same everywhere; what is engine-specific:
   `engine.step()` (clipping with its `gradient_clipping`, the optimizer step, zeroing). Its ZeRO-2
   gradients live in partitioned buffers, so the exact normalisation cannot rescale them afterwards;
   instead each micro-batch's loss sum is pre-scaled by N*W / (the window's real examples), a count
-  every rank computes without communication (windows.window_examples). DeepSpeed's /N and its
-  mean over W processes then leave exactly the mean over the window's real examples.
-- FSDP shards parameters; reloading the best model into them is not supported here (refused).
+  every rank computes without communication (windows.window_examples); with class weights, the
+  window's sum of weights, read from the epoch's order (windows.TrainBatches, build.Job.order_weights).
+  DeepSpeed's /N and its mean over W processes then leave exactly the (weighted) mean over the
+  window's real examples.
+- FSDP shards parameters: model/ is written from the gathered full state dict (under LoRA through a whole
+  CPU copy of the PeftModel, models.whole_peft_copy), and the best model is broadcast back into the shards
+  (outputs.load_full_state_dict_fsdp).
 - A launch that does not give the world it asked for is refused before any work (measured with
   accelerate 1.15 on CPU: see conf/accelerate/cpu_2proc.yaml).
 - Without a GPU, DeepSpeed and (behind DIST_GACC_FSDP_ON_CPU=1) FSDP2 run on gloo CPU ranks: the first
@@ -169,15 +173,9 @@ def check_sharded(accelerator, model) -> int:
     return sharded
 
 
-def check_supported(accelerator, trainer, peft=None) -> None:
-    """Settings an engine cannot honour, refused before any work. `peft`: the PeftConfig slice (None: none)."""
+def check_supported(accelerator, trainer) -> None:
+    """Settings an engine cannot honour, refused before any work."""
     engine = engine_name(accelerator)
-    if peft is not None and peft.name != "none" and engine in ("fsdp", "deepspeed"):
-        raise ConfigError(
-            f"peft={peft.name} is not supported under {engine}: the merged model/ and the best-model reload read "
-            "and write the unwrapped PeftModel's full parameters on one process, which FSDP shards (and its flat "
-            "parameters would mix frozen and trainable weights) and DeepSpeed owns; neither path is implemented "
-            "or tested here. Use DDP (or one process), or peft=none.")
     if engine == "deepspeed":
         if trainer.loss_normalisation == "naive":
             raise ConfigError("trainer.loss_normalisation=naive is not supported under DeepSpeed: DeepSpeed divides "
@@ -192,10 +190,6 @@ def check_supported(accelerator, trainer, peft=None) -> None:
             raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported here (stages "
                               f"{', '.join(map(str, DEEPSPEED_STAGES))}): ZeRO-3 partitions the parameters, "
                               "and saving and reloading the model are not handled for it")
-    if engine == "fsdp" and (trainer.save_best or trainer.early_stopping_patience is not None):
-        raise ConfigError("trainer.save_best / trainer.early_stopping_patience are not supported under FSDP: "
-                          "reloading the best model into sharded parameters is not implemented. Use checkpoints "
-                          "(trainer.checkpoint_every) and evaluate the one you want, or DDP.")
 
 
 def configure_deepspeed(accelerator, trainer, micro_batch_size: int, grad_accum_steps: int) -> dict:
@@ -254,7 +248,8 @@ def build_engine(engine: str, loss_normalisation: str, fp16: bool, weighted: boo
     """`weighted`: the objective's rows carry weights (class weights), so the window's normaliser is known
     only after its last micro-batch."""
     if engine == "deepspeed":
-        # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front).
+        # DeepSpeed divides by its N and averages over W itself: pre-scale by N*W/count (known up front; with
+        # class weights, the window's sum of weights, read from the epoch's order: windows.Window.normaliser).
         return Engine("deepspeed", _prescaled, _apply_deepspeed)
     if loss_normalisation == "naive":
         # Accelerate's plain loss/N on the micro-batch mean, repeats included: only to show what it gets wrong.

@@ -105,9 +105,11 @@ def check_divergence(state: TrainState, max_bad_steps: int) -> None:
 
 def standalone(accelerator, model, optimizer, scheduler, make_loader: Callable[[int], object], dataset_len: int,
                micro_batch_size: int, grad_accum_steps: int, total_updates: int, *, max_grad_norm: float | None,
-               engine=None, telemetry=None, hooks: Hooks | None = None, objective=None) -> tuple[Loop, TrainState]:
+               engine=None, telemetry=None, hooks: Hooks | None = None, objective=None,
+               order_weights=None) -> tuple[Loop, TrainState]:
     """A loop over prepared objects with no evaluation, checkpoints or trackers, and its fresh state
-    (scripts/verify_equivalence.py, the benchmark, tests). `engine`: engines.Engine, exact by default."""
+    (scripts/verify_equivalence.py, the benchmark, tests). `engine`: engines.Engine, exact by default;
+    `order_weights`: as windows.TrainBatches (build.Job.order_weights)."""
     from . import engines, objectives
 
     hooks = hooks or Hooks()
@@ -119,6 +121,6 @@ def standalone(accelerator, model, optimizer, scheduler, make_loader: Callable[[
     accelerator.gradient_accumulation_steps = grad_accum_steps
     parts = StepParts(accelerator, model, optimizer, scheduler, objective or objectives.CrossEntropy(None), engine,
                       oom.MemoryGuard(accelerator, model, policy, hooks), hooks, max_grad_norm)
-    loop = Loop(parts, TrainBatches(accelerator, make_loader, dataset_len), Evaluator(None, None, None, None, telemetry),
-                telemetry, policy, max_bad_steps=10**9)
+    loop = Loop(parts, TrainBatches(accelerator, make_loader, dataset_len, order_weights),
+                Evaluator(None, None, None, None, telemetry), telemetry, policy, max_bad_steps=10**9)
     return loop, TrainState(micro_batch_size, grad_accum_steps, total_updates=total_updates)

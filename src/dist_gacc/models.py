@@ -346,3 +346,14 @@ def merged_copy(peft_model):
     import copy
 
     return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def whole_peft_copy(peft_model, state_dict: dict):
+    """An unsharded CPU PeftModel like `peft_model` (same base config, same LoRA config) holding `state_dict` (its
+    full state dict, e.g. gathered from FSDP shards): what merged_copy and save_pretrained need on one process.
+    Loaded strictly, so a key the gathered dict lacks (or adds) fails here rather than in a half-written model/."""
+    peft = require_peft()
+    base = AutoModelForSequenceClassification.from_config(peft_model.get_base_model().config)
+    copy = peft.get_peft_model(base, peft_model.peft_config[peft_model.active_adapter])
+    copy.load_state_dict(state_dict)
+    return copy

@@ -115,13 +115,14 @@ def save_model(job: Job) -> None:
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(job.model)
     if models.is_peft_model(unwrapped):
-        # LoRA runs on one process or under DDP only (engines.check_supported): every rank holds the whole
-        # model, and the main process writes. model/ is the merged model, a plain transformers folder
-        # (pipeline() loads it without peft); model/adapter/ the adapter alone (LoRA weights and the head).
+        # model/ is the merged model, a plain transformers folder (pipeline() loads it without peft); model/adapter/
+        # the adapter alone (LoRA weights and the head). Under FSDP the shards are gathered into a whole copy on
+        # rank 0 (collective); elsewhere every rank holds the whole model (DeepSpeed ZeRO-1/2 too).
+        whole = whole_peft_model(job)
         if acc.is_main_process:
-            models.merged_copy(unwrapped).save_pretrained(tmp)
+            models.merged_copy(whole).save_pretrained(tmp)
             # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base model up.
-            unwrapped.save_pretrained(os.path.join(tmp, ADAPTER_DIR), save_embedding_layers=False)
+            whole.save_pretrained(os.path.join(tmp, ADAPTER_DIR), save_embedding_layers=False)
     else:
         unwrapped.save_pretrained(
             tmp, is_main_process=acc.is_main_process, save_function=acc.save,
@@ -135,24 +136,71 @@ def save_model(job: Job) -> None:
     acc.wait_for_everyone()
 
 
+def whole_peft_model(job: Job):
+    """Collective under FSDP. The trained PeftModel with whole parameters on the main process (None elsewhere
+    under FSDP): FSDP2 can neither deepcopy nor merge sharded parameters on one rank, so its full state dict
+    (Accelerate's get_state_dict gathers it on rank 0) goes into an unsharded CPU copy (models.whole_peft_copy)."""
+    acc = job.accelerator
+    unwrapped = acc.unwrap_model(job.model)
+    if engines.engine_name(acc) != "fsdp":
+        return unwrapped
+    full = acc.get_state_dict(job.model)
+    return models.whole_peft_copy(unwrapped, full) if acc.is_main_process else None
+
+
 def load_saved_model(job: Job) -> None:
     """Load model/ (the best model) into the trained model on every rank, with transformers' own loader
     (single or sharded safetensors, as save_pretrained wrote them). Under LoRA the adapter in model/adapter/
     (LoRA weights and the head) goes back into the trained PeftModel; its frozen base never changed."""
     unwrapped = job.accelerator.unwrap_model(job.model)
+    fsdp = engines.engine_name(job.accelerator) == "fsdp"
     if models.is_peft_model(unwrapped):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        weights = load_peft_weights(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR),
-                                    device=str(next(unwrapped.parameters()).device))
-        result = set_peft_model_state_dict(unwrapped, weights)
-        if result.unexpected_keys:
-            raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")
+        # under FSDP: into rank 0's whole copy, whose full state dict then goes back into the shards
+        target = whole_peft_model(job) if fsdp else unwrapped
+        if target is not None:
+            load_adapter(job, target)
+        if fsdp:
+            load_full_state_dict_fsdp(job, target.state_dict() if target is not None else {})
         return
-    saved = transformers.AutoModelForSequenceClassification.from_pretrained(
+    if fsdp:
+        load_full_state_dict_fsdp(job, read_saved_model(job).state_dict() if job.accelerator.is_main_process else {})
+        return
+    unwrapped.load_state_dict(read_saved_model(job).state_dict())
+
+
+def load_adapter(job: Job, peft_model) -> None:
+    """model/adapter/ (LoRA weights and the head) into `peft_model`; its frozen base never changed."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(os.path.join(job.rc.output_dir, "model", ADAPTER_DIR),
+                                device=str(next(peft_model.parameters()).device))
+    result = set_peft_model_state_dict(peft_model, weights)
+    if result.unexpected_keys:
+        raise RuntimeError(f"model/{ADAPTER_DIR}: keys the model does not have: {result.unexpected_keys[:5]}")
+
+
+def read_saved_model(job: Job):
+    """model/ as a transformers model on the CPU, in the trained parameters' dtype."""
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
         os.path.join(job.rc.output_dir, "model"), dtype=next(job.model.parameters()).dtype)
-    job.accelerator.unwrap_model(job.model).load_state_dict(saved.state_dict())
+
+
+def load_full_state_dict_fsdp(job: Job, full: dict) -> None:
+    """Collective. FSDP2: `full` is the whole model's state dict on rank 0 (empty elsewhere); torch's
+    set_model_state_dict broadcasts each tensor and keeps this rank's shard of it (strict: every key of the
+    sharded model must be there). The inverse of the call Accelerate's get_state_dict makes when it gathers.
+
+    Resharded first: after an evaluation's forward (no backward) FSDP2 leaves the root module's parameters
+    (embeddings, classifier) unsharded, plain tensors, and loading the broadcast DTensors into them fails
+    ("got mixed torch.Tensor and DTensor", measured with torch 2.13)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in job.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    set_model_state_dict(job.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def flat_hparams(cfg: DictConfig) -> dict:

@@ -44,8 +44,8 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
                       oom.MemoryGuard(acc, job.model, job.oom_policy, job.hooks), job.hooks, t.max_grad_norm)
     evaluator = Evaluator(evaluate_fn, t.eval_every, t.early_stopping_patience,
                           (lambda: save_model(job)) if keep_best else None, telemetry)
-    return Loop(parts, TrainBatches(acc, job.make_loader, len(job.splits["train"])), evaluator, telemetry,
-                job.oom_policy, t.max_bad_steps, checkpointer, stop)
+    batches = TrainBatches(acc, job.make_loader, len(job.splits["train"]), job.order_weights())
+    return Loop(parts, batches, evaluator, telemetry, job.oom_policy, t.max_bad_steps, checkpointer, stop)
 
 
 def train_only(job: Job, engine: engines.Engine | None = None, state: TrainState | None = None) -> TrainState:
@@ -54,7 +54,7 @@ def train_only(job: Job, engine: engines.Engine | None = None, state: TrainState
     loop, fresh = standalone(job.accelerator, job.model, job.optimizer, job.scheduler, job.make_loader,
                              len(job.splits["train"]), job.micro_batch_size, job.grad_accum_steps, job.total_updates,
                              max_grad_norm=job.rc.trainer.max_grad_norm, engine=engine or job.engine, hooks=job.hooks,
-                             objective=job.task.objective())
+                             objective=job.task.objective(), order_weights=job.order_weights())
     return fit(loop, state or fresh)
 
 

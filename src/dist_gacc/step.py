@@ -8,6 +8,7 @@ engines). Every rank runs the same sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,4 +72,8 @@ def train_step(parts: StepParts, window, state, stop: bool) -> StepResult:
     if result.examples != window.examples:
         raise TrainingError(f"update {state.updates + 1}: {result.examples} real examples, but the window holds "
                             f"{window.examples}; the data sharding is not the one windows.real_examples models")
+    if window.weight is not None and not math.isclose(result.weight, window.weight, rel_tol=1e-5):
+        raise TrainingError(f"update {state.updates + 1}: the window's real examples weigh {result.weight:.6g}, but "
+                            f"its losses were pre-scaled by a sum of weights of {window.weight:.6g} (from the epoch's "
+                            "order, windows.TrainBatches): the order is not the one the loader drew")
     return result
