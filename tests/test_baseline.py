@@ -97,8 +97,8 @@ def test_the_model_card_parses_and_carries_the_run(debates_run):
                  "rows: train 200, validation 37, test 37",
                  "1 process(es) x micro-batch 32 x accumulation 1 = 32", "precision that ran: no",
                  "engine: single", "2 updates (2 optimizer steps)", "machine: ", "class weights balanced",
-                 f"| validation | {m['eval']['f1']:.4f} | {b['validation']['f1']:.4f} | "
-                 f"{b['model_minus_baseline']['validation']:+.4f} |",
+                 (f"| validation | {m['eval']['f1']:.4f} | {b['validation']['f1']:.4f} | "
+                  f"{b['model_minus_baseline']['validation']:+.4f} |"),
                  f"| test | {m['test']['f1']:.4f} | {b['test']['f1']:.4f} |",
                  "python scripts/train.py model=tiny model.dropout=0.0", "trainer.class_weights=balanced"):
         assert fact in text, fact

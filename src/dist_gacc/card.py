@@ -81,17 +81,20 @@ def hydra_overrides(output_dir: str) -> list[str]:
 
 
 def code_commit() -> str | None:
-    """The git commit of this checkout (None outside a git work tree): the command reruns that code."""
+    """The git commit of this checkout, with a note when the work tree differs from it (None outside a git
+    work tree): the command reruns that code."""
+    git = ["git", "-C", os.path.dirname(__file__)]
     try:
-        out = subprocess.run(["git", "-C", os.path.dirname(__file__), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=False)
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=False)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0 or not out.stdout.strip():
+    if head.returncode != 0 or not head.stdout.strip():
         return None
-    dirty = subprocess.run(["git", "-C", os.path.dirname(__file__), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    return out.stdout.strip() + (" (plus uncommitted changes)" if dirty else "")
+    return f"git checkout {head.stdout.strip()}  # the code that ran" + (
+        ", plus uncommitted changes to tracked files" if dirty else "")
 
 
 def _score(entry: dict | None, key: str = "f1") -> str:
@@ -159,10 +162,10 @@ def build_card(result: dict, rc, split_sizes: dict, command: str, machine_line: 
 
 def write_card(path: str, result: dict, rc, split_sizes: dict, overrides: list[str], device: str) -> None:
     """model/README.md, written to a temporary file and renamed (never half-written)."""
-    commit = code_commit()
+    checkout = code_commit()
     command = reproduce_command(overrides, result["world_size"], device)
-    if commit:
-        command = f"git checkout {commit}  # the code that ran\n{command}"
+    if checkout:
+        command = f"{checkout}\n{command}"
     card = build_card(result, rc, split_sizes, command, machine.label(machine.describe(measure=False)))
     tmp = f"{path}.tmp"
     card.save(tmp)
