@@ -51,6 +51,7 @@ def independent_scores(splits, class_weight):
     return out
 
 
+@pytest.mark.slow  # a real training run (debates_run)
 def test_baseline_scores_equal_scikit_learn_on_the_same_splits(debates_run):
     run_dir, _ = debates_run
     m = read_metrics(run_dir)
@@ -68,6 +69,7 @@ def test_baseline_scores_equal_scikit_learn_on_the_same_splits(debates_run):
     assert settings["train_rows"] == len(splits["train"]) == 200 and m["baseline"]["seconds"] > 0
 
 
+@pytest.mark.slow  # a real training run (debates_run)
 def test_the_run_warns_with_the_gap_and_logs_both_scores(debates_run):
     run_dir, output = debates_run
     m, b = read_metrics(run_dir), read_metrics(run_dir)["baseline"]
@@ -81,6 +83,7 @@ def test_the_run_warns_with_the_gap_and_logs_both_scores(debates_run):
             f"{m['eval']['accuracy']:.4f} | test f1 {m['test']['f1']:.4f} (baseline {b['test']['f1']:.4f})") in output
 
 
+@pytest.mark.slow  # a real training run (debates_run)
 def test_the_model_card_parses_and_carries_the_run(debates_run):
     run_dir, _ = debates_run
     m, b = read_metrics(run_dir), read_metrics(run_dir)["baseline"]
@@ -197,6 +200,7 @@ def test_base_model_names_the_hub_id_of_the_embedded_minilm(tmp_path):
         "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2")
 
 
+@pytest.mark.slow  # a real training run (debates_run)
 def test_the_sweep_summary_carries_the_baseline_columns(tmp_path, debates_run):
     run_dir, _ = debates_run
     job = tmp_path / "sweep" / "0"
