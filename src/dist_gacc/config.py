@@ -104,6 +104,7 @@ class TrainerConfig:
     # none | balanced | a list (label order) or {label: weight}; multi-label: per-label positive weights
     class_weights: str | list | dict | None = "none"
     multi_label_threshold: float = 0.5  # multi-label: a label is predicted where its sigmoid score >= this
+    baseline: str | bool = "auto"       # TF-IDF + linear baseline after training (auto: <= 200k training rows)
 
     def __post_init__(self):
         p = "trainer."
@@ -120,6 +121,8 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} must be true or false, got {getattr(self, key)!r}")
         if self.oom_fallback not in ("auto", True, False):
             raise ConfigError(f"trainer.oom_fallback must be auto, true or false, got {self.oom_fallback!r}")
+        if self.baseline not in ("auto", True, False):
+            raise ConfigError(f"trainer.baseline must be auto, true or false, got {self.baseline!r}")
         if self.fused_adamw not in ("auto", True, False):
             raise ConfigError(f"trainer.fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         trackers = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with or [])

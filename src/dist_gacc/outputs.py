@@ -15,7 +15,7 @@ import transformers
 from accelerate.logging import get_logger
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, engines, metrics, models
+from . import baseline, card, checkpoint, engines, metrics, models
 from .build import Job
 from .config import RunConfig
 from .evaluation import Evaluator
@@ -259,3 +259,49 @@ def write_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def add_baseline(job: Job, result: dict) -> None:
+    """Main process only, after the process group has ended (no rank waits on it): fit the TF-IDF baseline on
+    the run's training split (baseline.py), score it on the same validation/test splits with the same metric
+    code, add `baseline` to `result` and rewrite metrics.json; warn when the fine-tuned model does not beat it.
+
+    A baseline that cannot be fitted (scikit-learn refuses the texts: an empty vocabulary, say) is recorded
+    with its error and warned about; it never fails a finished run."""
+    t, train = job.rc.trainer, job.splits["train"]
+    if not baseline.wanted(t.baseline, len(train)):
+        why = ("trainer.baseline=false" if t.baseline is False else
+               f"the training split has {len(train)} rows, over {baseline.AUTO_MAX_TRAIN_ROWS} "
+               "(trainer.baseline=auto; true fits it anyway)")
+        result["baseline"] = {"skipped": why}
+    else:
+        try:
+            fitted = baseline.fit_and_predict(job.splits, job.task.problem_type, len(job.task.label_names),
+                                              job.task.class_weights is not None, job.rc.seed, job.task.threshold)
+        except (ValueError, MemoryError) as err:
+            result["baseline"] = {"error": f"{type(err).__name__}: {err}"}
+            log.warning("the TF-IDF baseline could not be fitted: %s", err)
+        else:
+            average = job.task.f1_average
+            # The same metric module and report as the model's own scores (evaluate's f1_accuracy).
+            scores = {split: report({**metrics.score(job.metric, preds, fitted["references"][split], average,
+                                                     job.task.label_names), "predictions": preds}, average)
+                      for split, preds in fitted["predictions"].items()}
+            model_scores = {"validation": result["eval"], "test": result.get("test")}
+            gaps = baseline.gaps(model_scores, scores)
+            result["baseline"] = {**scores, "settings": fitted["settings"], "seconds": fitted["seconds"],
+                                  "model_minus_baseline": gaps, "beaten": all(g > 0 for g in gaps.values())}
+            log.info("baseline (%s, %s): validation f1 %.4f%s | %.1f s, not counted in training throughput",
+                     fitted["settings"]["features"], fitted["settings"]["model"], scores["validation"]["f1"],
+                     f" test f1 {scores['test']['f1']:.4f}" if "test" in scores else "", fitted["seconds"])
+            warning = baseline.not_beaten(model_scores, scores)
+            if warning:
+                log.warning(warning)
+    write_json_atomic(os.path.join(job.rc.output_dir, "metrics.json"), result)
+
+
+def write_model_card(job: Job, result: dict) -> None:
+    """Main process: model/README.md from the run's record (card.py)."""
+    card.write_card(os.path.join(job.rc.output_dir, "model", "README.md"), result, job.rc,
+                    {name: len(split) for name, split in job.splits.items()}, card.hydra_overrides(job.rc.output_dir),
+                    job.accelerator.device.type)

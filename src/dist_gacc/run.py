@@ -4,7 +4,9 @@
                 ├─ resume.resume     the checkpoint to continue from (or a fresh TrainState)
                 ├─ build_loop        the components fit() drives (engine, OOM guard, evaluator, ...)
                 ├─ loop.fit          the training loop
-                └─ outputs.finish    model/, test split; outputs.save_outputs: metrics.json, predictions
+                ├─ outputs.finish    model/, test split; outputs.save_outputs: metrics.json, predictions
+                └─ outputs.add_baseline, write_model_card   main process, after the group has ended: the
+                                     TF-IDF baseline into metrics.json, model/README.md
 """
 
 from __future__ import annotations
@@ -18,11 +20,27 @@ from omegaconf import DictConfig
 
 from . import checkpoint, engines, oom, teardown
 from .build import Job, build, fingerprint
-from .errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, TrainingError,
-                     UserError, environment_cause)
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_PREEMPTED,
+    EXIT_TRAINING_FAILED,
+    TrainingError,
+    UserError,
+    environment_cause,
+)
 from .evaluation import Evaluator
 from .loop import Hooks, Loop, fit, standalone
-from .outputs import evaluate, finish, flat_hparams, run_name, save_model, save_outputs
+from .outputs import (
+    add_baseline,
+    evaluate,
+    finish,
+    flat_hparams,
+    run_name,
+    save_model,
+    save_outputs,
+    write_model_card,
+)
 from .preemption import Preempted, StopSignals
 from .resume import resume
 from .state import TrainState
@@ -91,10 +109,21 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         if stop():
             log.warning("a stop signal arrived after the last update; the run's outputs were completed first")
     teardown.shutdown(acc)
-    log.info("done: %d updates | validation f1 %.4f accuracy %.4f | %.1f samples/s | %.0f s | %s",
-             state.optimizer_steps, result["eval"]["f1"], result["eval"]["accuracy"],
+    if acc.is_main_process:  # after the group has ended: the other ranks are not held in a barrier meanwhile
+        add_baseline(job, result)  # rewrites metrics.json with `baseline`
+        write_model_card(job, result)
+    log.info("done: %d updates | validation f1 %.4f%s accuracy %.4f%s | %.1f samples/s | %.0f s | %s",
+             state.optimizer_steps, result["eval"]["f1"], versus_baseline(result, "validation"),
+             result["eval"]["accuracy"], (f" | test f1 {result['test']['f1']:.4f}{versus_baseline(result, 'test')}"
+                                          if result.get("test") else ""),
              result["train_samples_per_second"], result["wall_seconds"], job.rc.output_dir)
     return result
+
+
+def versus_baseline(result: dict, split: str) -> str:
+    """' (baseline 0.8074)' beside the model's F1 in the final log line; '' without a baseline score."""
+    scores = (result.get("baseline") or {}).get(split)
+    return f" (baseline {scores['f1']:.4f})" if scores else ""
 
 
 # --- the command line ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Summarise a sweep: one row per job (dataset x setting x seed) and plots of F1 and loss against updates.
+Each row carries the TF-IDF baseline's validation and test F1 beside the model's (metrics.json `baseline`).
 
 With several seeds per (dataset, setting) cell it also writes summary_seeds.{csv,md}: each cell's mean,
 sample standard deviation and min-max range over seeds, and per dataset every pair of settings with
@@ -16,8 +17,8 @@ import pandas as pd
 import yaml
 
 COLUMNS = ["dataset", "setting", "seed", "micro_batch_size", "grad_accum_steps", "world_size",
-           "effective_batch_size", "lr", "updates", "best_update", "best_val_f1", "final_val_f1", "test_f1",
-           "stopped_early", "wall_seconds"]
+           "effective_batch_size", "lr", "updates", "best_update", "best_val_f1", "final_val_f1",
+           "baseline_val_f1", "test_f1", "baseline_test_f1", "stopped_early", "wall_seconds"]
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -66,6 +67,10 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
                 "f1_average": metrics["eval"].get("average"), "val_f1_macro": metrics["eval"].get("f1_macro"),
                 "class_weights": metrics.get("class_weights_setting", "none"),
                 "test_f1": (metrics.get("test") or {}).get("f1"),
+                # The TF-IDF baseline on the same splits (trainer.baseline), beside the model's F1 it compares
+                # with (final_val_f1 is the F1 of the model in model/); empty where none was fitted.
+                "baseline_val_f1": ((metrics.get("baseline") or {}).get("validation") or {}).get("f1"),
+                "baseline_test_f1": ((metrics.get("baseline") or {}).get("test") or {}).get("f1"),
                 "stopped_early": metrics.get("stopped_early", False),
                 "wall_seconds": round(metrics["wall_seconds"], 1),
             },
