@@ -43,7 +43,7 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
     parts = StepParts(acc, job.model, job.optimizer, job.scheduler, job.task.objective(), job.engine,
                       oom.MemoryGuard(acc, job.model, job.oom_policy, job.hooks), job.hooks, t.max_grad_norm)
     evaluator = Evaluator(evaluate_fn, t.eval_every, t.early_stopping_patience,
-                          (lambda: save_model(job)) if keep_best else None, telemetry)
+                          (lambda: save_model(job)) if keep_best else None, telemetry, job.task)
     return Loop(parts, TrainBatches(acc, job.make_loader, len(job.splits["train"])), evaluator, telemetry,
                 job.oom_policy, t.max_bad_steps, checkpointer, stop)
 
@@ -91,10 +91,21 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         if stop():
             log.warning("a stop signal arrived after the last update; the run's outputs were completed first")
     teardown.shutdown(acc)
-    log.info("done: %d updates | validation f1 %.4f accuracy %.4f | %.1f samples/s | %.0f s | %s",
-             state.optimizer_steps, result["eval"]["f1"], result["eval"]["accuracy"],
+    log.info("done: %d updates | validation %s%s | %.1f samples/s | %.0f s | %s", state.optimizer_steps,
+             " ".join(f"{k} {result['eval'][k]:.4f}" for k in job.task.reported), tuned_summary(result),
              result["train_samples_per_second"], result["wall_seconds"], job.rc.output_dir)
     return result
+
+
+def tuned_summary(result: dict) -> str:
+    """The final line's multi-label F1 at the configured threshold and at the tuned ones (test, else validation)."""
+    tuned = result.get("tuned_thresholds")
+    if not tuned:
+        return ""
+    split = "test" if tuned["test"] else "validation"
+    fixed = result["test"] if tuned["test"] else result["eval"]
+    return (f" | {split} f1 {fixed['f1']:.4f} at threshold {0.5:g}, {tuned[split]['f1']:.4f} at tuned thresholds "
+            f"{tuned['thresholds']}")
 
 
 # --- the command line ---------------------------------------------------------------------------------
@@ -137,13 +148,15 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
 def main(cfg: DictConfig) -> float:
     """Entry point for scripts/train.py: expected failures end with a message and a documented code.
 
-    Returns the objective for Hydra sweepers: the validation F1 of the model in model/ (`eval`, outputs.finish):
+    Returns the objective for Hydra sweepers: the validation trainer.metric (F1; regression: Pearson's r; mse is
+    lower-is-better: set the sweeper's direction) of the model in model/ (`eval`, outputs.finish):
     the best model with save_best or early stopping, else the final one. Not the best evaluation's F1 when
     model/ is the final model: a sweep would then pick settings by a model it never saved.
     """
     check_multirun()
     try:
-        return run(cfg)["eval"]["f1"]
+        result = run(cfg)
+        return result["eval"][result["metric"]]
     except Exception as err:
         known = exit_code(err)
         if known is None:
