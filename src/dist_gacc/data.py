@@ -541,7 +541,9 @@ def _numbers(ds: Dataset, where: str, column: str) -> np.ndarray:
     if bad.any():
         row = int(np.argmax(bad))
         value = raw.iloc[row]
-        problem = "is empty" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+        value = value.item() if isinstance(value, np.generic) else value  # 'inf', not np.float64(inf)
+        problem = "is empty (or a missing-value marker: NA, n/a, null, ...)" \
+            if value is None or (isinstance(value, float) and math.isnan(value)) else \
             f"is not a finite number: {value!r}"
         raise DataError(f"{where}: row {row}: column {column!r} {problem} (data.problem_type=regression: every "
                         "label must be a finite number)")

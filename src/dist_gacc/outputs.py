@@ -237,7 +237,7 @@ def predictions_frame(job: Job, predictions, probabilities=None) -> pd.DataFrame
     names, validation = job.task.label_names, job.splits["validation"]
     scores = {}
     if job.task.regression:
-        label, prediction = validation["label"], np.asarray(predictions, dtype=np.float64)
+        label, prediction = list(validation["label"]), np.asarray(predictions, dtype=np.float64)
     elif job.task.multi_label:
         sep = job.rc.data.label_separator
         label = [sep.join(names[i] for i in ids) for ids in validation["label"]]
