@@ -55,7 +55,7 @@ def tune(job: Job, validation: dict, test: dict | None, average: str) -> dict:
     if job.accelerator.is_main_process:
         write_json_atomic(os.path.join(job.rc.output_dir, "model", THRESHOLDS_FILE), by_name)
     job.accelerator.wait_for_everyone()
-    log.info("multi-label thresholds tuned on validation (per-label F1): %s",
+    log.info("multi-label thresholds tuned on validation (each label's F1-maximising threshold): %s",
              ", ".join(f"{name} {value:.4f}" for name, value in by_name.items()))
     again = lambda scored: report(rescore(job, scored["probabilities"], scored["references"], average,  # noqa: E731
                                           thresholds), job.task)
