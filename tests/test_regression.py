@@ -172,3 +172,12 @@ def test_tuned_thresholds_maximise_each_labels_f1_like_a_brute_force_search():
         probs = rng.random((60, 4)).astype(np.float32).round(2)  # rounded: repeated values, ties in F1
         truth = (rng.random((60, 4)) < [0.05, 0.3, 0.6, 0.0]).astype(np.int64)
         assert tune_thresholds(probs, truth) == _brute_force(probs.astype(np.float64), truth)
+
+
+def test_problem_type_auto_leaves_the_resume_fingerprint_as_before():
+    """Checkpoints written before data.problem_type existed have no such key: auto must not add one (a resume
+    would be refused as a changed setting); an explicit choice is recorded."""
+    from dist_gacc.build import data_fingerprint
+
+    assert "problem_type" not in data_fingerprint(DataConfig())
+    assert data_fingerprint(DataConfig(problem_type="regression"))["problem_type"] == "regression"
