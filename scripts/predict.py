@@ -19,7 +19,8 @@ of labels whose sigmoid score is >= threshold, comma-separated (empty if none), 
 labels<TAB>name=score,...<TAB>text. The threshold: `threshold=` if given, else each label's tuned threshold
 from the model folder's thresholds.json (trainer.multi_label_threshold=tune), else 0.5. A regression model
 (problem_type regression) prints its output's name and the predicted value, unsquashed
-(function_to_apply="none"): name<TAB>value<TAB>text. The model folder is a transformers `save_pretrained` folder, so the same works in Python
+(function_to_apply="none"): name<TAB>value<TAB>text. The model folder is a transformers `save_pretrained`
+folder, so the same works in Python
 with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
 {"text": a, "text_pair": b}. Texts are truncated (longest first, for pairs) at the tokenizer's
 model_max_length, which a run saves as its data.max_length: where training cut them.

@@ -71,7 +71,7 @@ def test_a_float_label_column_picks_regression_and_integers_stay_classes(tmp_pat
     # ... unless asked: integer ratings as numbers
     forced = load_splits(DataConfig(name="csv", train_file=_csv(tmp_path / "i.csv", ints), label_column="score",
                                     validation_fraction=0.3, test_fraction=0.0, problem_type="regression"), seed=0)
-    assert is_regression(forced) and set(list(forced["train"]["label"])) <= {0.0, 1.0, 2.0}
+    assert is_regression(forced) and set(forced["train"]["label"]) <= {0.0, 1.0, 2.0}
 
 
 def test_a_non_numeric_regression_label_is_named_by_file_row_and_column(tmp_path):

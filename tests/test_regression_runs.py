@@ -16,6 +16,11 @@ from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics
 from test_tasks_runs import COLORS, _filler, write_csv
 
 pytestmark = pytest.mark.slow
+
+
+def _rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 VERIFY = ROOT / "scripts" / "verify_equivalence.py"
 PREDICT = ROOT / "scripts" / "predict.py"
 # Real data (Whissell's word pleasantness ratings), 37 training rows: windows of 24 and 13 at effective batch 24.
@@ -60,7 +65,7 @@ def test_regression_two_ranks_equal_one_process_and_keep_the_lowest_mse(regressi
     assert a["eval"]["mse"] == pytest.approx(best["mse"], abs=1e-9)  # model/ is the best model, rescored
     assert set(a["eval"]) == {"pearson", "spearman", "mse", "num_examples"} and a["test"]["num_examples"] == 37
     # the validation figures recomputed from the predictions file
-    rows = list(csv.DictReader(open(regression_runs["2x4x3"] / "validation_predictions.csv", encoding="utf-8")))
+    rows = _rows(regression_runs["2x4x3"] / "validation_predictions.csv")
     truth, predicted = (np.array([float(r[k]) for r in rows]) for k in ("label", "prediction"))
     assert a["eval"]["mse"] == pytest.approx(float(np.mean((truth - predicted) ** 2)), rel=1e-6)
     assert a["eval"]["pearson"] == pytest.approx(float(np.corrcoef(truth, predicted)[0, 1]), abs=1e-6)
@@ -71,11 +76,12 @@ def test_regression_two_ranks_equal_one_process_and_keep_the_lowest_mse(regressi
 
 def test_predict_and_the_pipeline_print_the_predicted_value(regression_runs):
     run = regression_runs["1x24x1"]
-    rows = list(csv.DictReader(open(run / "validation_predictions.csv", encoding="utf-8")))[:5]
+    rows = _rows(run / "validation_predictions.csv")[:5]
     proc = subprocess.run([sys.executable, str(PREDICT), f"model={run / 'model'}", *[r["text"] for r in rows]],
                           capture_output=True, text=True, check=True)
     lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == ["pleasantness"] * 5 and [line[2] for line in lines] == [r["text"] for r in rows]
+    assert [line[0] for line in lines] == ["pleasantness"] * 5
+    assert [line[2] for line in lines] == [r["text"] for r in rows]
     # the raw output (no sigmoid: values outside (0, 1) are possible), as evaluation predicted it
     assert [float(line[1]) for line in lines] == pytest.approx([float(r["prediction"]) for r in rows], abs=1e-4)
     from transformers import pipeline
@@ -137,7 +143,7 @@ def test_tuned_thresholds_equal_an_independent_search_and_are_reported_next_to_h
     run, proc = tuned_run
     m = read_metrics(run)
     names = ["blue", "green", "red"]
-    rows = list(csv.DictReader(open(run / "validation_predictions.csv", encoding="utf-8")))
+    rows = _rows(run / "validation_predictions.csv")
     saved = json.loads((run / "model" / "thresholds.json").read_text())
     assert saved == _independent_thresholds(rows, names)  # exact: the csv holds the float32 probabilities exactly
     assert m["multi_label_threshold"] == "tune" and m["tuned_thresholds"]["thresholds"] == saved
@@ -159,7 +165,7 @@ def test_predict_uses_the_tuned_thresholds(tuned_run):
     decides it by the tuned threshold (model/thresholds.json) unless threshold=0.5 is given."""
     run, _ = tuned_run
     saved = json.loads((run / "model" / "thresholds.json").read_text())
-    rows = list(csv.DictReader(open(run / "validation_predictions.csv", encoding="utf-8")))
+    rows = _rows(run / "validation_predictions.csv")
     between = [(r, name) for r in rows for name, t in saved.items()
                if min(t, 0.5) + 1e-4 < float(r[f"probability_{name}"]) < max(t, 0.5) - 1e-4]
     assert between, "no validation probability between a tuned threshold and 0.5"

@@ -3,7 +3,8 @@
 Every source ends as a `datasets.DatasetDict` with a `text` string column, a `text_pair` string
 column for sentence-pair tasks (data.text_pair_column, data=review_pairs), and a `label` column: a
 ClassLabel, with data.multi_label a List(ClassLabel) of label ids (a set per row; see
-`label_names` and `is_multi_label`), or for regression a float64 Value (`is_regression`). The split is deterministic and stratified from the seed;
+`label_names` and `is_multi_label`), or for regression a float64 Value (`is_regression`). The split is
+deterministic and stratified from the seed (regression: random, seeded);
 tokenization runs once, before training, and padding happens per batch in the collator.
 
 Texts stay in Arrow from the file to the tokenizer: checks, deduplication keys and splits are
@@ -874,7 +875,8 @@ def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str
 
     # datasets would fingerprint `encode` by pickling the tokenizer (seconds, per split): a key of its spec instead
     spec = getattr(tokenizer, "backend_tokenizer", None)
-    spec = hashlib.sha256(f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}|{regression}".encode()).hexdigest()
+    spec = f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}|{regression}"
+    spec = hashlib.sha256(spec.encode()).hexdigest()
     encoded = {}
     for split, ds in splits.items():
         procs = resolve_num_proc(num_proc, len(ds))

@@ -24,7 +24,8 @@ def load_metric(multi_label: bool = False, regression: bool = False) -> evaluate
 @torch.no_grad()
 def predict(model, loader, accelerator, task, forward=None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and labels of the whole split, in dataset order, on every rank: class ids, per-label sigmoid
-    probabilities for a multi-label task (`task.decide` thresholds them), or predicted values (`task.scores`). `forward(model, batch)` gives the logits (oom.EvalForward:
+    probabilities for a multi-label task (`task.decide` thresholds them), or predicted values (`task.scores`).
+    `forward(model, batch)` gives the logits (oom.EvalForward:
     sliced on out of memory); None: one forward pass per batch.
 
     `gather_for_metrics` drops the samples Accelerate repeats to give every rank equal batches, so an

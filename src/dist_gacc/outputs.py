@@ -57,8 +57,10 @@ def tune(job: Job, validation: dict, test: dict | None, average: str) -> dict:
     job.accelerator.wait_for_everyone()
     log.info("multi-label thresholds tuned on validation (each label's F1-maximising threshold): %s",
              ", ".join(f"{name} {value:.4f}" for name, value in by_name.items()))
-    again = lambda scored: report(rescore(job, scored["probabilities"], scored["references"], average,  # noqa: E731
-                                          thresholds), job.task)
+
+    def again(scored: dict) -> dict:
+        return report(rescore(job, scored["probabilities"], scored["references"], average, thresholds), job.task)
+
     return {"thresholds": by_name, "validation": again(validation), "test": again(test) if test else None}
 
 

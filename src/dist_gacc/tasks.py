@@ -8,6 +8,7 @@ softmax, a per-label sigmoid or nothing from it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,8 @@ class Task:
         """Whether `value` beats `best` (None: nothing yet). NaN (a constant prediction's correlation) never does."""
         if best is None:
             return True
-        if value != value or best != best:  # NaN
-            return value == value
+        if math.isnan(value) or math.isnan(best):
+            return not math.isnan(value)
         return value > best if self.higher_is_better else value < best
 
     def objective(self):

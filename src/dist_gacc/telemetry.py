@@ -29,8 +29,8 @@ class Telemetry:
 
     def evaluated(self, entry: dict, seconds: float) -> None:
         if self.trackers:
-            figures = [k for k in ("f1", "accuracy", "f1_macro", "f1_micro", "pearson", "spearman", "mse") if k in entry]
-            self.accelerator.log({f"eval/{k}": entry[k] for k in figures}, step=entry["update"])
+            figures = ("f1", "accuracy", "f1_macro", "f1_micro", "pearson", "spearman", "mse")
+            self.accelerator.log({f"eval/{k}": entry[k] for k in figures if k in entry}, step=entry["update"])
         self.last_update_time += seconds  # samples/s counts training time only
 
     def close(self) -> None:
