@@ -15,8 +15,12 @@ text_pair_column (default text_pair; used if the file has it, required if named 
 
 One line of output per input: label<TAB>score<TAB>text, or label<TAB>score<TAB>text<TAB>text_pair
 for a pair. A multi-label model (problem_type multi_label_classification in its config) prints the set
-of labels whose sigmoid score is >= threshold (default 0.5), comma-separated (empty if none), then
-every label's score: labels<TAB>name=score,...<TAB>text. The model folder is a transformers `save_pretrained` folder, so the same works in Python
+of labels whose sigmoid score is >= threshold, comma-separated (empty if none), then every label's score:
+labels<TAB>name=score,...<TAB>text. The threshold: `threshold=` if given, else each label's tuned threshold
+from the model folder's thresholds.json (trainer.multi_label_threshold=tune), else 0.5. A regression model
+(problem_type regression) prints its output's name and the predicted value, unsquashed
+(function_to_apply="none"): name<TAB>value<TAB>text. The model folder is a transformers `save_pretrained`
+folder, so the same works in Python
 with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
 {"text": a, "text_pair": b}. Texts are truncated (longest first, for pairs) at the tokenizer's
 model_max_length, which a run saves as its data.max_length: where training cut them.
@@ -27,13 +31,13 @@ import sys
 from transformers import pipeline
 
 USAGE = ("usage: predict.py model=<run>/model [file=F] [text_column=C] [text_pair_column=C] "
-         "[tsv_quoting=auto|none|csv] [batch_size=N] [device=cpu|cuda] [threshold=0.5] "
+         "[tsv_quoting=auto|none|csv] [batch_size=N] [device=cpu|cuda] [threshold=0.5 (default: tuned, else 0.5)] "
          "[TEXT | TEXT<TAB>TEXT_PAIR ...]")
 
 
 def parse(argv):
     options = {"model": None, "file": None, "batch_size": "32", "device": None, "text_column": None,
-               "text_pair_column": None, "threshold": "0.5", "tsv_quoting": "auto"}
+               "text_pair_column": None, "threshold": None, "tsv_quoting": "auto"}
     texts = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -100,19 +104,40 @@ def shown(item) -> str:
     return f"{item['text']}\t{item['text_pair']}" if isinstance(item, dict) else item
 
 
+def thresholds(model_dir: str, names: list[str], option: str | None) -> dict:
+    """Each label's threshold: threshold= for all, else the run's tuned ones (model/thresholds.json), else 0.5."""
+    import json
+    import os
+
+    if option is not None:
+        return dict.fromkeys(names, float(option))
+    path = os.path.join(model_dir, "thresholds.json")
+    if not os.path.isfile(path):
+        return dict.fromkeys(names, 0.5)
+    with open(path, encoding="utf-8") as f:
+        tuned = json.load(f)
+    missing = [name for name in names if name not in tuned]
+    if missing:
+        sys.exit(f"{path}: no threshold for label(s) {missing}")
+    return {name: float(tuned[name]) for name in names}
+
+
 def main(argv):
     options, texts = parse(argv)
     inputs = read_inputs(options, texts)
     classify = pipeline("text-classification", model=options["model"], device=options["device"])
-    multi_label = classify.model.config.problem_type == "multi_label_classification"
-    # Multi-label: every label's score (the pipeline applies a sigmoid per label, from problem_type).
-    outputs = classify(inputs, batch_size=int(options["batch_size"]), truncation=True,
-                       **({"top_k": None} if multi_label else {}))
+    problem_type = classify.model.config.problem_type
+    multi_label = problem_type == "multi_label_classification"
+    # Multi-label: every label's score (the pipeline applies a sigmoid per label, from problem_type); regression:
+    # the raw output (older transformers applied a sigmoid to a one-output model unless told).
+    extra = {"top_k": None} if multi_label else {"function_to_apply": "none"} if problem_type == "regression" else {}
+    outputs = classify(inputs, batch_size=int(options["batch_size"]), truncation=True, **extra)
+    cut = thresholds(options["model"], list(classify.model.config.id2label.values()), options["threshold"]) \
+        if multi_label else None
     for item, out in zip(inputs, outputs):
         if multi_label:
             scores = {o["label"]: o["score"] for o in out}
-            chosen = [name for name in classify.model.config.id2label.values()
-                      if scores[name] >= float(options["threshold"])]
+            chosen = [name for name in classify.model.config.id2label.values() if scores[name] >= cut[name]]
             listed = ",".join(f"{name}={score:.4f}" for name, score in scores.items())
             print(f"{','.join(chosen)}\t{listed}\t{shown(item)}")
             continue

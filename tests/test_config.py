@@ -43,7 +43,7 @@ def test_mistyped_key_fails_in_struct_mode():
     ("trainer.mixed_precision=fp32", "trainer.mixed_precision must be one of auto|no|bf16|fp16, got 'fp32'"),
     ("optim.scheduler=step", "optim.scheduler must be one of linear|cosine|constant, got 'step'"),
     ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1 or null, got 0"),
-    ("data.name=imdb", "data.name must be one of rotten_tomatoes|chinese_reviews|debates|csv|hub|review_pairs, got 'imdb'"),
+    ("data.name=imdb", "data.name must be one of rotten_tomatoes|chinese_reviews|debates|csv|hub|review_pairs|word_pleasantness, got 'imdb'"),
     ("trainer.effective_batch_size=0", "trainer.effective_batch_size must be an integer >= 1 or null, got 0"),
     ("trainer.batchnorm=ignore", "trainer.batchnorm must be one of warn|error|freeze, got 'ignore'"),
 ])

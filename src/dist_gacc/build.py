@@ -234,7 +234,9 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     same initial weights; the main process tokenizes first (and fills the cache), the others load it."""
     splits = data.load_splits(rc.data, rc.seed)
     train = splits["train"]
-    task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
+    regression = data.is_regression(train)
+    task = build_task(rc.trainer, [data.score_name(rc.data)] if regression else data.label_names(train),
+                      data.is_multi_label(train), train["label"], regression)
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
     models.check_max_length(model, rc.data.max_length)  # before tokenizing: a longer row would fail mid-run
@@ -247,7 +249,7 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
         cache = (os.path.join(datasets.config.HF_DATASETS_CACHE, "dist_gacc_tokenized")
                  if rc.trainer.cache_tokenized else None)
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache, num_proc=rc.data.num_proc)
-        metric = metrics.load_metric(task.multi_label)
+        metric = metrics.load_metric(task.multi_label, task.regression)
     return splits, tokenizer, model, encoded, metric, task
 
 
@@ -264,12 +266,23 @@ def log_plan(job: Job, engine_name: str) -> None:
              describe_precision(job.precision, t.mixed_precision), job.accelerator.device, len(job.splits["train"]),
              len(job.splits["validation"]))
     task = job.task
-    log.info("task %s, %d labels %s%s | F1 average %s | class weights %s%s", task.problem_type, len(task.label_names),
-             task.label_names, " | text pairs" if "text_pair" in job.splits["train"].column_names else "",
-             task.f1_average, task.class_weights_setting,
+    pairs = " | text pairs" if "text_pair" in job.splits["train"].column_names else ""
+    if task.regression:
+        log.info("task regression, one output %r%s | squared error | validation metric %s", task.label_names[0],
+                 pairs, task.metric)
+        return log_parameters(job)
+    log.info("task %s, %d labels %s%s | F1 average %s | validation metric %s%s | class weights %s%s",
+             task.problem_type, len(task.label_names), task.label_names, pairs, task.f1_average, task.metric,
+             " | thresholds tuned on validation after training" if task.tune_thresholds else "",
+             task.class_weights_setting,
              f" {task.describe_weights()}" + (" (positive weights per label)" if task.multi_label else
                                                "; an update divides by its window's sum of weights")
              if task.class_weights else "")
+    log_parameters(job)
+
+
+def log_parameters(job: Job) -> None:
+    rc = job.rc
     p = rc.peft
     log.info("parameters: %d trainable of %d (%.2f%%)%s | gradient checkpointing %s", job.trainable_parameters,
              job.total_parameters, 100 * job.trainable_parameters / max(job.total_parameters, 1),
@@ -311,6 +324,9 @@ def fingerprint(job: Job) -> dict:
     # Absent when off (the default), so checkpoints written before this key still resume.
     if rc.trainer.group_by_length:
         record["group_by_length"] = True
+    # The metric that picks the best model: a resume must compare like with like (absent at the old default f1).
+    if job.task.metric != "f1":
+        record["metric"] = job.task.metric
     # Frozen BatchNorm statistics change every forward pass; warn and error train alike (error refuses N > 1).
     # Only where the model has BatchNorm layers (elsewhere the setting changes nothing); absent otherwise.
     if rc.trainer.batchnorm == "freeze" and has_batchnorm(job.accelerator.unwrap_model(job.model)):
@@ -319,6 +335,7 @@ def fingerprint(job: Job) -> dict:
 
 
 def data_fingerprint(cfg: DataConfig) -> dict:
-    """The data slice of `fingerprint`; data.tsv_quoting only where set (not auto), so checkpoints written
-    before the key existed still resume."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) != ("tsv_quoting", "auto")}
+    """The data slice of `fingerprint`; data.tsv_quoting and data.problem_type only where set (not auto), so
+    checkpoints written before the keys existed still resume (auto resolves the same way from the same data)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) not in (("tsv_quoting", "auto"),
+                                                                              ("problem_type", "auto"))}

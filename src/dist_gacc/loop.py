@@ -121,6 +121,7 @@ def standalone(accelerator, model, optimizer, scheduler, make_loader: Callable[[
     accelerator.gradient_accumulation_steps = grad_accum_steps
     parts = StepParts(accelerator, model, optimizer, scheduler, objective or objectives.CrossEntropy(None), engine,
                       oom.MemoryGuard(accelerator, model, policy, hooks), hooks, max_grad_norm)
-    loop = Loop(parts, TrainBatches(accelerator, make_loader, dataset_len, order_weights),
-                Evaluator(None, None, None, None, telemetry), telemetry, policy, max_bad_steps=10**9)
+    evaluator = Evaluator(None, None, None, None, telemetry, None)  # never due: no evaluation
+    loop = Loop(parts, TrainBatches(accelerator, make_loader, dataset_len, order_weights), evaluator, telemetry,
+                policy, max_bad_steps=10**9)
     return loop, TrainState(micro_batch_size, grad_accum_steps, total_updates=total_updates)

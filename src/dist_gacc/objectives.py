@@ -10,6 +10,8 @@ Chosen once at build (tasks.Task.objective):
 - `BinaryCrossEntropy`: multi-label; per row the mean over labels of the binary cross-entropy with logits
   (per-label positive weights optional). Positive weights scale terms, not the normaliser (as in torch's
   BCEWithLogitsLoss), so every row weighs 1.
+- `SquaredError`: regression (one output); per row (prediction - label)^2, every row weighs 1, so the window's
+  update is the mean squared error over its real rows: torch's `mse_loss(reduction="mean")` over the window.
 """
 
 from __future__ import annotations
@@ -86,6 +88,22 @@ class BinaryCrossEntropy(_Weighted):
         logits = logits.to(_float_dtype(logits))
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
                                                   pos_weight=self._weights_like(logits))
+
+
+class SquaredError:
+    """Regression: the model's one output against a float label; no weights (class weights are refused)."""
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logits = logits_of(model, batch)
+        return self.reference_loss(logits, batch["labels"], reduction="none")
+
+    def weights(self, batch: dict, losses: torch.Tensor) -> None:
+        return None
+
+    def reference_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """transformers' regression loss (MSELoss on the squeezed output), per row or as one batch's mean."""
+        predictions = logits.to(_float_dtype(logits)).squeeze(-1)
+        return F.mse_loss(predictions, labels.to(predictions.dtype), reduction=reduction)
 
 
 def cross_entropy(model, batch: dict) -> torch.Tensor:

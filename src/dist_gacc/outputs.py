@@ -15,7 +15,7 @@ import transformers
 from accelerate.logging import get_logger
 from omegaconf import DictConfig, OmegaConf
 
-from . import baseline, card, checkpoint, engines, metrics, models
+from . import baseline, card, checkpoint, engines, metrics, models, tasks
 from .build import Job
 from .config import RunConfig
 from .evaluation import Evaluator
@@ -26,10 +26,42 @@ log = get_logger(__name__)
 
 
 def evaluate(job: Job, split: str, average: str) -> dict:
-    """Collective. Metrics of `split` on every rank, with the predictions in dataset order."""
-    preds, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task, job.eval_forward)
+    """Collective. Metrics of `split` on every rank, with the predictions in dataset order (multi-label: and
+    each label's probability, `probabilities`)."""
+    scores, refs = metrics.predict(job.model, job.eval_loaders[split], job.accelerator, job.task, job.eval_forward)
+    out = rescore(job, scores, refs, average)
+    if job.task.multi_label:
+        out["probabilities"] = scores
+    return out
+
+
+def rescore(job: Job, scores, refs, average: str, thresholds=None) -> dict:
+    """Metrics of gathered scores (multi-label: thresholded at `thresholds`, one per label; None: the task's)."""
+    preds = job.task.decide(scores, thresholds)
     return {**metrics.score(job.metric, preds, refs, average, job.task.label_names), "predictions": preds,
             "references": refs}
+
+
+THRESHOLDS_FILE = "thresholds.json"  # model/thresholds.json: tuned multi-label thresholds by label name
+
+
+def tune(job: Job, validation: dict, test: dict | None, average: str) -> dict:
+    """Collective (every rank holds the gathered scores and computes the same). Per-label thresholds tuned on the
+    validation probabilities of the model in model/ (tasks.tune_thresholds), written to model/thresholds.json
+    (scripts/predict.py applies them), and the validation and test reports at those thresholds."""
+    names = job.task.label_names
+    thresholds = tasks.tune_thresholds(validation["probabilities"], validation["references"], job.task.threshold)
+    by_name = dict(zip(names, thresholds))
+    if job.accelerator.is_main_process:
+        write_json_atomic(os.path.join(job.rc.output_dir, "model", THRESHOLDS_FILE), by_name)
+    job.accelerator.wait_for_everyone()
+    log.info("multi-label thresholds tuned on validation (each label's F1-maximising threshold): %s",
+             ", ".join(f"{name} {value:.4f}" for name, value in by_name.items()))
+
+    def again(scored: dict) -> dict:
+        return report(rescore(job, scored["probabilities"], scored["references"], average, thresholds), job.task)
+
+    return {"thresholds": by_name, "validation": again(validation), "test": again(test) if test else None}
 
 
 def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, average: str) -> tuple[dict, dict]:
@@ -42,13 +74,16 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         save_model(job)
         scored = evaluator.latest  # the final model's: the loop always evaluates after its last update
     test = evaluate(job, "test", average) if "test" in job.eval_loaders else None
+    tuned = tune(job, scored, test, average) if job.task.tune_thresholds else None
     acc, t = job.accelerator, job.rc.trainer
     return {
-        "eval": report(scored, average),
+        "eval": report(scored, job.task),
+        "metric": job.task.metric,
         "best": state.best,
         "stopped_early": state.stopped_early,
         "model": "best" if keep_best else "final",
-        "test": report(test, average) if test else None,
+        "test": report(test, job.task) if test else None,
+        "tuned_thresholds": tuned,
         "history": state.history,
         "train_losses": state.losses,
         "train_window_examples": state.window_sizes,
@@ -78,7 +113,8 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "problem_type": job.task.problem_type,
         "class_weights": job.task.describe_weights(),
         "class_weights_setting": job.task.class_weights_setting,
-        "multi_label_threshold": job.task.threshold if job.task.multi_label else None,
+        "multi_label_threshold": ("tune" if job.task.tune_thresholds else job.task.threshold)
+        if job.task.multi_label else None,
         "run_name": run_name(job.rc),
         "trainable_parameters": job.trainable_parameters,
         "total_parameters": job.total_parameters,
@@ -87,10 +123,13 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
     }, scored
 
 
-def report(scored: dict, average: str) -> dict:
-    """The metrics.json entry of one evaluation: F1 (by `average`), macro/micro F1, accuracy, per label."""
+def report(scored: dict, task: Task) -> dict:
+    """The metrics.json entry of one evaluation: F1 (by the task's average), macro/micro F1, accuracy, per label;
+    regression: pearson, spearman, mse."""
+    if task.regression:
+        return {**{k: scored[k] for k in ("pearson", "spearman", "mse")}, "num_examples": len(scored["predictions"])}
     keys = ("f1", "accuracy", "f1_macro", "f1_micro", "per_label")
-    return {**{k: scored[k] for k in keys}, "average": average, "num_examples": len(scored["predictions"])}
+    return {**{k: scored[k] for k in keys}, "average": task.f1_average, "num_examples": len(scored["predictions"])}
 
 
 def run_name(rc: RunConfig) -> str:
@@ -224,12 +263,15 @@ def save_outputs(job: Job, cfg: DictConfig, result: dict, scored: dict) -> None:
     if acc.is_main_process:
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        predictions_frame(job, scored["predictions"]).to_csv(
+        predictions_frame(job, scored["predictions"], scored.get("probabilities")).to_csv(
             os.path.join(output_dir, "validation_predictions.csv"), index=False)
-        plot = "per_label_f1.png" if job.task.multi_label else "confusion_matrix.png"
-        metrics.plot_report(os.path.join(output_dir, plot), job.task, scored["predictions"], scored["references"],
-                            result["eval"]["per_label"], f"{run_name(job.rc)}: validation "
-                            f"({average_name(job.task)} F1 {result['eval']['f1']:.3f})")
+        task = job.task
+        plot = "predictions.png" if task.regression else "per_label_f1.png" if task.multi_label else \
+            "confusion_matrix.png"
+        figure = f"{task.metric} {result['eval'][task.metric]:.3f}" if task.regression or task.metric != "f1" else \
+            f"{average_name(task)} F1 {result['eval']['f1']:.3f}"
+        metrics.plot_report(os.path.join(output_dir, plot), task, scored["predictions"], scored["references"],
+                            result["eval"].get("per_label"), f"{run_name(job.rc)}: validation ({figure})")
         write_json_atomic(os.path.join(output_dir, "metrics.json"), result)
     acc.wait_for_everyone()
 
@@ -238,19 +280,27 @@ def average_name(task: Task) -> str:
     return f"{task.label_names[1]!r}" if task.f1_average == "binary" else task.f1_average
 
 
-def predictions_frame(job: Job, predictions) -> pd.DataFrame:
-    """Text (and pair), true and predicted label names; a multi-label set as names joined by data.label_separator."""
+def predictions_frame(job: Job, predictions, probabilities=None) -> pd.DataFrame:
+    """Text (and pair), true and predicted label names; a multi-label set as names joined by data.label_separator,
+    then each label's probability (`probability_<name>`, float64 of the float32 sigmoid: the exact values thresholds
+    are tuned on); regression: the true and predicted values."""
     names, validation = job.task.label_names, job.splits["validation"]
-    if job.task.multi_label:
+    scores = {}
+    if job.task.regression:
+        label, prediction = list(validation["label"]), np.asarray(predictions, dtype=np.float64)
+    elif job.task.multi_label:
         sep = job.rc.data.label_separator
         label = [sep.join(names[i] for i in ids) for ids in validation["label"]]
         prediction = [sep.join(names[i] for i in np.flatnonzero(row)) for row in predictions]
+        if probabilities is not None:
+            scores = {f"probability_{name}": np.asarray(probabilities[:, i], dtype=np.float64)
+                      for i, name in enumerate(names)}
     else:
         label, prediction = [names[i] for i in validation["label"]], [names[i] for i in predictions]
     texts = {"text": validation["text"]}
     if "text_pair" in validation.column_names:
         texts["text_pair"] = validation["text_pair"]
-    return pd.DataFrame({**texts, "label": label, "prediction": prediction})
+    return pd.DataFrame({**texts, "label": label, "prediction": prediction, **scores})
 
 
 def write_json_atomic(path: str, obj) -> None:

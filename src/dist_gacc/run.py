@@ -61,7 +61,7 @@ def build_loop(job: Job, state: TrainState, stop, evaluate_fn, keep_best: bool) 
     parts = StepParts(acc, job.model, job.optimizer, job.scheduler, job.task.objective(), job.engine,
                       oom.MemoryGuard(acc, job.model, job.oom_policy, job.hooks), job.hooks, t.max_grad_norm)
     evaluator = Evaluator(evaluate_fn, t.eval_every, t.early_stopping_patience,
-                          (lambda: save_model(job)) if keep_best else None, telemetry)
+                          (lambda: save_model(job)) if keep_best else None, telemetry, job.task)
     batches = TrainBatches(acc, job.make_loader, len(job.splits["train"]), job.order_weights())
     return Loop(parts, batches, evaluator, telemetry, job.oom_policy, t.max_bad_steps, checkpointer, stop)
 
@@ -112,18 +112,33 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
     if acc.is_main_process:  # after the group has ended: the other ranks are not held in a barrier meanwhile
         add_baseline(job, result)  # rewrites metrics.json with `baseline`
         write_model_card(job, result)
-    log.info("done: %d updates | validation f1 %.4f%s accuracy %.4f%s | %.1f samples/s | %.0f s | %s",
-             state.optimizer_steps, result["eval"]["f1"], versus_baseline(result, "validation"),
-             result["eval"]["accuracy"], (f" | test f1 {result['test']['f1']:.4f}{versus_baseline(result, 'test')}"
-                                          if result.get("test") else ""),
+    log.info("done: %d updates | validation %s%s%s | %.1f samples/s | %.0f s | %s", state.optimizer_steps,
+             scores_line(result, "validation", job.task.reported),
+             f" | test {scores_line(result, 'test', job.task.reported)}" if result.get("test") else "",
+             tuned_summary(result),
              result["train_samples_per_second"], result["wall_seconds"], job.rc.output_dir)
     return result
 
 
-def versus_baseline(result: dict, split: str) -> str:
-    """' (baseline 0.8074)' beside the model's F1 in the final log line; '' without a baseline score."""
-    scores = (result.get("baseline") or {}).get(split)
-    return f" (baseline {scores['f1']:.4f})" if scores else ""
+def scores_line(result: dict, split: str, reported: tuple[str, ...]) -> str:
+    """'f1 0.8609 (baseline 0.8074) accuracy 0.8440': the split's reported figures, the chosen metric first and
+    the baseline's score beside it (when one was fitted and scored that figure)."""
+    scores = result["eval"] if split == "validation" else result[split]
+    base = (result.get("baseline") or {}).get(split) or {}
+    main = reported[0]
+    return " ".join(f"{k} {scores[k]:.4f}" + (f" (baseline {base[k]:.4f})" if k == main and k in base else "")
+                    for k in reported if k in scores)
+
+
+def tuned_summary(result: dict) -> str:
+    """The final line's multi-label F1 at the configured threshold and at the tuned ones (test, else validation)."""
+    tuned = result.get("tuned_thresholds")
+    if not tuned:
+        return ""
+    split = "test" if tuned["test"] else "validation"
+    fixed = result["test"] if tuned["test"] else result["eval"]
+    return (f" | {split} f1 {fixed['f1']:.4f} at threshold {0.5:g}, {tuned[split]['f1']:.4f} at tuned thresholds "
+            f"{tuned['thresholds']}")
 
 
 # --- the command line ---------------------------------------------------------------------------------
@@ -166,13 +181,15 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
 def main(cfg: DictConfig) -> float:
     """Entry point for scripts/train.py: expected failures end with a message and a documented code.
 
-    Returns the objective for Hydra sweepers: the validation F1 of the model in model/ (`eval`, outputs.finish):
+    Returns the objective for Hydra sweepers: the validation trainer.metric (F1; regression: Pearson's r; mse is
+    lower-is-better: set the sweeper's direction) of the model in model/ (`eval`, outputs.finish):
     the best model with save_best or early stopping, else the final one. Not the best evaluation's F1 when
     model/ is the final model: a sweep would then pick settings by a model it never saved.
     """
     check_multirun()
     try:
-        return run(cfg)["eval"]["f1"]
+        result = run(cfg)
+        return result["eval"][result["metric"]]
     except Exception as err:
         known = exit_code(err)
         if known is None:

@@ -29,7 +29,8 @@ class Telemetry:
 
     def evaluated(self, entry: dict, seconds: float) -> None:
         if self.trackers:
-            self.accelerator.log({"eval/f1": entry["f1"], "eval/accuracy": entry["accuracy"]}, step=entry["update"])
+            figures = ("f1", "accuracy", "f1_macro", "f1_micro", "pearson", "spearman", "mse")
+            self.accelerator.log({f"eval/{k}": entry[k] for k in figures if k in entry}, step=entry["update"])
         self.last_update_time += seconds  # samples/s counts training time only
 
     def close(self) -> None:

@@ -226,7 +226,7 @@ def end_job(proc: subprocess.Popen, grace_s: float) -> list:
 
 
 def _job_metric(run_dir: Path) -> Optional[float]:
-    """The job's objective for sweepers, as dist_gacc.main returns it: the validation F1 of the model in
+    """The job's objective for sweepers, as dist_gacc.main returns it: the validation trainer.metric of the model in
     model/ (`eval`: the best model with save_best or early stopping, else the final one)."""
     import json
 
@@ -234,4 +234,4 @@ def _job_metric(run_dir: Path) -> Optional[float]:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return metrics["eval"]["f1"]
+    return metrics["eval"][metrics.get("metric", "f1")]  # trainer.metric (older runs: f1)
