@@ -76,14 +76,20 @@ def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None 
                   script: Path = TRAIN, launch_args: tuple = ()) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/<config>.yaml` as the README shows it.
     `env` replaces the defaults (ACCELERATE_USE_CPU=1 for real CPU ranks); the caller checks the result."""
+    cmd, env = config_command(run_dir, config, *overrides, env=env, script=script, launch_args=launch_args)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,
+                   launch_args: tuple = ()) -> tuple[list[str], dict]:
+    """launch_config's command line and environment (for a test that starts it and signals it)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
            "--main_process_port", str(_free_port()), *launch_args, str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
-    return subprocess.run([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [*cmd, *overrides, f"hydra.run.dir={run_dir}"], env
 
 
 def _free_port() -> int:

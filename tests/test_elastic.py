@@ -22,8 +22,9 @@ def test_seeds_for_new_ranks_are_deterministic_and_distinct():
     assert len({rank_seed(42, r, u) for r in range(4) for u in range(4)}) == 16
     with pytest.raises(ConfigError, match="universal checkpoint"):
         check_world_change("deepspeed", 2, 4, "ckpt")
-    with pytest.raises(ConfigError, match="FSDP processes, resumed on 1"):
-        check_world_change("fsdp", 2, 1, "ckpt")
+    with pytest.raises(ConfigError, match="FSDP processes, resumed on 1. Only FSDP2"):
+        check_world_change("fsdp", 2, 1, "ckpt", fsdp_version=1)
+    check_world_change("fsdp", 2, 1, "ckpt", fsdp_version=2)  # resharded on load (tests/test_engines_cpu.py)
     check_world_change("ddp", 2, 1, "ckpt")  # replicated state: allowed
     check_world_change("fsdp", 2, 2, "ckpt")
 

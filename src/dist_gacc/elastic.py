@@ -10,8 +10,11 @@ by W processes continues on W' with the same windows, once micro-batch x N x W' 
   seed, their rank and the update (deterministic), and ranks that no longer exist are dropped (logged). With
   dropout on, the random streams therefore differ from the uninterrupted run; data order, updates, LR schedule
   and counters do not.
-- Optimizer state under DDP is replicated (saved once, loaded as is). FSDP's and DeepSpeed's are sharded by
-  rank: a change of world size is refused for them, with the way out.
+- Optimizer state under DDP is replicated (saved once, loaded as is). FSDP2's is sharded by rank but reshards
+  on load: Accelerate loads a SHARDED_STATE_DICT checkpoint with torch.distributed.checkpoint (each rank reads the
+  pieces of its new shards) and a FULL_STATE_DICT one as whole tensors that set_optimizer_state_dict shards
+  again; tests/test_engines_cpu.py checks 2 ranks -> 1 process -> 2 ranks against the uninterrupted run for both.
+  DeepSpeed's ZeRO partitions (and FSDP1's state, untested here) are refused, with the way out.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .errors import ConfigError
 log = get_logger(__name__)
 
 
-def check_world_change(engine: str, saved_world: int, world: int, path: str) -> None:
-    """Refuse a change of world size where the checkpoint's state is sharded by rank."""
+def check_world_change(engine: str, saved_world: int, world: int, path: str, fsdp_version: int | None = None) -> None:
+    """Refuse a change of world size where the checkpoint's state is sharded by rank and not resharded on load."""
     if saved_world == world:
         return
     if engine == "deepspeed":
@@ -35,10 +38,10 @@ def check_world_change(engine: str, saved_world: int, world: int, path: str) -> 
                           "ZeRO checkpoints are partitioned by rank; convert it to a universal checkpoint first "
                           "(deepspeed.checkpoint.ds_to_universal) and load that, or resume on "
                           f"{saved_world} processes.")
-    if engine == "fsdp":
-        raise ConfigError(f"resume={path}: written by {saved_world} FSDP processes, resumed on {world}. The sharded "
-                          "optimizer state is not resharded here; resume on the same number of processes (or "
-                          "save with a full state dict and start a new run from model/).")
+    if engine == "fsdp" and fsdp_version != 2:
+        raise ConfigError(f"resume={path}: written by {saved_world} FSDP processes, resumed on {world}. Only FSDP2 "
+                          "(fsdp_version: 2, as conf/accelerate/fsdp.yaml) checkpoints are resharded here; resume "
+                          f"on {saved_world} processes, or start a new run from model/.")
 
 
 def rank_seed(seed: int, rank: int, update: int) -> int:

@@ -27,7 +27,9 @@ def resume(job: Job) -> tuple[TrainState, str | None]:
         return TrainState(job.micro_batch_size, job.grad_accum_steps, total_updates=job.total_updates), None
     checkpoint.check_fingerprint(record["fingerprint"], fingerprint(job), path, rc.resume_force)
     saved_world, world = checkpoint.saved_world_size(record), acc.num_processes
-    elastic.check_world_change(engines.engine_name(acc), saved_world, world, path)
+    engine = engines.engine_name(acc)
+    elastic.check_world_change(engine, saved_world, world, path,
+                               acc.state.fsdp_plugin.fsdp_version if engine == "fsdp" else None)
     acc.load_state(path)  # model, optimizer, scheduler, scaler, the RNG of every rank that has a saved state
     state = TrainState(**{**record["state"], "epoch": record["position"]["epoch"],
                           "window": record["position"]["window"], "total_updates": job.total_updates})
