@@ -306,3 +306,22 @@ def test_a_regression_sweep_summarizes_its_metric_and_the_baseline_on_it(tmp_pat
     header = re.sub(r" +", " ", (tmp_path / "sweep" / "summary.md").read_text().splitlines()[0])
     assert "| metric | best_val_mse | final_val_mse | baseline_val_mse | test_mse | baseline_test_mse |" in header
     assert (tmp_path / "sweep" / "val_f1.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a real training run (debates_run)
+def test_bench_time_to_f1_reads_the_evaluator_line_not_the_done_line_with_the_baseline(debates_run):
+    """scripts/bench.py's time_to_f1 times the evaluator's `update N: ... validation f1 X accuracy Y` line; the final
+    `done:` line now carries `f1 X (baseline Y) accuracy Z` and must not be what it reads."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_dir, output = debates_run
+    m = read_metrics(run_dir)
+    matches = [bench.OURS_F1.search(line) for line in output.splitlines()]
+    found = [x.groups() for x in matches if x]
+    assert [(int(u), float(f)) for _, _, u, f in found] == [(h["update"], round(h["f1"], 4)) for h in m["history"]]
+    done = [line for line in output.splitlines() if "] done: " in line]
+    assert len(done) == 1 and "(baseline " in done[0] and not bench.OURS_F1.search(done[0])
