@@ -116,6 +116,15 @@ def test_warns_exactly_when_the_model_does_not_beat_the_baseline():
         {"validation": {"f1": 0.80}, "test": None}, base)  # a tie does not beat it; no test split: not compared
 
 
+def test_on_mse_the_model_beats_the_baseline_with_a_lower_value():
+    base = {"validation": {"mse": 0.20}, "test": {"mse": 0.30}}
+    assert baseline.not_beaten({"validation": {"mse": 0.10}, "test": {"mse": 0.29}}, base, "mse") is None
+    assert baseline.gaps({"validation": {"mse": 0.10}, "test": None}, base, "mse") == pytest.approx({"validation": -0.1})
+    lost = baseline.not_beaten({"validation": {"mse": 0.25}, "test": {"mse": 0.29}}, base, "mse")
+    assert "validation mse 0.2500 vs baseline 0.2000 (+0.0500) (lower is better)" in lost and "test" not in lost
+    assert baseline.beats(-0.01, "mse") and not baseline.beats(-0.01, "pearson") and not baseline.beats(0.0, "mse")
+
+
 def make_presence_task(path, rows=240, seed=0):
     """Label 1 iff the one-letter word `a` occurs, 0 iff `b` does, among random two-letter noise words.
     scikit-learn's word tokenizer drops one-letter words, so the baseline sees noise alone; the tiny BERT's
