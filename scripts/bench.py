@@ -495,6 +495,10 @@ def section_precision(args, work: Path) -> dict:
 # regression"]}: prepare_case saves whatever model and labels the composed job builds.
 PEER_CASES = [
     {"case": "single-label (tiny decoder)", "overrides": ["model=tiny_decoder", "model.dropout=0.0"]},
+    # Regression (one output, squared error): the Trainer's loss is transformers' MSELoss path (problem_type
+    # regression in the saved config), ours objectives.SquaredError.
+    {"case": "regression (tiny BERT, word_pleasantness)",
+     "overrides": ["model=tiny", "model.dropout=0.0", "data=word_pleasantness", "data.max_train_samples=64"]},
 ]
 PEER_VARIANTS = ["dist_gacc", "hf_trainer_stock", "hf_trainer"]
 PEER_LABELS = {"dist_gacc": "dist-gacc", "hf_trainer_stock": "Trainer as shipped",
@@ -536,7 +540,9 @@ def prepare_case(case: dict, work: Path, max_length: int) -> dict:
         set_seed(rc.seed)
         splits = data.load_splits(rc.data, rc.seed)
         train = splits["train"]
-        task = build_task(rc.trainer, data.label_names(train), data.is_multi_label(train), train["label"])
+        regression = data.is_regression(train)  # as build.py: the one output is named by the score column
+        task = build_task(rc.trainer, [data.score_name(rc.data)] if regression else data.label_names(train),
+                          data.is_multi_label(train), train["label"], regression)
         tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), max_length)
         net = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
         net.save_pretrained(target / "model")

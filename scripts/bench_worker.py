@@ -194,7 +194,7 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
     from hydra import compose, initialize_config_dir
 
     import dist_gacc  # noqa: F401  (resolvers)
-    from dist_gacc import data, optim
+    from dist_gacc import data, objectives, optim
     from dist_gacc.config import load_config
     from dist_gacc.loop import fit, standalone
     from dist_gacc.build import build_accelerator
@@ -244,8 +244,10 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
         def close(self):
             pass
 
+    # A regression model (its config's problem_type, as models.build_model saves it): squared error, as a run.
+    objective = objectives.SquaredError() if model.config.problem_type == "regression" else None
     state = fit(*standalone(acc, model, optimizer, scheduler, make_loader, len(ds), spec["micro"], spec["accum"],
-                            total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate()))
+                            total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate(), objective=objective))
     backend = acc.state.dynamo_plugin.backend.value.lower() if compiled else None
     return acc.unwrap_model(model), state.grad_norms[0], state.losses[0], {
         "compiled": compiled, "backend": backend,

@@ -116,6 +116,15 @@ def test_warns_exactly_when_the_model_does_not_beat_the_baseline():
         {"validation": {"f1": 0.80}, "test": None}, base)  # a tie does not beat it; no test split: not compared
 
 
+def test_on_mse_the_model_beats_the_baseline_with_a_lower_value():
+    base = {"validation": {"mse": 0.20}, "test": {"mse": 0.30}}
+    assert baseline.not_beaten({"validation": {"mse": 0.10}, "test": {"mse": 0.29}}, base, "mse") is None
+    assert baseline.gaps({"validation": {"mse": 0.10}, "test": None}, base, "mse") == pytest.approx({"validation": -0.1})
+    lost = baseline.not_beaten({"validation": {"mse": 0.25}, "test": {"mse": 0.29}}, base, "mse")
+    assert "validation mse 0.2500 vs baseline 0.2000 (+0.0500) (lower is better)" in lost and "test" not in lost
+    assert baseline.beats(-0.01, "mse") and not baseline.beats(-0.01, "pearson") and not baseline.beats(0.0, "mse")
+
+
 def make_presence_task(path, rows=240, seed=0):
     """Label 1 iff the one-letter word `a` occurs, 0 iff `b` does, among random two-letter noise words.
     scikit-learn's word tokenizer drops one-letter words, so the baseline sees noise alone; the tiny BERT's
@@ -213,3 +222,115 @@ def test_the_sweep_summary_carries_the_baseline_columns(tmp_path, debates_run):
     assert row["baseline_val_f1"] == b["validation"]["f1"] and row["baseline_test_f1"] == b["test"]["f1"]
     header = re.sub(r" +", " ", (tmp_path / "sweep" / "summary.md").read_text().splitlines()[0])
     assert "| final_val_f1 | baseline_val_f1 | test_f1 | baseline_test_f1 |" in header
+
+
+# A real regression task (issue 23): two updates of a tiny BERT, best model by mse (lower is better). The baseline
+# is a ridge on the same TF-IDF features, scored with the regression metric module; the gap is on mse.
+PLEASANTNESS = [*(o for o in TINY if not o.startswith("data.max_")), "data=word_pleasantness",
+                "data.max_train_samples=300", "data.max_eval_samples=60", "data.max_length=16",
+                "trainer.max_steps=2", "trainer.metric=mse", "trainer.log_with=none"]
+
+
+@pytest.fixture(scope="module")
+def pleasantness_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("baseline_regression") / "run"
+    proc = launch(run_dir, *PLEASANTNESS)
+    return run_dir, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow  # a real training run (pleasantness_run)
+def test_regression_baseline_equals_scikit_learn_ridge_and_compares_on_mse(pleasantness_run):
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import mean_squared_error
+
+    run_dir, output = pleasantness_run
+    m = read_metrics(run_dir)
+    b = m["baseline"]
+    splits = load_splits(load_config(compose_cfg(*PLEASANTNESS, "output_dir=unused")).data, 42)
+    # Single words: no spaces between words, so the baseline uses character unigrams+bigrams (word n-grams of an
+    # unseen word would be an empty row and a constant prediction).
+    model = make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True),
+                          Ridge(random_state=42))
+    model.fit(list(splits["train"]["text"]), np.asarray(splits["train"]["label"]))
+    for split in ("validation", "test"):
+        truth, predicted = np.asarray(splits[split]["label"]), model.predict(list(splits[split]["text"]))
+        assert b[split]["num_examples"] == len(truth) == m["eval" if split == "validation" else split]["num_examples"]
+        assert b[split]["pearson"] == pytest.approx(pearsonr(truth, predicted)[0], abs=1e-9), split
+        assert b[split]["spearman"] == pytest.approx(spearmanr(truth, predicted)[0], abs=1e-9), split
+        assert b[split]["mse"] == pytest.approx(mean_squared_error(truth, predicted), abs=1e-12), split
+        assert "f1" not in b[split]
+    assert b["settings"]["model"].startswith("Ridge(") and b["settings"]["class_weight"] is None
+    assert b["settings"]["vectorizer"]["analyzer"] == "char" and b["settings"]["train_rows"] == 300
+    # The gap is on the run's metric, mse: lower is better, so the model beats the baseline when the gap is < 0.
+    gaps = {s: m["eval" if s == "validation" else s]["mse"] - b[s]["mse"] for s in ("validation", "test")}
+    assert b["metric"] == "mse" and b["model_minus_baseline"] == pytest.approx(gaps)
+    assert b["beaten"] is all(g < 0 for g in gaps.values())
+    assert (f"validation mse {m['eval']['mse']:.4f} (baseline {b['validation']['mse']:.4f}) pearson "
+            f"{m['eval']['pearson']:.4f} spearman {m['eval']['spearman']:.4f} | test mse {m['test']['mse']:.4f} "
+            f"(baseline {b['test']['mse']:.4f})") in output
+    assert f"validation mse {b['validation']['mse']:.4f} test mse {b['test']['mse']:.4f}" in output
+    lost = [s for s, g in gaps.items() if g >= 0]
+    assert ("does not beat the TF-IDF + linear baseline" in output) is bool(lost)
+    for s in lost:
+        assert f"{s} mse {m['eval' if s == 'validation' else s]['mse']:.4f} vs baseline {b[s]['mse']:.4f}" in output
+
+
+@pytest.mark.slow  # a real training run (pleasantness_run)
+def test_regression_model_card_names_the_regression_metrics(pleasantness_run):
+    run_dir, _ = pleasantness_run
+    m = read_metrics(run_dir)
+    b = m["baseline"]
+    parsed = ModelCard.load(run_dir / "model" / "README.md")
+    data = parsed.data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-classification")
+    assert data.metrics == ["mse", "pearson", "spearman"]
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {(split, k): round(m[key][k], 4) for split, key in (("validation", "eval"), ("test", "test"))
+                       for k in ("mse", "pearson", "spearman")}
+    text = parsed.text
+    for fact in ("task: regression, one output 'pleasantness' (squared error); validation metric mse",
+                 "| split | model mse | baseline mse | model − baseline | model pearson | baseline pearson |",
+                 (f"| validation | {m['eval']['mse']:.4f} | {b['validation']['mse']:.4f} | "
+                  f"{b['model_minus_baseline']['validation']:+.4f} | {m['eval']['pearson']:.4f} | "
+                  f"{b['validation']['pearson']:.4f} |"), "Ridge("):
+        assert fact in text, fact
+
+
+@pytest.mark.slow  # a real training run (pleasantness_run)
+def test_a_regression_sweep_summarizes_its_metric_and_the_baseline_on_it(tmp_path, pleasantness_run):
+    run_dir, _ = pleasantness_run
+    m = read_metrics(run_dir)
+    for i in (0, 1):
+        job = tmp_path / "sweep" / str(i)
+        job.mkdir(parents=True)
+        for name in ("metrics.json", "config.yaml"):
+            (job / name).write_bytes((run_dir / name).read_bytes())
+    table = summarize(tmp_path / "sweep")
+    row = table.iloc[0]
+    assert row["metric"] == "mse" and row["final_val_mse"] == m["eval"]["mse"]
+    assert row["best_val_mse"] == m["best"]["mse"] and row["test_mse"] == m["test"]["mse"]
+    assert row["baseline_val_mse"] == m["baseline"]["validation"]["mse"]
+    assert row["baseline_test_mse"] == m["baseline"]["test"]["mse"]
+    header = re.sub(r" +", " ", (tmp_path / "sweep" / "summary.md").read_text().splitlines()[0])
+    assert "| metric | best_val_mse | final_val_mse | baseline_val_mse | test_mse | baseline_test_mse |" in header
+    assert (tmp_path / "sweep" / "val_f1.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a real training run (debates_run)
+def test_bench_time_to_f1_reads_the_evaluator_line_not_the_done_line_with_the_baseline(debates_run):
+    """scripts/bench.py's time_to_f1 times the evaluator's `update N: ... validation f1 X accuracy Y` line; the final
+    `done:` line now carries `f1 X (baseline Y) accuracy Z` and must not be what it reads."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_dir, output = debates_run
+    m = read_metrics(run_dir)
+    matches = [bench.OURS_F1.search(line) for line in output.splitlines()]
+    found = [x.groups() for x in matches if x]
+    assert [(int(u), float(f)) for _, _, u, f in found] == [(h["update"], round(h["f1"], 4)) for h in m["history"]]
+    done = [line for line in output.splitlines() if "] done: " in line]
+    assert len(done) == 1 and "(baseline " in done[0] and not bench.OURS_F1.search(done[0])

@@ -181,3 +181,34 @@ def test_predict_uses_the_tuned_thresholds(tuned_run):
     assert (name in tuned) == (probability >= saved[name]) and (name in half) == (probability >= 0.5)
     assert (name in tuned) != (name in half)
     assert half == set(filter(None, row["prediction"].split("|")))  # validation predictions are at 0.5
+
+
+def test_the_baseline_of_a_tuned_run_is_one_vs_rest_at_half_beside_the_model_at_half(tuned_run):
+    """multi_label_threshold=tune: the baseline predicts at 0.5 (no thresholds are tuned for it) and is compared
+    with the model's `eval`/`test`, which are at 0.5 too; the tuned figures stay reported beside them."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    run, proc = tuned_run
+    m, names = read_metrics(run), ["blue", "green", "red"]
+    b = m["baseline"]
+    split_rows = {s: _rows(run.parent / f"{s}.csv") for s in ("train", "validation", "test")}
+    encode = MultiLabelBinarizer(classes=names).fit([])
+
+    def labels(rows):
+        return encode.transform([[t for t in r["tags"].split("|") if t] for r in rows])
+
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                          OneVsRestClassifier(LogisticRegression(max_iter=1000, random_state=42)))
+    model.fit([r["text"] for r in split_rows["train"]], labels(split_rows["train"]))
+    for split in ("validation", "test"):
+        predicted = (model.predict_proba([r["text"] for r in split_rows[split]]) >= 0.5).astype(int)
+        expected = f1_score(labels(split_rows[split]), predicted, average=m["eval"]["average"], zero_division=0)
+        assert b[split]["f1"] == pytest.approx(expected, abs=1e-12), split
+    assert b["settings"]["model"].startswith("one-vs-rest LogisticRegression") and b["metric"] == "f1"
+    assert b["model_minus_baseline"] == pytest.approx(
+        {"validation": m["eval"]["f1"] - b["validation"]["f1"], "test": m["test"]["f1"] - b["test"]["f1"]})
+    assert f"validation f1 {m['eval']['f1']:.4f} (baseline {b['validation']['f1']:.4f})" in proc.stdout

@@ -8,7 +8,8 @@ while it runs (a barrier would time out after trainer.dist_timeout_s on a large 
 
 The estimator is keyed on the task's problem_type, so a new kind plugs in with one entry in ESTIMATORS:
 logistic regression for single-label, one-vs-rest logistic regression for multi-label, ridge for regression
-(issue 23 adds data.problem_type=regression; its scorer, not F1, then scores the ridge's predictions).
+(scored with the regression metric module: pearson, spearman, mse). The gap and the warning are on the run's
+trainer.metric (mse: lower is better).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MultiLabelBinarizer
+
+from .config import LOWER_IS_BETTER
 
 AUTO_MAX_TRAIN_ROWS = 200_000  # trainer.baseline=auto: on up to this many training rows (a fit takes < ~1 min)
 PAIR_SEPARATOR = " [SEP] "     # a pair's two texts joined into one bag of words
@@ -109,17 +112,31 @@ def describe(model) -> str:
     return f"{type(model).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
-def gaps(model_scores: dict, baseline_scores: dict) -> dict:
-    """Model minus baseline F1 for every split both have."""
-    return {split: model_scores[split]["f1"] - baseline_scores[split]["f1"]
+def display(metric: str) -> str:
+    """A metric's name in prose: F1, else its key (pearson, spearman, mse, accuracy)."""
+    return "F1" if metric == "f1" else metric
+
+
+def gaps(model_scores: dict, baseline_scores: dict, metric: str = "f1") -> dict:
+    """Model minus baseline `metric` (the run's trainer.metric) for every split both have."""
+    return {split: model_scores[split][metric] - baseline_scores[split][metric]
             for split in ("validation", "test") if model_scores.get(split) and baseline_scores.get(split)}
 
 
-def not_beaten(model_scores: dict, baseline_scores: dict) -> str | None:
-    """The warning when the fine-tuned model does not beat the baseline (F1 not above it) on some split."""
-    lost = [f"{split} F1 {model_scores[split]['f1']:.4f} vs baseline {baseline_scores[split]['f1']:.4f} "
-            f"({gap:+.4f})" for split, gap in gaps(model_scores, baseline_scores).items() if gap <= 0]
+def beats(gap: float, metric: str = "f1") -> bool:
+    """Whether a model-minus-baseline gap favours the model: above 0, or below 0 for a lower-is-better metric
+    (mse). A tie, or NaN (a constant prediction's correlation), does not."""
+    return gap < 0 if metric in LOWER_IS_BETTER else gap > 0
+
+
+def not_beaten(model_scores: dict, baseline_scores: dict, metric: str = "f1") -> str | None:
+    """The warning when the fine-tuned model does not beat the baseline on `metric` on some split."""
+    name = display(metric)
+    lost = [f"{split} {name} {model_scores[split][metric]:.4f} vs baseline {baseline_scores[split][metric]:.4f} "
+            f"({gap:+.4f})" for split, gap in gaps(model_scores, baseline_scores, metric).items()
+            if not beats(gap, metric)]
     if not lost:
         return None
     return ("the fine-tuned model does not beat the TF-IDF + linear baseline: " + "; ".join(lost) +
+            (" (lower is better)" if metric in LOWER_IS_BETTER else "") +
             ". Fine-tuning has not paid on this data at these settings.")

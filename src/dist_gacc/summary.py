@@ -1,5 +1,7 @@
 """Summarise a sweep: one row per job (dataset x setting x seed) and plots of F1 and loss against updates.
 Each row carries the TF-IDF baseline's validation and test F1 beside the model's (metrics.json `baseline`).
+The figures are the run's trainer.metric (metrics.json `metric`: f1, or pearson/spearman/mse for regression);
+a sweep that chose one other than f1 gets columns named after it (best_val_pearson, baseline_val_pearson...).
 
 With several seeds per (dataset, setting) cell it also writes summary_seeds.{csv,md}: each cell's mean,
 sample standard deviation and min-max range over seeds, and per dataset every pair of settings with
@@ -17,7 +19,7 @@ import pandas as pd
 import yaml
 
 COLUMNS = ["dataset", "setting", "seed", "micro_batch_size", "grad_accum_steps", "world_size",
-           "effective_batch_size", "lr", "updates", "best_update", "best_val_f1", "final_val_f1",
+           "effective_batch_size", "lr", "updates", "best_update", "metric", "best_val_f1", "final_val_f1",
            "baseline_val_f1", "test_f1", "baseline_test_f1", "stopped_early", "wall_seconds"]
 
 
@@ -45,6 +47,17 @@ def _labels(job_dirs: list[Path]) -> list[str]:
     return labels
 
 
+def run_metric(metrics: dict) -> str:
+    """The run's trainer.metric (metrics.json `metric`); records from before that key: f1."""
+    return metrics.get("metric", "f1")
+
+
+def sweep_metric(jobs: list[dict]) -> str:
+    """The metric every job chose; `f1` names the columns when jobs differ (the `metric` column tells)."""
+    chosen = {j["row"]["metric"] for j in jobs}
+    return chosen.pop() if len(chosen) == 1 else "f1"
+
+
 def load_jobs(sweep_dir: Path) -> list[dict]:
     """Every finished job under the sweep directory (a folder with metrics.json and config.yaml)."""
     jobs = []
@@ -53,6 +66,8 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
         metrics = json.loads((job_dir / "metrics.json").read_text())
         config = yaml.safe_load((job_dir / "config.yaml").read_text())
         best = metrics.get("best") or {}
+        metric = run_metric(metrics)
+        base = metrics.get("baseline") or {}
         jobs.append({
             "dir": job_dir, "metrics": metrics,
             "row": {
@@ -60,17 +75,20 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
                 "micro_batch_size": metrics["micro_batch_size"], "grad_accum_steps": metrics["grad_accum_steps"],
                 "world_size": metrics["world_size"], "effective_batch_size": metrics["effective_batch_size"],
                 "lr": metrics["lr"], "updates": metrics.get("updates", metrics["optimizer_steps"]),
-                "best_update": best.get("update"), "best_val_f1": best.get("f1", metrics["eval"]["f1"]),
-                "final_val_f1": metrics["eval"]["f1"],
+                "best_update": best.get("update"), "metric": metric,
+                # The *_f1 columns hold the run's metric (named in `metric`; summarize renames them when the
+                # whole sweep has one other than f1, e.g. best_val_pearson).
+                "best_val_f1": best.get(metric, metrics["eval"][metric]),
+                "final_val_f1": metrics["eval"][metric],
                 # The F1 average in effect (binary / macro / micro...) and macro F1 next to it (absent in
                 # runs older than the per-label report).
                 "f1_average": metrics["eval"].get("average"), "val_f1_macro": metrics["eval"].get("f1_macro"),
                 "class_weights": metrics.get("class_weights_setting", "none"),
-                "test_f1": (metrics.get("test") or {}).get("f1"),
+                "test_f1": (metrics.get("test") or {}).get(metric),
                 # The TF-IDF baseline on the same splits (trainer.baseline), beside the model's F1 it compares
                 # with (final_val_f1 is the F1 of the model in model/); empty where none was fitted.
-                "baseline_val_f1": ((metrics.get("baseline") or {}).get("validation") or {}).get("f1"),
-                "baseline_test_f1": ((metrics.get("baseline") or {}).get("test") or {}).get("f1"),
+                "baseline_val_f1": (base.get("validation") or {}).get(metric),
+                "baseline_test_f1": (base.get("test") or {}).get(metric),
                 "stopped_early": metrics.get("stopped_early", False),
                 "wall_seconds": round(metrics["wall_seconds"], 1),
             },
@@ -204,8 +222,8 @@ def seeds_markdown(cells: pd.DataFrame, comparisons: pd.DataFrame) -> str:
 
 
 def _val_f1(metrics):
-    history = metrics["history"]
-    return [h.get("update", h["optimizer_step"]) for h in history], [h["f1"] for h in history]
+    history, metric = metrics["history"], run_metric(metrics)
+    return [h.get("update", h["optimizer_step"]) for h in history], [h[metric] for h in history]
 
 
 def _train_loss(metrics, window: int = 10):
@@ -223,8 +241,10 @@ def summarize(sweep_dir: Path, out_dir: Path | None = None) -> pd.DataFrame:
         raise SystemExit(f"no finished jobs (*/metrics.json) under {sweep_dir}")
     table = pd.DataFrame([j["row"] for j in jobs], columns=COLUMNS)
     table = table.sort_values(["dataset", "setting", "seed"])
-    table.to_csv(out_dir / "summary.csv", index=False)
-    (out_dir / "summary.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    metric = sweep_metric(jobs)
+    named = table.rename(columns={c: c.replace("_f1", f"_{metric}") for c in COLUMNS if c.endswith("_f1")})
+    named.to_csv(out_dir / "summary.csv", index=False)
+    (out_dir / "summary.md").write_text(named.to_markdown(index=False, floatfmt=".4g") + "\n")
     seed_files = [out_dir / f"summary_seeds{n}" for n in (".csv", "_comparisons.csv", ".md")]
     for stale in seed_files:  # an earlier multi-seed summary in the same folder would contradict this one
         stale.unlink(missing_ok=True)
@@ -234,6 +254,6 @@ def summarize(sweep_dir: Path, out_dir: Path | None = None) -> pd.DataFrame:
         cells.to_csv(seed_files[0], index=False)
         comparisons.to_csv(seed_files[1], index=False)
         seed_files[2].write_text(seeds_markdown(cells, comparisons) + "\n")
-    _plot(jobs, out_dir / "val_f1.png", _val_f1, "validation F1")
+    _plot(jobs, out_dir / "val_f1.png", _val_f1, f"validation {'F1' if metric == 'f1' else metric}")
     _plot(jobs, out_dir / "train_loss.png", _train_loss, "train loss (mean of 10 updates)")
-    return table
+    return named
