@@ -117,10 +117,10 @@ def test_two_cpu_ranks_equal_one_process(name, engine_runs, one_process):
 
 def start_engine(run_dir, name, *overrides):
     """The engine's launch in a process group of its own (as test_resume.start), output to <run_dir>.log (a pipe
-    nobody reads could fill and stall it)."""
+    nobody reads could fill and stall it; appended to, so a resumed job's output follows the interrupted one's)."""
     cmd, env = engine_command(run_dir, name, *overrides)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{run_dir}.log", "w") as out:
+    with open(f"{run_dir}.log", "a") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
 
@@ -129,23 +129,25 @@ def children(pid):
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
 
-def interrupt(run_dir, name, sig, workers_only=False, after=3):
+def interrupt(run_dir, name, sig, *overrides, workers_only=False, after=3):
     """Start the engine's run, send `sig` to every process of the job (`workers_only`: to the ranks and their
     children, not torch's launcher, which then reports each rank's exit code) as soon as checkpoint step-`after`
-    (or a later one) is complete, wait for the job to end. Step 3 is mid epoch 1 (4 updates an epoch; 8 in all),
-    so the resume crosses an epoch boundary. Returns (launcher exit code, the job's output)."""
-    started = time.perf_counter()
-    proc = start_engine(run_dir, name)
+    (or a later one) is complete, wait for the job to end. Returns (launcher exit code, this job's output)."""
+    started, log = time.perf_counter(), f"{run_dir}.log"
+    before = os.path.getsize(log) if os.path.exists(log) else 0
+    proc = start_engine(run_dir, name, *overrides)
     deadline = time.time() + 600
     while not (steps(run_dir) and steps(run_dir)[-1] >= after):
-        assert proc.poll() is None, f"ended before step-{after}: {open(f'{run_dir}.log').read()[-4000:]}"
+        assert proc.poll() is None, f"ended before step-{after}: {open(log).read()[-4000:]}"
         assert time.time() < deadline, f"no checkpoint step-{after}"
         time.sleep(0.01)
     for pid in children(proc.pid) if workers_only else [proc.pid]:
         signal_tree(pid, sig)
     proc.wait(timeout=300)
-    TIMES[f"{name} until {sig.name}"] = time.perf_counter() - started
-    return proc.returncode, open(f"{run_dir}.log").read()
+    TIMES[f"{name} until {sig.name}{' (resumed)' if overrides else ''}"] = time.perf_counter() - started
+    with open(log) as f:
+        f.seek(before)
+        return proc.returncode, f.read()
 
 
 def assert_same_run(resumed, reference):
@@ -161,26 +163,15 @@ def assert_same_run(resumed, reference):
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted(name, engine_runs, tmp_path):
-    """A real kill -9 of every process of the job right after a mid-epoch checkpoint, then resume=auto in the same
-    folder. (Replaces the resume from a copy of a finished run's checkpoints: this one also covers whatever the
-    killed job left behind, e.g. a half-written .tmp-step-N.)"""
-    full, run = engine_runs(name), tmp_path / "run"
-    code, output = interrupt(run, name, signal.SIGKILL)
-    assert code == -signal.SIGKILL, output[-3000:]
-    assert not (run / "metrics.json").exists() and not (run / "model").exists()
-    last = steps(run)[-1]
-    assert 3 <= last < 8
-    launch_engine(run, name, "resume=auto", label=f"{name} resumed after SIGKILL")
-    m, diff = assert_same_run(run, full)
-    assert m["resumed_from"].endswith(f"step-{last}")
-    RESULTS[name, "SIGKILL + resume=auto"] = diff
-
-
-@pytest.mark.parametrize("name", PARAMS)
-def test_sigterm_checkpoints_exits_75_and_resume_finishes_equal(name, engine_runs, tmp_path):
-    """SLURM's preemption: SIGTERM to every process of the job step. Each rank finishes the update in progress,
-    they checkpoint it together and exit 75 (EX_TEMPFAIL: requeue); resume=auto finishes the same run."""
+def test_sigterm_then_sigkill_then_resume_auto_equals_uninterrupted(name, engine_runs, tmp_path):
+    """One job, interrupted twice in the same folder (one chain per engine saves two launches; each stage keeps
+    its own asserts):
+    1. SLURM's preemption: SIGTERM to the ranks once step-3 (mid epoch 1 of 2) exists. Each rank finishes the
+       update in progress, they checkpoint it together and exit 75 (EX_TEMPFAIL: requeue).
+    2. `resume=auto` from that checkpoint, then a real kill -9 of every process of the job as soon as a newer
+       checkpoint (written by the resumed job) is complete: nothing is finished, whatever it left is ignored.
+    3. `resume=auto` from the newest complete checkpoint finishes the run equal to the uninterrupted one,
+       across the epoch boundary."""
     full, run = engine_runs(name), tmp_path / "run"
     code, output = interrupt(run, name, signal.SIGTERM, workers_only=True)
     # The ranks exit 75; torch's launcher, not signalled here, reports the first to end (then ends the other,
@@ -188,16 +179,25 @@ def test_sigterm_checkpoints_exits_75_and_resume_finishes_equal(name, engine_run
     # tests/test_resume.py covers that way, and 75 on one process.)
     assert code == 1 and "stopped by a signal after a finished update" in output, output[-3000:]
     assert re.search(r"Root Cause[^=]*exitcode\s*:\s*75 ", output), output[-3000:]
-    newest = run / "checkpoints" / f"step-{steps(run)[-1]}"
+    stopped = steps(run)[-1]
+    newest = run / "checkpoints" / f"step-{stopped}"
     record = json.loads((newest / "trainer_state.json").read_text())
     assert record["position"]["reason"] == "stop signal" and record["world_size"] == 2
-    assert 3 <= record["state"]["updates"] == steps(run)[-1] < 8
+    assert 3 <= record["state"]["updates"] == stopped < 8
     assert (newest / "random_states_0.pkl").exists() and (newest / "random_states_1.pkl").exists()
     assert not (run / "metrics.json").exists()
-    launch_engine(run, name, "resume=auto", label=f"{name} resumed after SIGTERM")
+
+    code, output = interrupt(run, name, signal.SIGKILL, "resume=auto", after=stopped + 1)
+    assert code == -signal.SIGKILL, output[-3000:]
+    assert f"resumed from {newest}: update {stopped}," in output, output[-3000:]
+    assert not (run / "metrics.json").exists() and not (run / "model").exists()
+    killed = steps(run)[-1]
+    assert stopped < killed < 8
+
+    launch_engine(run, name, "resume=auto", label=f"{name} resumed after SIGTERM and SIGKILL")
     m, diff = assert_same_run(run, full)
-    assert m["resumed_from"] == str(newest)
-    RESULTS[name, "SIGTERM (exit 75) + resume=auto"] = diff
+    assert m["resumed_from"].endswith(f"step-{killed}")
+    RESULTS[name, "SIGTERM (exit 75), resume, SIGKILL, resume=auto"] = diff
 
 
 def test_fsdp_parameters_are_really_sharded(engine_runs):
