@@ -58,7 +58,8 @@ def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 30
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     args = [*overrides, f"hydra.run.dir={run_dir}"]
     if real or not _FORK_SERVER.serves(env):
-        proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     else:
         proc = _FORK_SERVER.run([*cmd, *args], script, args, env, processes, launcher, timeout)
     if check and proc.returncode != 0:
@@ -81,15 +82,16 @@ class ForkServer:
         self.failed = os.environ.get("DIST_GACC_TEST_REAL") == "1"
 
     def serves(self, env: dict) -> bool:
-        if self.failed or self.env is not None and _import_env(env) != _import_env(self.env):
+        if self.failed:
             return False
         if self.proc is None:
-            self.start(env)
-        return not self.failed
+            self.start()
+        return not self.failed and _import_env(env) == _import_env(self.env)
 
-    def start(self, env: dict) -> None:
+    def start(self) -> None:
         import atexit
 
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s defaults
         folder = tempfile.mkdtemp(prefix="dist-gacc-forkserver-")
         self.socket, self.env = os.path.join(folder, "socket"), env
         with open(os.path.join(folder, "server.log"), "w") as log:
@@ -107,8 +109,8 @@ class ForkServer:
 
         folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        request = dict(script=str(script), args=args, env=env, cwd=str(ROOT), processes=processes,
-                       launch_args=launcher, stdout=out, stderr=err)
+        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "processes": processes,
+                   "launch_args": launcher, "stdout": out, "stderr": err}
         for path in (out, err):
             open(path, "w").close()
         pgid = None
@@ -128,7 +130,11 @@ class ForkServer:
 
 
 def _import_env(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)}
+    """The variables a forked rank must share with the server. PYTHONPATH may add entries (the rank puts them
+    first on sys.path, as an interpreter would), so it is compared as the server's entries it keeps."""
+    shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"}
+    server = _FORK_SERVER.env.get("PYTHONPATH", "").split(os.pathsep) if _FORK_SERVER.env else []
+    return {**shared, "PYTHONPATH": [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p in server]}
 
 
 def _read(path: str) -> str:
@@ -139,15 +145,19 @@ def _read(path: str) -> str:
 _FORK_SERVER = ForkServer()
 
 
-def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300):
-    """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks."""
+def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300, real: bool = False):
+    """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks.
+    Through the fork server as launch() does; `real=True` for tests about the processes themselves."""
+    launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port())] if processes > 1 else []
     cmd = [sys.executable, str(script), *args] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), *args]
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if real or not _FORK_SERVER.serves(env):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _FORK_SERVER.run(cmd, script, list(args), env, processes, launcher, timeout)
     if proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

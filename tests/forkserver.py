@@ -26,37 +26,35 @@ import socket
 import sys
 import time
 
+# Measured: the modules one tiny training run has in sys.modules at its exit, less what these import anyway.
+PRELOAD = (
+    "accelerate", "accelerate.commands.launch", "datasets", "evaluate", "hydra", "sklearn.metrics", "torch",
+    "torch.distributed.run", "torch.distributed.algorithms.ddp_comm_hooks", "torch.utils.tensorboard",
+    "tensorboard.plugins.hparams.metadata", "transformers", "transformers.models.bert.modeling_bert",
+    "deepspeed",  # Accelerate's Accelerator imports it when it is installed
+    "matplotlib.pyplot", "hydra._internal.logging_config", "omegaconf._impl", "pandas.io.formats.csvs",
+    "xml.parsers.expat", "antlr4.LL1Analyzer",
+    "dist_gacc", "dist_gacc.data", "dist_gacc.engines", "dist_gacc.verify",
+)
+
 
 def preload() -> None:
-    """What one tiny training run imports (measured: sys.modules at its exit), so the ranks import ~nothing."""
-    import accelerate  # noqa: F401
-    import accelerate.commands.launch  # noqa: F401
-    import datasets  # noqa: F401
-    import deepspeed  # noqa: F401  (Accelerate's Accelerator imports it when installed)
-    import evaluate  # noqa: F401
-    import hydra  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-    import torch
-    import torch.distributed.run  # noqa: F401
-    import torch.utils.tensorboard  # noqa: F401
-    import transformers
-    from transformers.models.bert import modeling_bert  # noqa: F401
-
-    import dist_gacc  # noqa: F401
-    import dist_gacc.data, dist_gacc.engines, dist_gacc.verify  # noqa: E401,F401
-
+    """Import what the ranks would, so they import ~nothing."""
     import importlib
     import pkgutil
 
-    import hydra._internal.core_plugins as core_plugins
     import matplotlib
 
     matplotlib.use("Agg")  # as dist_gacc.metrics and summary do before they plot
-    for name in ("matplotlib.pyplot", "hydra._internal.logging_config", "omegaconf._impl", "pandas.io.formats.csvs",
-                 "torch.distributed.algorithms.ddp_comm_hooks", "tensorboard.plugins.hparams.metadata",
-                 "xml.parsers.expat", "antlr4.LL1Analyzer",
-                 *(f"{core_plugins.__name__}.{m.name}" for m in pkgutil.iter_modules(core_plugins.__path__))):
+    for name in PRELOAD:
         importlib.import_module(name)
+    from hydra._internal import core_plugins  # Hydra imports each of its plugins' modules to discover them
+
+    for m in pkgutil.iter_modules(core_plugins.__path__):
+        importlib.import_module(f"{core_plugins.__name__}.{m.name}")
+    import torch
+    import transformers
+
     transformers.AutoModelForSequenceClassification  # noqa: B018  (resolves the lazy module)
     assert torch.get_num_threads() == 1, "OMP_NUM_THREADS=1 must be set before torch is imported"
 
@@ -82,7 +80,10 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
     random.seed()
     numpy.random.seed()
     torch.default_generator.manual_seed(torch.initial_seed())
-    sys.path[0] = os.path.dirname(os.path.abspath(req["script"]))
+    # sys.path as the interpreter builds it: the script's folder, then PYTHONPATH (entries the server's lacks
+    # come first: the client sends only requests whose PYTHONPATH includes the server's), then the rest.
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _SERVER_PYTHONPATH]
+    sys.path[:1] = [os.path.dirname(os.path.abspath(req["script"])), *extra]
     sys.argv = [req["script"], *req["args"]]
     code = 0
     try:
@@ -91,7 +92,7 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except BaseException:  # as the interpreter reports an uncaught exception
+    except BaseException:  # noqa: BLE001  (as the interpreter reports any uncaught exception)
         import traceback
 
         traceback.print_exc()
@@ -143,7 +144,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
             pids.append(pid)
         codes = wait_ranks(pids)
         code = codes[0] if len(codes) == 1 else (0 if not any(codes) else 1)
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (the client reads the job's failure in its stderr)
         import traceback
 
         with open(req["stderr"], "a") as f:
@@ -217,5 +218,6 @@ def serve(path: str) -> None:
 
 
 if __name__ == "__main__":
+    _SERVER_PYTHONPATH = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     preload()
     serve(sys.argv[1])
