@@ -76,10 +76,10 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(req["cwd"])
-    # A fresh interpreter's random states: Python and NumPy from the OS, torch's fixed default seed.
+    # A fresh interpreter's random states, each its own (measured: torch's too), not the server's.
     random.seed()
     numpy.random.seed()
-    torch.default_generator.manual_seed(torch.initial_seed())
+    torch.seed()
     # sys.path as the interpreter builds it: the script's folder, then PYTHONPATH (entries the server's lacks
     # come first: the client sends only requests whose PYTHONPATH includes the server's), then the rest.
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _SERVER_PYTHONPATH]
@@ -117,7 +117,10 @@ def rank_envs(req: dict) -> list[dict]:
     os.environ.update(req["env"])  # prepare_multi_gpu_env starts from os.environ, as in accelerate launch
     args = launch_command_parser().parse_args([*req["launch_args"], req["script"], *req["args"]])
     args, _, _ = _validate_launch_command(args)
-    base = prepare_multi_gpu_env(args)
+    from torch.distributed.run import get_args_parser
+
+    base = {**prepare_multi_gpu_env(args),  # torchrun exports its default --signals-to-handle to the workers
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": get_args_parser().get_default("signals_to_handle")}
     n = req["processes"]
     return [{**base, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0", "ROLE_RANK": str(r),
              "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(n), "WORLD_SIZE": str(n), "GROUP_WORLD_SIZE": "1",
