@@ -41,32 +41,123 @@ def compose_cfg(*overrides: str):
 
 
 def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 300,
-           check: bool = True, script: Path = TRAIN, env: dict | None = None) -> subprocess.CompletedProcess:
+           check: bool = True, script: Path = TRAIN, env: dict | None = None,
+           real: bool = False) -> subprocess.CompletedProcess:
     """Run scripts/train.py (or another Hydra script) as users do: plain python for 1 process,
-    real gloo ranks under accelerate launch otherwise. `env` adds to (or replaces) the defaults."""
+    real gloo ranks under accelerate launch otherwise. `env` adds to (or replaces) the defaults.
+
+    The ranks come from the session's fork server (tests/forkserver.py: the same script, environment and ranks,
+    without ~5 s of imports each); `real=True` runs the commands themselves, for tests about the processes
+    (signals, kill -9, the launcher's command line). DIST_GACC_TEST_REAL=1 makes every launch real."""
     if processes == 1:
-        cmd = [sys.executable, str(script)]
+        launcher, cmd = [], [sys.executable, str(script)]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+        launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
+                    "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    args = [*overrides, f"hydra.run.dir={run_dir}"]
+    if real or not _FORK_SERVER.serves(env):
+        proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    else:
+        proc = _FORK_SERVER.run([*cmd, *args], script, args, env, processes, launcher, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300):
-    """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks."""
+# Read by libraries when they are imported (the Hub's offline switch, thread counts, DeepSpeed's accelerator,
+# the paths of tools), so a forked rank inherits the server's values: a launch that sets others runs for real.
+IMPORT_TIME_ENV = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "TORCH", "OMP_", "MKL_", "KMP_", "PYTHON",
+                   "CUDA", "LD_", "XDG_", "PATH", "DIST_GACC_CACHE_DIR")
+
+
+class ForkServer:
+    """The client of tests/forkserver.py: started on the first launch() that can use it, ended with pytest."""
+
+    def __init__(self):
+        self.proc = None
+        self.env = None
+        self.failed = os.environ.get("DIST_GACC_TEST_REAL") == "1"
+
+    def serves(self, env: dict) -> bool:
+        if self.failed:
+            return False
+        if self.proc is None:
+            self.start()
+        return not self.failed and _import_env(env) == _import_env(self.env)
+
+    def start(self) -> None:
+        import atexit
+
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s defaults
+        folder = tempfile.mkdtemp(prefix="dist-gacc-forkserver-")
+        self.socket, self.env = os.path.join(folder, "socket"), env
+        with open(os.path.join(folder, "server.log"), "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), self.socket],
+                                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        atexit.register(self.proc.kill)
+        lines = iter(self.proc.stdout.readline, "")  # libraries may print while they are imported
+        if not any(line == "ready\n" for line in lines):  # the server could not import: run for real
+            self.failed = True
+            print(f"fork server failed to start; launches run for real (see {folder}/server.log)", file=sys.stderr)
+
+    def run(self, cmd: list, script: Path, args: list, env: dict, processes: int, launcher: list,
+            timeout: float) -> subprocess.CompletedProcess:
+        import socket
+
+        folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "processes": processes,
+                   "launch_args": launcher, "stdout": out, "stderr": err}
+        for path in (out, err):
+            open(path, "w").close()
+        pgid = None
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(self.socket)
+            conn.sendall((json.dumps(request) + "\n").encode())
+            replies = conn.makefile()
+            conn.settimeout(timeout)
+            try:
+                pgid = json.loads(replies.readline())["pgid"]
+                code = json.loads(replies.readline())["returncode"]
+            except TimeoutError:
+                if pgid is not None:
+                    os.killpg(pgid, 9)  # as subprocess.run kills its child on a timeout
+                raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
+        return subprocess.CompletedProcess(cmd, code, _read(out), _read(err))
+
+
+def _import_env(env: dict) -> dict:
+    """The variables a forked rank must share with the server. PYTHONPATH may add entries (the rank puts them
+    first on sys.path, as an interpreter would), so it is compared as the server's entries it keeps."""
+    shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"}
+    server = _FORK_SERVER.env.get("PYTHONPATH", "").split(os.pathsep) if _FORK_SERVER.env else []
+    return {**shared, "PYTHONPATH": [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p in server]}
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:  # text=True's universal newlines
+        return f.read()
+
+
+_FORK_SERVER = ForkServer()
+
+
+def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300, real: bool = False):
+    """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks.
+    Through the fork server as launch() does; `real=True` for tests about the processes themselves."""
+    launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port())] if processes > 1 else []
     cmd = [sys.executable, str(script), *args] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), *args]
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if real or not _FORK_SERVER.serves(env):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _FORK_SERVER.run(cmd, script, list(args), env, processes, launcher, timeout)
     if proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -130,12 +221,14 @@ SPLITS = {
 
 @pytest.fixture(scope="session")
 def equivalent_runs(tmp_path_factory):
-    """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}."""
+    """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}. 1x8x1 and 2x2x2 are the real
+    commands (python scripts/train.py, accelerate launch), so the suite checks those end to end (test_e2e) and
+    the fork server's runs against them (1x2x4 and the 2-rank runs elsewhere must reproduce their numbers)."""
     runs = {}
     for name, s in SPLITS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
-        launch(run_dir, *TINY, f"trainer.micro_batch_size={s['micro']}",
-               f"trainer.grad_accum_steps={s['accum']}", "trainer.epochs=2", processes=s["processes"])
+        launch(run_dir, *TINY, f"trainer.micro_batch_size={s['micro']}", f"trainer.grad_accum_steps={s['accum']}",
+               "trainer.epochs=2", processes=s["processes"], real=name != "1x2x4")
         runs[name] = run_dir
     return runs
 

@@ -187,7 +187,7 @@ def test_resume_with_changed_math_is_refused_unless_forced(tmp_path, uninterrupt
 def test_rank_failure_ends_the_job_quickly_with_the_error(tmp_path):
     started = time.time()
     with pytest.raises(AssertionError) as failure:
-        launch_script(FAULTS, str(tmp_path / "run"), "raise", *RESUMABLE, timeout=120)
+        launch_script(FAULTS, str(tmp_path / "run"), "raise", *RESUMABLE, timeout=120, real=True)  # torchrun's end
     ended = time.time()
     text = str(failure.value)
     raised_at = float(re.search(r"injected failure on rank 1 in update 3 at t=([0-9.]+)", text).group(1))

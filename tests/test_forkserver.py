@@ -1,0 +1,62 @@
+"""The fork server's ranks (tests/forkserver.py) are what the real commands give a rank: the suite's other
+runs rely on it."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import _FORK_SERVER, ROOT, launch_script
+
+pytestmark = pytest.mark.slow
+RANK_ENV = ROOT / "tests" / "dist" / "rank_env.py"
+# Differ by design or by run: the port is picked per launch; torchrun's agent hosts the store (the server's
+# rank 0 does) and writes its error file; the server adds no NCCL or reference-counting knobs of its own.
+DIFFERENT = {"MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE",
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_RUN_ID"}
+
+
+def ranks(out, processes):
+    return [json.loads(out.with_name(f"{out.name}.{r}.json").read_text()) for r in range(processes)]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_forked_ranks_get_what_python_and_accelerate_launch_give(tmp_path, processes):
+    real, forked = tmp_path / "real", tmp_path / "forked"
+    launch_script(RANK_ENV, str(real), processes=processes, real=True)
+    launch_script(RANK_ENV, str(forked), processes=processes)
+    assert _FORK_SERVER.proc is not None and _FORK_SERVER.proc.poll() is None  # it served this launch
+    for r, (a, b) in enumerate(zip(ranks(real, processes), ranks(forked, processes), strict=True)):
+        assert b["env"].get("RANK") == a["env"].get("RANK") == (str(r) if processes > 1 else None)
+        differ = {k for k in a["env"].keys() | b["env"].keys() if a["env"].get(k) != b["env"].get(k)}
+        assert differ <= DIFFERENT, {k: (a["env"].get(k), b["env"].get(k)) for k in differ - DIFFERENT}
+        assert a["argv"] == [str(RANK_ENV), str(real)] and b["argv"] == [str(RANK_ENV), str(forked)]
+        for key in ("path0", "cwd", "threads", "main"):
+            assert a[key] == b[key], key
+        assert b["threads"] == 1 and b["path0"] == str(RANK_ENV.parent)
+    # torch's seed: each process its own, as a fresh interpreter's (not the server's, shared by every rank)
+    seeds = [rank["seed"] for rank in ranks(real, processes) + ranks(forked, processes)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_a_launch_past_its_timeout_is_killed_whole(tmp_path):
+    """As subprocess.run(timeout=...) does: TimeoutExpired, and no rank is left running."""
+    out = tmp_path / "sleeping"
+    with pytest.raises(subprocess.TimeoutExpired):
+        launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=15)
+    pids = [rank["pid"] for rank in ranks(out, 2)]  # both had started (forked ranks write within a second)
+    for _ in range(100):  # SIGKILL is delivered at once; init reaps the orphans a moment later
+        alive = [pid for pid in pids if _running(pid)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
