@@ -108,6 +108,20 @@ def test_batch_script_requeues_only_on_exit_75(slurm, script, code):
     assert "srun --kill-on-bad-exit=1" in log.read_text() and "trainer.epochs=1" in log.read_text()
 
 
+def signalled_batch_script(script, env, step, started):
+    """Run the batch script with FAKE_STEP `step`; once the step has touched `started`, SIGTERM the batch shell
+    (SLURM's warning signal). Returns (process, stdout, stderr) after it ends."""
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / script)], env={**env, "FAKE_STEP": step},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not started.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    return proc, out, err
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("on_term, requeued", [(75, True), (1, False), (0, False), (2, False)])
 def test_batch_script_after_the_signal_requeues_only_a_step_that_stopped_with_75(slurm, tmp_path, script,
@@ -117,14 +131,7 @@ def test_batch_script_after_the_signal_requeues_only_a_step_that_stopped_with_75
     env, log = slurm
     started = tmp_path / "started"
     step = f"trap 'exit {on_term}' TERM; touch {started}; while :; do sleep 0.05; done"
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / script)], env={**env, "FAKE_STEP": step},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not started.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    proc, out, err = signalled_batch_script(script, env, step, started)
     assert "signal received" in out
     assert proc.returncode == on_term, out + err
     assert requeues(log) == (["scontrol requeue 4242"] if requeued else []), out + err
@@ -147,14 +154,7 @@ def test_batch_script_counts_a_launchers_exit_1_as_75_only_with_a_new_stop_check
     started = tmp_path / "started"
     on_term = "exit 1" if stale else f"cp {saved} {state}; exit 1"
     step = f"trap '{on_term}' TERM; touch {started}; while :; do sleep 0.05; done"
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / script)], env={**env, "FAKE_STEP": step},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not started.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    proc, out, err = signalled_batch_script(script, env, step, started)
     assert proc.returncode == (1 if stale else 75), out + err
     assert requeues(log) == ([] if stale else ["scontrol requeue 4242"]), out + err
 
