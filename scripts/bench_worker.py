@@ -245,7 +245,9 @@ def run_dist_gacc(spec, model, ds, tokenizer, timer):
             pass
 
     # A regression model (its config's problem_type, as models.build_model saves it): squared error, as a run.
-    objective = objectives.SquaredError() if model.config.problem_type == "regression" else None
+    # (unwrapped: by now the model may be prepared, e.g. DDP-wrapped for the comm section's 2 ranks)
+    regression = acc.unwrap_model(model).config.problem_type == "regression"
+    objective = objectives.SquaredError() if regression else None
     state = fit(*standalone(acc, model, optimizer, scheduler, make_loader, len(ds), spec["micro"], spec["accum"],
                             total, max_grad_norm=MAX_GRAD_NORM, telemetry=OnUpdate(), objective=objective))
     backend = acc.state.dynamo_plugin.backend.value.lower() if compiled else None
