@@ -61,7 +61,7 @@ def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 30
         proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
     else:
-        proc = _FORK_SERVER.run([*cmd, *args], script, args, env, processes, launcher, timeout)
+        proc = _FORK_SERVER.run([*cmd, *args], script, args, env, launcher, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -103,14 +103,14 @@ class ForkServer:
             self.failed = True
             print(f"fork server failed to start; launches run for real (see {folder}/server.log)", file=sys.stderr)
 
-    def run(self, cmd: list, script: Path, args: list, env: dict, processes: int, launcher: list,
+    def run(self, cmd: list, script: Path, args: list, env: dict, launcher: list,
             timeout: float) -> subprocess.CompletedProcess:
         import socket
 
         folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "processes": processes,
-                   "launch_args": launcher, "stdout": out, "stderr": err}
+        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "launch_args": launcher,
+                   "stdout": out, "stderr": err}
         for path in (out, err):
             open(path, "w").close()
         pgid = None
@@ -157,18 +157,30 @@ def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 3
     if real or not _FORK_SERVER.serves(env):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     else:
-        proc = _FORK_SERVER.run(cmd, script, list(args), env, processes, launcher, timeout)
+        proc = _FORK_SERVER.run(cmd, script, list(args), env, launcher, timeout)
     if proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
 def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None = None, timeout: int = 300,
-                  script: Path = TRAIN, launch_args: tuple = ()) -> subprocess.CompletedProcess:
+                  script: Path = TRAIN, launch_args: tuple = (), real: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/<config>.yaml` as the README shows it.
-    `env` replaces the defaults (ACCELERATE_USE_CPU=1 for real CPU ranks); the caller checks the result."""
+    `env` replaces the defaults (ACCELERATE_USE_CPU=1 for real CPU ranks); the caller checks the result.
+    Through the fork server as launch() is (the ranks get the environment Accelerate computes from the file);
+    `real=True` for tests about the commands themselves or torch's launcher's output (its exit code report)."""
     cmd, env = config_command(run_dir, config, *overrides, env=env, script=script, launch_args=launch_args)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_config_command(cmd, env, script, timeout, real)
+
+
+def run_config_command(cmd: list, env: dict, script: Path = TRAIN, timeout: float = 300,
+                       real: bool = False) -> subprocess.CompletedProcess:
+    """Run config_command's launch: forked (Accelerate's environment for the file), or for real."""
+    if real or not _FORK_SERVER.serves(env):
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    at = cmd.index("--config_file")  # [python, -m, accelerate.commands.launch, launcher args..., script, args...]
+    launcher, args = cmd[at:cmd.index(str(script))], cmd[cmd.index(str(script)) + 1:]
+    return _FORK_SERVER.run(cmd, script, args, env, launcher, timeout)
 
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,

@@ -5,8 +5,8 @@
 Each training process the suite starts used to spend ~5 s of its ~8 s importing torch, transformers, datasets,
 evaluate, accelerate, DeepSpeed and Hydra. This server imports them once, then for each request forks a job
 process (its own session, so a timeout can kill it whole) that forks the ranks: 1 rank is `python script
-args...`; N ranks get the environment `accelerate launch --multi_gpu` computes (Accelerate's own
-prepare_multi_gpu_env) plus what torchrun gives each worker (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+args...`; N ranks get the environment `accelerate launch --multi_gpu` or `--config_file` (DeepSpeed, FSDP)
+computes (Accelerate's own validation and prepare_multi_gpu_env / prepare_deepspeed_cmd_env) plus what torchrun gives each worker (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 A rank runs the script as `python script` would (runpy, __main__), with stdout/stderr on files, and exits
 through the interpreter's shutdown steps (threads joined, atexit: logging's flush), then os._exit.
 
@@ -15,8 +15,8 @@ OMP_NUM_THREADS=1 before torch is imported) or the tokenizers' thread pool; it c
 Environment variables that libraries read at import time must match the server's, so the client falls back to
 a real subprocess when they differ (conftest.IMPORT_TIME_ENV).
 
-Protocol (one JSON line each way per connection): request {script, args, env, cwd, processes, launch_args,
-stdout, stderr}; replies {"pgid": n} once the job process runs, then {"returncode": n}.
+Protocol (one JSON line each way per connection): request {script, args, env, cwd, launch_args (none: plain
+python), stdout, stderr}; replies {"pgid": n} once the job process runs, then {"returncode": n}.
 """
 
 import json
@@ -38,6 +38,11 @@ PRELOAD = (
 )
 
 
+# What importing DeepSpeed adds to os.environ (its __init__: PYTORCH_NVML_BASED_CUDA_CHECK=1). accelerate launch's
+# deepspeed_launcher imports it before it copies os.environ for the ranks; here it was imported before the request.
+DEEPSPEED_IMPORT_ENV = {}
+
+
 def preload() -> None:
     """Import what the ranks would, so they import ~nothing."""
     import importlib
@@ -47,7 +52,10 @@ def preload() -> None:
 
     matplotlib.use("Agg")  # as dist_gacc.metrics and summary do before they plot
     for name in PRELOAD:
+        before = dict(os.environ)
         importlib.import_module(name)
+        if name == "deepspeed":  # (nothing before it in PRELOAD imports it: measured)
+            DEEPSPEED_IMPORT_ENV.update({k: v for k, v in os.environ.items() if k not in before})
     from hydra._internal import core_plugins  # Hydra imports each of its plugins' modules to discover them
 
     for m in pkgutil.iter_modules(core_plugins.__path__):
@@ -107,26 +115,50 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
 
 
 def rank_envs(req: dict) -> list[dict]:
-    """Each rank's environment: the request's for one process; else accelerate launch's, plus torchrun's."""
-    if req["processes"] == 1:
+    """Each rank's environment: the request's for plain `python script`; else what accelerate launch hands
+    torchrun (its own code, for --multi_gpu or a config file), plus what torchrun gives each worker."""
+    if not req["launch_args"]:
         return [req["env"]]
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
     os.environ.clear()
-    os.environ.update(req["env"])  # prepare_multi_gpu_env starts from os.environ, as in accelerate launch
-    args = launch_command_parser().parse_args([*req["launch_args"], req["script"], *req["args"]])
-    args, _, _ = _validate_launch_command(args)
+    os.environ.update(req["env"])  # Accelerate's prepare_*_env start from os.environ, as in accelerate launch
+    os.chdir(req["cwd"])  # prepare_deepspeed_cmd_env adds the working folder to PYTHONPATH
+    args, env = launcher_env(req)
     from torch.distributed.run import get_args_parser
 
-    base = {**prepare_multi_gpu_env(args),  # torchrun exports its default --signals-to-handle to the workers
+    base = {**env,  # torchrun exports its default --signals-to-handle to the workers
             "TORCHELASTIC_SIGNALS_TO_HANDLE": get_args_parser().get_default("signals_to_handle")}
-    n = req["processes"]
+    n = args.num_processes
     return [{**base, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0", "ROLE_RANK": str(r),
              "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(n), "WORLD_SIZE": str(n), "GROUP_WORLD_SIZE": "1",
              "ROLE_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.main_process_port),
              "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "none",
              "TORCHELASTIC_USE_AGENT_STORE": "False"} for r in range(n)]
+
+
+def launcher_env(req: dict):
+    """accelerate launch's launch_command up to torchrun: the same validation (it reads --config_file into the
+    arguments) and environment (deepspeed_launcher's or multi_gpu_launcher's). Only single-machine torchrun
+    launches are forked; the client sends no others."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args([*req["launch_args"], req["script"], *req["args"]])
+    args, defaults, mp_from_config_flag = _validate_launch_command(args)
+    if args.num_machines != 1 or args.cpu:
+        raise ValueError("the fork server runs single-machine torchrun launches only")
+    if args.use_deepspeed:
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []  # as launch_command sets them
+        if mp_from_config_flag:
+            fields.append("mixed_precision")
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        for key, value in DEEPSPEED_IMPORT_ENV.items():
+            os.environ.setdefault(key, value)
+        _, env = prepare_deepspeed_cmd_env(args)
+    elif args.use_fsdp or args.multi_gpu:
+        env = prepare_multi_gpu_env(args)
+    else:
+        raise ValueError("the fork server runs --multi_gpu, DeepSpeed and FSDP launches only")
+    return args, env
 
 
 def job_main(conn: socket.socket, req: dict) -> None:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import (ROOT, TINY, TRAIN, config_command, launch, launch_config, load_params, max_abs_diff,
-                      read_metrics)
+                      read_metrics, run_config_command)
 from test_resume import signal_tree, steps
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,10 @@ RAGGED = [*TINY, "data.max_train_samples=37", "trainer.micro_batch_size=3", "tra
           "trainer.checkpoint_every=3", "trainer.log_with=none"]
 # The same ninja for every load of DeepSpeed's JIT-built shm op (the environment's): another one rewrites
 # ninja's log and rebuilds it (Makefile).
-BIN_FIRST = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+# (Not added twice, as the Makefile puts it first already: a PATH unlike the fork server's would launch for real.)
+_BIN = os.path.dirname(sys.executable)
+BIN_FIRST = {"PATH": os.environ["PATH"] if os.environ["PATH"].split(os.pathsep)[0] == _BIN
+             else os.pathsep.join([_BIN, os.environ["PATH"]])}
 ENGINES = {  # name: (config file, launcher arguments, environment added to this one's, engine in metrics.json,
     #                overrides: gradient checkpointing under one configuration of each engine, same math)
     # ACCELERATE_USE_CPU=1 kept: the project drops it for DeepSpeed (it would switch DeepSpeed off)
@@ -54,11 +57,12 @@ def engine_command(run_dir, name, *overrides, processes=2, script=TRAIN):
                           launch_args=("--num_processes", str(processes), *launch_args))
 
 
-def launch_engine(run_dir, name, *overrides, processes=2, label=None, script=TRAIN, check=True):
-    """Run the engine's launch to its end; its wall time goes into TIMES[label] (printed at the module's end)."""
+def launch_engine(run_dir, name, *overrides, processes=2, label=None, script=TRAIN, check=True, real=False):
+    """Run the engine's launch to its end; its wall time goes into TIMES[label] (printed at the module's end).
+    Through the fork server (conftest.run_config_command); `real=True` runs `accelerate launch` itself."""
     cmd, env = engine_command(run_dir, name, *overrides, processes=processes, script=script)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_config_command(cmd, env, script, timeout=600, real=real)
     TIMES[label or f"{name}{' resumed' if overrides else ''}"] = time.perf_counter() - start
     if check:
         assert proc.returncode == 0, proc.stderr[-6000:]
@@ -76,13 +80,14 @@ def one_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
-    """{name: run_dir}, each engine launched once (lazily, so a deselected engine costs nothing)."""
+    """{name: run_dir}, each engine launched once (lazily, so a deselected engine costs nothing). Real
+    `accelerate launch` commands: the README's command for each engine works as written (the other launches fork)."""
     runs = {}
 
     def get(name):
         if name not in runs:
             runs[name] = tmp_path_factory.mktemp(name) / "run"
-            launch_engine(runs[name], name)
+            launch_engine(runs[name], name, real=True)
         return runs[name]
     return get
 
@@ -215,12 +220,13 @@ def test_fsdp_parameters_are_really_sharded(engine_runs):
 
 
 def test_fsdp_on_cpu_switch_refuses_other_launches(tmp_path):
+    # real: the asserts read torch's launcher's report of the workers' exit code
     proc = launch_config(tmp_path / "ddp", "cpu_2proc", *TINY,
-                         env={"ACCELERATE_USE_CPU": "1", "DIST_GACC_FSDP_ON_CPU": "1"})
+                         env={"ACCELERATE_USE_CPU": "1", "DIST_GACC_FSDP_ON_CPU": "1"}, real=True)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # the workers' ConfigError
     assert "DIST_GACC_FSDP_ON_CPU=1 rehearses an FSDP launch on CPU ranks, but this launch does not ask" in proc.stderr
     proc = launch_config(tmp_path / "fsdp1", "fsdp", *TINY, env={"DIST_GACC_FSDP_ON_CPU": "1"},
-                         launch_args=("--num_processes", "2", "--fsdp_version", "1"))
+                         launch_args=("--num_processes", "2", "--fsdp_version", "1"), real=True)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert "DIST_GACC_FSDP_ON_CPU=1 supports FSDP2 only" in proc.stderr
     assert not (tmp_path / "ddp" / "metrics.json").exists() and not (tmp_path / "fsdp1" / "metrics.json").exists()
@@ -326,7 +332,7 @@ def test_oom_settings_the_engine_cannot_honour_are_refused_before_training(name,
     it and exits 1) with the message naming the key, before any data or model is built. (The stage and the state
     dict type do not enter these checks: one launch per refusal, spread over the four configurations.)"""
     run = tmp_path / "run"
-    proc = launch_engine(run, name, override, label=f"{name} {override} refused", check=False)
+    proc = launch_engine(run, name, override, label=f"{name} {override} refused", check=False, real=True)  # its report
     assert proc.returncode == 1 and re.search(r"Root Cause[^=]*exitcode\s*:\s*2 ", proc.stderr), proc.stderr[-3000:]
     assert f"error: {message}" in proc.stderr
     assert "updates:" not in proc.stderr and "effective batch" not in proc.stderr  # build.log_plan never ran

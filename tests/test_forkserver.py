@@ -2,12 +2,13 @@
 runs rely on it."""
 
 import json
+import os
 import subprocess
 import time
 
 import pytest
 
-from conftest import _FORK_SERVER, ROOT, launch_script
+from conftest import _FORK_SERVER, ROOT, config_command, launch_script, run_config_command
 
 pytestmark = pytest.mark.slow
 RANK_ENV = ROOT / "tests" / "dist" / "rank_env.py"
@@ -38,6 +39,28 @@ def test_forked_ranks_get_what_python_and_accelerate_launch_give(tmp_path, proce
     # torch's seed: each process its own, as a fresh interpreter's (not the server's, shared by every rank)
     seeds = [rank["seed"] for rank in ranks(real, processes) + ranks(forked, processes)]
     assert len(set(seeds)) == len(seeds)
+
+
+@pytest.mark.parametrize("config, env", [("deepspeed_zero2", {}), ("fsdp", {"DIST_GACC_FSDP_ON_CPU": "1"})])
+def test_forked_config_file_ranks_get_what_accelerate_launch_gives(tmp_path, config, env):
+    """`accelerate launch --config_file conf/accelerate/<config>.yaml --num_processes 2` (tests/test_engines_cpu.py's
+    launches): Accelerate's variables for the file (ACCELERATE_USE_DEEPSPEED, its ZeRO fields, FSDP's), torchrun's."""
+    outs = {}
+    for kind in ("real", "forked"):
+        outs[kind] = tmp_path / kind
+        cmd, full_env = config_command(outs[kind], config, str(outs[kind]), env={**os.environ, **env},
+                                       script=RANK_ENV, launch_args=("--num_processes", "2"))
+        assert kind == "real" or _FORK_SERVER.serves(full_env)  # no import-time variable differs: it is forked
+        run_config_command(cmd, full_env, RANK_ENV, timeout=300, real=kind == "real").check_returncode()
+    for r, (a, b) in enumerate(zip(ranks(outs["real"], 2), ranks(outs["forked"], 2), strict=True)):
+        assert b["env"]["RANK"] == a["env"]["RANK"] == str(r)
+        key = "ACCELERATE_USE_DEEPSPEED" if config.startswith("deepspeed") else "ACCELERATE_USE_FSDP"
+        assert a["env"][key] == b["env"][key] == "true"
+        differ = {k for k in a["env"].keys() | b["env"].keys() if a["env"].get(k) != b["env"].get(k)}
+        assert differ <= DIFFERENT, {k: (a["env"].get(k), b["env"].get(k)) for k in differ - DIFFERENT}
+        assert [x.replace(str(outs["forked"]), str(outs["real"])) for x in b["argv"]] == a["argv"]
+        for key in ("path0", "cwd", "threads", "main"):
+            assert a[key] == b[key], key
 
 
 def test_a_launch_past_its_timeout_is_killed_whole(tmp_path):
