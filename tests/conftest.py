@@ -80,6 +80,7 @@ class ForkServer:
         self.proc = None
         self.env = None
         self.failed = os.environ.get("DIST_GACC_TEST_REAL") == "1"
+        self.set_by_imports = {}  # variables the server's imports set (a real process's imports set them too)
 
     def serves(self, env: dict) -> bool:
         if self.failed:
@@ -99,7 +100,9 @@ class ForkServer:
                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         atexit.register(self.proc.kill)
         lines = iter(self.proc.stdout.readline, "")  # libraries may print while they are imported
-        if not any(line == "ready\n" for line in lines):  # the server could not import: run for real
+        ready = next((line for line in lines if line.startswith("ready ")), None)
+        self.set_by_imports = json.loads(ready[len("ready "):]) if ready else {}
+        if ready is None:  # the server could not import: run for real
             self.failed = True
             print(f"fork server failed to start; launches run for real (see {folder}/server.log)", file=sys.stderr)
 
@@ -132,7 +135,10 @@ class ForkServer:
 def _import_env(env: dict) -> dict:
     """The variables a forked rank must share with the server. PYTHONPATH may add entries (the rank puts them
     first on sys.path, as an interpreter would), so it is compared as the server's entries it keeps."""
-    shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"}
+    imports = _FORK_SERVER.set_by_imports  # equal whether a launch has them (after this process imported the
+    # same libraries, e.g. DeepSpeed sets TORCHINDUCTOR_CACHE_DIR) or not: the rank's imports would set them
+    shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"
+              and not (k in imports and imports[k] == v)}
     server = _FORK_SERVER.env.get("PYTHONPATH", "").split(os.pathsep) if _FORK_SERVER.env else []
     return {**shared, "PYTHONPATH": [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p in server]}
 

@@ -83,3 +83,22 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_launches_before_and_after_this_process_imported_deepspeed_are_forked():
+    """Importing DeepSpeed (as tests that load a model do) sets TORCHINDUCTOR_CACHE_DIR and
+    PYTORCH_NVML_BASED_CUDA_CHECK in this process: later launches inherit them, earlier ones lacked them, and a
+    real rank's own imports set the same, so either way is forked (measured: they had made ~20 launches of
+    tests/test_engines_cpu.py run for real)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s
+    _FORK_SERVER.serves(env)  # started (a no-op after the session's first launch)
+    if "TORCHINDUCTOR_CACHE_DIR" in _FORK_SERVER.env:
+        pytest.skip("the fork server started after this process imported DeepSpeed (launches lacking its "
+                    "variables then run for real)")
+    import deepspeed  # noqa: F401
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()  # what DeepSpeed's import calls (sets TORCHINDUCTOR_CACHE_DIR), even if it was imported before
+    after = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    assert after["TORCHINDUCTOR_CACHE_DIR"] == _FORK_SERVER.set_by_imports["TORCHINDUCTOR_CACHE_DIR"]
+    assert _FORK_SERVER.serves(env) and _FORK_SERVER.serves(after)
