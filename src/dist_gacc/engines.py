@@ -139,8 +139,7 @@ def check_launch(accelerator) -> None:
             "conf/accelerate/cpu_2proc.yaml)."
         )
     for engine, wanted in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
-        asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
-        if asked and accelerator.distributed_type != wanted:
+        if _launched(engine) and accelerator.distributed_type != wanted:
             raise ConfigError(
                 f"the launch config asks for {engine} but Accelerate set up {accelerator.distributed_type.value} "
                 f"(device {accelerator.device}). Accelerate enables {engine} only on GPUs (and similar "

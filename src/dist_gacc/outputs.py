@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import baseline, card, checkpoint, engines, metrics, models, tasks
 from .build import Job
-from .config import RunConfig
+from .config import REPORTED_METRICS, RunConfig
 from .evaluation import Evaluator
 from .state import TrainState
 from .tasks import Task
@@ -127,7 +127,7 @@ def report(scored: dict, task: Task) -> dict:
     """The metrics.json entry of one evaluation: F1 (by the task's average), macro/micro F1, accuracy, per label;
     regression: pearson, spearman, mse."""
     if task.regression:
-        return {**{k: scored[k] for k in ("pearson", "spearman", "mse")}, "num_examples": len(scored["predictions"])}
+        return {**{k: scored[k] for k in REPORTED_METRICS["regression"]}, "num_examples": len(scored["predictions"])}
     keys = ("f1", "accuracy", "f1_macro", "f1_micro", "per_label")
     return {**{k: scored[k] for k in keys}, "average": task.f1_average, "num_examples": len(scored["predictions"])}
 

@@ -16,7 +16,7 @@ import torch
 from sklearn.preprocessing import MultiLabelBinarizer
 from sklearn.utils.class_weight import compute_class_weight
 
-from .config import LOWER_IS_BETTER, REPORTED_METRICS
+from .config import LOWER_IS_BETTER, REPORTED_METRICS, headline_metrics
 from .errors import ConfigError, DataError
 from .objectives import BinaryCrossEntropy, CrossEntropy, SquaredError
 
@@ -46,8 +46,7 @@ class Task:
     @property
     def reported(self) -> tuple[str, ...]:
         """The validation figures each history entry keeps (and the log line shows), the chosen metric first."""
-        keys = ("pearson", "spearman", "mse") if self.regression else ("f1", "accuracy")
-        return (self.metric, *[k for k in keys if k != self.metric])
+        return headline_metrics(self.metric, self.regression)
 
     def better(self, value: float, best: float | None) -> bool:
         """Whether `value` beats `best` (None: nothing yet). NaN (a constant prediction's correlation) never does."""
