@@ -8,7 +8,7 @@ does: a last wait_for_everyone() (save_outputs), ENDING, accelerator.end_trainin
 destroy_process_group), and finally the DDP model is freed (run() returning). ENDING:
   none      nothing (dist_gacc before the sleep)
   sleep     time.sleep(0.2) (the old mitigation)
-  shutdown  dist_gacc.teardown.shutdown(accelerator)
+  shutdown  dist_gacc.teardown.shutdown(accelerator, models=[model])
   release   shutdown() without its barrier: only the DDP Reducer/Logger release before the destroy
 --gil-work: just before ENDING, start an all_reduce whose future callback (on the gloo worker thread)
   sleeps 0.3 s in Python, so a worker thread still needs the GIL while the main thread tears down:
@@ -69,14 +69,14 @@ def main():
     elif args.ending == "shutdown":
         from dist_gacc.teardown import shutdown
 
-        shutdown(acc)
+        shutdown(acc, models=[model])
     elif args.ending == "release":
         from dist_gacc import teardown
 
         barrier = teardown.dist.barrier
         teardown.dist.barrier = lambda: None
         try:
-            teardown.shutdown(acc)
+            teardown.shutdown(acc, models=[model])
         finally:
             teardown.dist.barrier = barrier
     rank = acc.process_index

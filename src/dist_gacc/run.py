@@ -93,7 +93,7 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         try:
             fit(loop, state)
         except Preempted:  # every rank stops after the same checkpoint: end the process group in order
-            teardown.shutdown(acc)
+            teardown.shutdown(acc, models=[job.model])
             raise
         finally:
             loop.telemetry.close()
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
         save_outputs(job, cfg, result, scored)  # ends with a barrier
         if stop():
             log.warning("a stop signal arrived after the last update; the run's outputs were completed first")
-    teardown.shutdown(acc)
+    teardown.shutdown(acc, models=[job.model])
     if acc.is_main_process:  # after the group has ended: the other ranks are not held in a barrier meanwhile
         add_baseline(job, result)  # rewrites metrics.json with `baseline`
         write_model_card(job, result)

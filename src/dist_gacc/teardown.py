@@ -38,7 +38,7 @@ from accelerate.state import PartialState
 from torch.nn.parallel import DistributedDataParallel
 
 
-def shutdown(accelerator=None, models=()) -> None:
+def shutdown(accelerator=None, models=()) -> int:
     """Collective: end a run's process group in an order that cannot deadlock. Every rank calls it,
     as the last distributed step of a run; a no-op unless torch.distributed is initialised.
 
@@ -55,11 +55,15 @@ def shutdown(accelerator=None, models=()) -> None:
     Accelerator.end_training() afterwards still finishes the trackers; its destroy_process_group() is
     then a no-op (it checks torch.distributed.is_initialized()).
 
-    `accelerator`: the run's Accelerator (its prepared models are released), or None; `models`: more
-    prepared models (a DDP model, or a wrapper holding one) to release.
+    `accelerator`: the run's Accelerator, or None; `models`: the prepared models (a DDP model, or a wrapper
+    holding one) to release. Pass them: Accelerate keeps the DDP wrapper in `accelerator._models` on GPUs but
+    not on CPU ranks (accelerate 1.16's prepare_model replaces the list entry only for MULTI_GPU), and a
+    missed Reducer brings the hang back (seen: verify_equivalence on 2 CPU ranks, 1 run in 8).
+    Returns how many Reducers were released (tests check it).
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return 0
+    released = 0
     PartialState().wait_for_everyone()  # = accelerator.wait_for_everyone(): dist.barrier() on gloo/NCCL
     for prepared in [*getattr(accelerator, "_models", []), *models]:
         for module in prepared.modules():  # finds DDP inside a torch.compile wrapper too
@@ -70,4 +74,6 @@ def shutdown(accelerator=None, models=()) -> None:
                 # is not the group's last owner.
                 module.logger = None
                 del module.reducer
+                released += 1
     PartialState().destroy_process_group()  # what Accelerator.end_training() calls
+    return released

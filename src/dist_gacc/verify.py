@@ -172,5 +172,5 @@ def verify(cfg: DictConfig, hooks: Hooks | None = None) -> bool:
         verdict[0] = worst <= tolerance
         print(f"max {worst:.3e} vs tolerance {tolerance:.1e}: {'PASS' if verdict[0] else 'FAIL'}")
     broadcast_object_list(verdict, from_process=0)
-    teardown.shutdown(acc)
+    teardown.shutdown(acc, models=[job.model])
     return bool(verdict[0])

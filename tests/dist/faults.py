@@ -14,6 +14,8 @@ oom_step    torch.OutOfMemoryError in the first optimizer step (as AdamW allocat
 oom_clip    torch.OutOfMemoryError while clipping the first update's gradients
 oom_eval    rank 1 (of 2) runs out of memory in evaluation forward passes of more than 8 rows; each failed
             size is appended to <run_dir>.oom_eval
+ended       no fault: each rank prints how many DDP Reducers were released by the run's ordered teardown
+            (dist_gacc.teardown.shutdown) and how many DDP models still held one after it
 verify-<mode>  the same fault under scripts/verify_equivalence.py's check (float64 against one batch per
             update): exit 0 on PASS, 1 on FAIL
 """
@@ -85,6 +87,24 @@ if mode == "oom_step":
     register_optimizer_step_pre_hook(optimizer_step)
 if mode == "oom_eval":
     torch.nn.modules.module.register_module_forward_pre_hook(eval_forward)
+
+
+if mode == "ended":  # wraps the run's own call (run.py and verify.py call teardown.shutdown at their end)
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_gacc import teardown
+
+    ordered_shutdown = teardown.shutdown
+
+    def shutdown_and_count(*args, **kwargs):
+        released = ordered_shutdown(*args, **kwargs)
+        alive = sum(isinstance(o, DistributedDataParallel) and "reducer" in o.__dict__ for o in gc.get_objects())
+        print(f"rank {rank}: teardown released {released} DDP reducer(s); {alive} still held after it", flush=True)
+        return released
+
+    teardown.shutdown = shutdown_and_count
 
 
 hooks = Hooks(before_forward=before_forward, after_forward=after_forward,

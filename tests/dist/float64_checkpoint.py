@@ -27,4 +27,4 @@ try:
     raise SystemExit(f"trained all {state.updates} updates: K={stop_after} is not before the end")
 except Preempted as stopped:
     print(f"checkpoint {stopped.path}")
-teardown.shutdown(job.accelerator)
+teardown.shutdown(job.accelerator, models=[job.model])
