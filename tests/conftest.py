@@ -87,12 +87,24 @@ class ForkServer:
             return False
         if self.proc is None:
             self.start()
-        return not self.failed and _import_env(env) == _import_env(self.env)
+        return not self.failed and self.import_env(env) == self.import_env(self.env)
 
-    def start(self) -> None:
+    def import_env(self, env: dict) -> dict:
+        """The variables a forked rank must share with the server. PYTHONPATH may add entries (the rank puts them
+        first on sys.path, as an interpreter would), so it is compared as the server's entries it keeps."""
+        imports = self.set_by_imports  # equal whether a launch has them (after this process imported the same
+        # libraries, e.g. DeepSpeed sets TORCHINDUCTOR_CACHE_DIR) or not: the rank's imports would set them
+        shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"
+                  and not (k in imports and imports[k] == v)}
+        server = self.env.get("PYTHONPATH", "").split(os.pathsep) if self.env else []
+        return {**shared, "PYTHONPATH": [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p in server]}
+
+    def start(self, env: dict | None = None) -> None:
+        """`env`: the server's environment (default: launch()'s)."""
         import atexit
 
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s defaults
+        if env is None:
+            env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s defaults
         folder = tempfile.mkdtemp(prefix="dist-gacc-forkserver-")
         self.socket, self.env = os.path.join(folder, "socket"), env
         with open(os.path.join(folder, "server.log"), "w") as log:
@@ -130,17 +142,6 @@ class ForkServer:
                     os.killpg(pgid, 9)  # as subprocess.run kills its child on a timeout
                 raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
         return subprocess.CompletedProcess(cmd, code, _read(out), _read(err))
-
-
-def _import_env(env: dict) -> dict:
-    """The variables a forked rank must share with the server. PYTHONPATH may add entries (the rank puts them
-    first on sys.path, as an interpreter would), so it is compared as the server's entries it keeps."""
-    imports = _FORK_SERVER.set_by_imports  # equal whether a launch has them (after this process imported the
-    # same libraries, e.g. DeepSpeed sets TORCHINDUCTOR_CACHE_DIR) or not: the rank's imports would set them
-    shared = {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH"
-              and not (k in imports and imports[k] == v)}
-    server = _FORK_SERVER.env.get("PYTHONPATH", "").split(os.pathsep) if _FORK_SERVER.env else []
-    return {**shared, "PYTHONPATH": [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p in server]}
 
 
 def _read(path: str) -> str:
@@ -267,3 +268,53 @@ def eff16_runs(tmp_path_factory):
         runs[processes] = tmp_path_factory.mktemp(f"eff16-{processes}") / "run"
         launch(runs[processes], *EFF16, *extra, processes=processes)
     return runs
+
+
+# --- Two workers (pytest-xdist; `-n 2 --dist loadgroup` in pyproject's addopts) --------------------------------
+# Most of the suite's time is one process on one of the two cores (a tiny run's imports, a 1-rank run, waits for
+# signals and timeouts): measured CPU busy ~55 % serial. Tests that share a module- or session-scoped fixture (its
+# training runs) go to one worker as one unit, so each run is still made once; the rest go one test at a time.
+
+def _shared_fixtures(item) -> set:
+    """This suite's module- and session-scoped fixtures the test uses, as (scope, name, module or '')."""
+    out = set()
+    for name in item.fixturenames:
+        for fixture in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            where = getattr(fixture.func, "__module__", "")
+            if fixture.scope != "function" and (where == "conftest" or where.startswith("test_")):
+                out.add((fixture.scope, name, item.module.__name__ if fixture.scope == "module" else ""))
+    return out
+
+
+def _cost(items: list, fixtures: set) -> int:
+    """A unit's expected cost, for longest-first scheduling: a slow test ~10 s, a fast one ~1 s, a shared
+    fixture's runs ~20 s (measured orders of magnitude, not a promise)."""
+    return sum(10 if item.get_closest_marker("slow") else 1 for item in items) + 20 * len(fixtures)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):  # set on workers of --dist loadgroup
+        return
+    parent = list(range(len(items)))  # union-find over tests sharing a fixture
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_user, fixtures_of = {}, [_shared_fixtures(item) for item in items]
+    for i, fixtures in enumerate(fixtures_of):
+        for key in fixtures:
+            parent[find(i)] = find(first_user.setdefault(key, i))
+    units: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        units.setdefault(find(i), []).append(i)
+    ordered = sorted(units.values(), key=lambda unit: -_cost([items[i] for i in unit],
+                                                              set().union(*(fixtures_of[i] for i in unit))))
+    for n, unit in enumerate(ordered):
+        if len(unit) > 1:
+            for i in unit:
+                items[i].add_marker(pytest.mark.xdist_group(f"unit{n}"))
+    items[:] = [items[i] for unit in ordered for i in unit]  # longest first: xdist keeps this order

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import _FORK_SERVER, ROOT, config_command, launch_script, run_config_command
+from conftest import _FORK_SERVER, ROOT, ForkServer, config_command, launch_script, run_config_command
 
 pytestmark = pytest.mark.slow
 RANK_ENV = ROOT / "tests" / "dist" / "rank_env.py"
@@ -67,7 +67,7 @@ def test_a_launch_past_its_timeout_is_killed_whole(tmp_path):
     """As subprocess.run(timeout=...) does: TimeoutExpired, and no rank is left running."""
     out = tmp_path / "sleeping"
     with pytest.raises(subprocess.TimeoutExpired):
-        launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=15)
+        launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=5)
     pids = [rank["pid"] for rank in ranks(out, 2)]  # both had started (forked ranks write within a second)
     for _ in range(100):  # SIGKILL is delivered at once; init reaps the orphans a moment later
         alive = [pid for pid in pids if _running(pid)]
@@ -89,16 +89,23 @@ def test_launches_before_and_after_this_process_imported_deepspeed_are_forked():
     """Importing DeepSpeed (as tests that load a model do) sets TORCHINDUCTOR_CACHE_DIR and
     PYTORCH_NVML_BASED_CUDA_CHECK in this process: later launches inherit them, earlier ones lacked them, and a
     real rank's own imports set the same, so either way is forked (measured: they had made ~20 launches of
-    tests/test_engines_cpu.py run for real)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s
-    _FORK_SERVER.serves(env)  # started (a no-op after the session's first launch)
-    if "TORCHINDUCTOR_CACHE_DIR" in _FORK_SERVER.env:
-        pytest.skip("the fork server started after this process imported DeepSpeed (launches lacking its "
-                    "variables then run for real)")
+    tests/test_engines_cpu.py run for real). A server of its own, started with this process's environment as it
+    was before DeepSpeed's import (the session's may have started after it)."""
     import deepspeed  # noqa: F401
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     cache_dir()  # what DeepSpeed's import calls (sets TORCHINDUCTOR_CACHE_DIR), even if it was imported before
-    after = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    assert after["TORCHINDUCTOR_CACHE_DIR"] == _FORK_SERVER.set_by_imports["TORCHINDUCTOR_CACHE_DIR"]
-    assert _FORK_SERVER.serves(env) and _FORK_SERVER.serves(after)
+    after = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s
+    before = {k: v for k, v in after.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK")}
+    server = ForkServer()
+    try:
+        server.start(env=before)
+        assert server.proc.poll() is None and not server.failed
+        assert server.set_by_imports["TORCHINDUCTOR_CACHE_DIR"] == after["TORCHINDUCTOR_CACHE_DIR"]
+        assert server.set_by_imports["PYTORCH_NVML_BASED_CUDA_CHECK"] == after["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        assert server.serves(before) and server.serves(after)
+        assert not server.serves({**after, "TORCHINDUCTOR_CACHE_DIR": "/elsewhere"})  # a value of the caller's own
+    finally:
+        if server.proc is not None:
+            server.proc.kill()
+            server.proc.wait()

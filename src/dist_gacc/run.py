@@ -197,4 +197,5 @@ def main(cfg: DictConfig) -> float:
         code, message = known
         if code != EXIT_PREEMPTED or int(os.environ.get("RANK", "0")) == 0:
             print(message, file=sys.stderr)
+        teardown.end_after_failure()  # (a preempted run has already ended its group in order)
         sys.exit(code)

@@ -77,3 +77,13 @@ def shutdown(accelerator=None, models=()) -> int:
                 released += 1
     PartialState().destroy_process_group()  # what Accelerator.end_training() calls
     return released
+
+
+def end_after_failure() -> None:
+    """After an expected failure (bad input, a failed run): end this rank's process group before the process
+    exits, without a barrier (another rank may never reach one). Left to the interpreter's exit, a live gloo
+    group's C++ threads can meet the process's static destructors: seen once, a DeepSpeed launch refused for
+    bad input had one rank abort (`terminate called without an active exception`, exit code -6) instead of
+    exiting 2. Local: destroy_process_group() runs no collective."""
+    if dist.is_available() and dist.is_initialized():
+        PartialState().destroy_process_group()
