@@ -270,51 +270,65 @@ def eff16_runs(tmp_path_factory):
     return runs
 
 
-# --- Two workers (pytest-xdist; `-n 2 --dist loadgroup` in pyproject's addopts) --------------------------------
+# --- Two workers (pytest-xdist; `-n 2` in pyproject's addopts, `-n 0` for one process) --------------------------
 # Most of the suite's time is one process on one of the two cores (a tiny run's imports, a 1-rank run, waits for
-# signals and timeouts): measured CPU busy ~55 % serial. Tests that share a module- or session-scoped fixture (its
-# training runs) go to one worker as one unit, so each run is still made once; the rest go one test at a time.
-
-def _shared_fixtures(item) -> set:
-    """This suite's module- and session-scoped fixtures the test uses, as (scope, name, module or '')."""
-    out = set()
-    for name in item.fixturenames:
-        for fixture in item._fixtureinfo.name2fixturedefs.get(name, ()):
-            where = getattr(fixture.func, "__module__", "")
-            if fixture.scope != "function" and (where == "conftest" or where.startswith("test_")):
-                out.add((fixture.scope, name, item.module.__name__ if fixture.scope == "module" else ""))
-    return out
+# signals and timeouts): measured CPU busy 64 % serial. A worker takes a whole test file at a time (its module
+# fixtures' runs are made once), and the files that share a session fixture's runs go together; the costliest
+# units first, so the last one to finish is short.
+SHARED_RUNS = {  # session fixture -> the files that use it
+    "eff16_runs": ("test_core_runs.py", "test_exact_accumulation.py", "test_memory_levers.py"),
+    "equivalent_runs": ("test_accumulation.py", "test_e2e.py", "test_engines.py", "test_experiments.py",
+                        "test_multinode.py"),
+}
+_UNIT_OF_FILE = {file: fixture for fixture, files in SHARED_RUNS.items() for file in files}
 
 
-def _cost(items: list, fixtures: set) -> int:
-    """A unit's expected cost, for longest-first scheduling: a slow test ~10 s, a fast one ~1 s, a shared
-    fixture's runs ~20 s (measured orders of magnitude, not a promise)."""
+def work_unit(nodeid: str) -> str:
+    """The unit a test runs in: its file, or the shared fixture its file is grouped under."""
+    file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return _UNIT_OF_FILE.get(file, file)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling, with work_unit as the scope. (Not --dist loadgroup: with pytest 9.2 xdist's group
+    suffix on the node id no longer takes effect, measured: module fixtures ran on both workers.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunsScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SharedRunsScheduling(config, log)
+
+
+def _check_shared_runs(items) -> None:
+    """A session fixture of this suite used in two units would make its runs twice: keep SHARED_RUNS whole."""
+    units: dict[str, set] = {}
+    for item in items:
+        for name in item.fixturenames:
+            for fixture in item._fixtureinfo.name2fixturedefs.get(name, ()):
+                if fixture.scope == "session" and getattr(fixture.func, "__module__", "") == "conftest":
+                    units.setdefault(name, set()).add(work_unit(item.nodeid))
+    split = {name: sorted(u) for name, u in units.items() if len(u) > 1}
+    if split:
+        raise pytest.UsageError(f"tests/conftest.py SHARED_RUNS: these session fixtures are used in several work "
+                                f"units (add their files): {split}")
+
+
+def _cost(items: list) -> int:
+    """A unit's expected cost, for longest-first order: a slow test ~10 s, a fast one ~1 s, each module or session
+    fixture's runs ~20 s (orders of magnitude measured in this suite, not a promise)."""
+    fixtures = {(f.scope, name, item.module.__name__) for item in items for name in item.fixturenames
+                for f in item._fixtureinfo.name2fixturedefs.get(name, ()) if f.scope != "function"
+                and getattr(f.func, "__module__", "").startswith(("conftest", "test_"))}
     return sum(10 if item.get_closest_marker("slow") else 1 for item in items) + 20 * len(fixtures)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):  # set on workers of --dist loadgroup
+    if not hasattr(config, "workerinput"):  # xdist's workers: every worker orders alike (the collections must match)
         return
-    parent = list(range(len(items)))  # union-find over tests sharing a fixture
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_user, fixtures_of = {}, [_shared_fixtures(item) for item in items]
-    for i, fixtures in enumerate(fixtures_of):
-        for key in fixtures:
-            parent[find(i)] = find(first_user.setdefault(key, i))
-    units: dict[int, list[int]] = {}
-    for i in range(len(items)):
-        units.setdefault(find(i), []).append(i)
-    ordered = sorted(units.values(), key=lambda unit: -_cost([items[i] for i in unit],
-                                                              set().union(*(fixtures_of[i] for i in unit))))
-    for n, unit in enumerate(ordered):
-        if len(unit) > 1:
-            for i in unit:
-                items[i].add_marker(pytest.mark.xdist_group(f"unit{n}"))
-    items[:] = [items[i] for unit in ordered for i in unit]  # longest first: xdist keeps this order
+    _check_shared_runs(items)
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+    items[:] = [item for unit in sorted(units.values(), key=lambda unit: -_cost(unit)) for item in unit]
