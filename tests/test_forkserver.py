@@ -67,7 +67,7 @@ def test_a_launch_past_its_timeout_is_killed_whole(tmp_path):
     """As subprocess.run(timeout=...) does: TimeoutExpired, and no rank is left running."""
     out = tmp_path / "sleeping"
     with pytest.raises(subprocess.TimeoutExpired):
-        launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=5)
+        launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=8)
     pids = [rank["pid"] for rank in ranks(out, 2)]  # both had started (forked ranks write within a second)
     for _ in range(100):  # SIGKILL is delivered at once; init reaps the orphans a moment later
         alive = [pid for pid in pids if _running(pid)]
