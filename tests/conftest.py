@@ -49,19 +49,8 @@ def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 30
     The ranks come from the session's fork server (tests/forkserver.py: the same script, environment and ranks,
     without ~5 s of imports each); `real=True` runs the commands themselves, for tests about the processes
     (signals, kill -9, the launcher's command line). DIST_GACC_TEST_REAL=1 makes every launch real."""
-    if processes == 1:
-        launcher, cmd = [], [sys.executable, str(script)]
-    else:
-        launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
-                    "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    args = [*overrides, f"hydra.run.dir={run_dir}"]
-    if real or not _FORK_SERVER.serves(env):
-        proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    else:
-        proc = _FORK_SERVER.run([*cmd, *args], script, args, env, launcher, timeout)
+    proc = _run(script, [*overrides, f"hydra.run.dir={run_dir}"], env, _multi_gpu_args(processes), timeout, real)
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -155,19 +144,30 @@ _FORK_SERVER = ForkServer()
 def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 300, real: bool = False):
     """Run a test helper script: plain python for 1 process, else `accelerate launch` with real CPU ranks.
     Through the fork server as launch() does; `real=True` for tests about the processes themselves."""
-    launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(_free_port())] if processes > 1 else []
-    cmd = [sys.executable, str(script), *args] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    if real or not _FORK_SERVER.serves(env):
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    else:
-        proc = _FORK_SERVER.run(cmd, script, list(args), env, launcher, timeout)
+    proc = _run(script, list(args), env, _multi_gpu_args(processes), timeout, real)
     if proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _multi_gpu_args(processes: int) -> list[str]:
+    """accelerate launch's arguments for `processes` gloo CPU ranks on this machine (none for one process)."""
+    if processes == 1:
+        return []
+    return ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
+def _run(script: Path, args: list, env: dict, launcher: list, timeout: float,
+         real: bool) -> subprocess.CompletedProcess:
+    """`python script args` (no launcher arguments) or `accelerate launch <launcher> script args`: forked from the
+    fork server, or the command itself when `real` or when the server cannot serve `env`."""
+    cmd = [sys.executable, *(["-m", "accelerate.commands.launch", *launcher] if launcher else []), str(script), *args]
+    if real or not _FORK_SERVER.serves(env):
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return _FORK_SERVER.run(cmd, script, args, env, launcher, timeout)
 
 
 def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None = None, timeout: int = 300,
@@ -183,11 +183,9 @@ def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None 
 def run_config_command(cmd: list, env: dict, script: Path = TRAIN, timeout: float = 300,
                        real: bool = False) -> subprocess.CompletedProcess:
     """Run config_command's launch: forked (Accelerate's environment for the file), or for real."""
-    if real or not _FORK_SERVER.serves(env):
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     at = cmd.index("--config_file")  # [python, -m, accelerate.commands.launch, launcher args..., script, args...]
     launcher, args = cmd[at:cmd.index(str(script))], cmd[cmd.index(str(script)) + 1:]
-    return _FORK_SERVER.run(cmd, script, args, env, launcher, timeout)
+    return _run(script, args, env, launcher, timeout, real)
 
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,
@@ -200,6 +198,15 @@ def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
     return [*cmd, *overrides, f"hydra.run.dir={run_dir}"], env
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _free_port() -> int:
@@ -301,14 +308,21 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedRunsScheduling(config, log)
 
 
+def _shared_fixtures(item):
+    """(name, definition) of this suite's module- and session-scoped fixtures the test uses."""
+    for name in item.fixturenames:
+        for fixture in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            if fixture.scope != "function" and getattr(fixture.func, "__module__", "").startswith(("conftest", "test_")):
+                yield name, fixture
+
+
 def _check_shared_runs(items) -> None:
     """A session fixture of this suite used in two units would make its runs twice: keep SHARED_RUNS whole."""
     units: dict[str, set] = {}
     for item in items:
-        for name in item.fixturenames:
-            for fixture in item._fixtureinfo.name2fixturedefs.get(name, ()):
-                if fixture.scope == "session" and getattr(fixture.func, "__module__", "") == "conftest":
-                    units.setdefault(name, set()).add(work_unit(item.nodeid))
+        for name, fixture in _shared_fixtures(item):
+            if fixture.scope == "session":
+                units.setdefault(name, set()).add(work_unit(item.nodeid))
     split = {name: sorted(u) for name, u in units.items() if len(u) > 1}
     if split:
         raise pytest.UsageError(f"tests/conftest.py SHARED_RUNS: these session fixtures are used in several work "
@@ -318,9 +332,8 @@ def _check_shared_runs(items) -> None:
 def _cost(items: list) -> int:
     """A unit's expected cost, for longest-first order: a slow test ~10 s, a fast one ~1 s, each module or session
     fixture's runs ~20 s (orders of magnitude measured in this suite, not a promise)."""
-    fixtures = {(f.scope, name, item.module.__name__) for item in items for name in item.fixturenames
-                for f in item._fixtureinfo.name2fixturedefs.get(name, ()) if f.scope != "function"
-                and getattr(f.func, "__module__", "").startswith(("conftest", "test_"))}
+    fixtures = {(name, item.module.__name__ if f.scope == "module" else "") for item in items
+                for name, f in _shared_fixtures(item)}
     return sum(10 if item.get_closest_marker("slow") else 1 for item in items) + 20 * len(fixtures)
 
 

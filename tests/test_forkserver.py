@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from conftest import _FORK_SERVER, ROOT, ForkServer, config_command, launch_script, run_config_command
+from conftest import (
+    _FORK_SERVER,
+    ROOT,
+    ForkServer,
+    config_command,
+    launch_script,
+    run_config_command,
+    running,
+)
 
 pytestmark = pytest.mark.slow
 RANK_ENV = ROOT / "tests" / "dist" / "rank_env.py"
@@ -70,19 +78,11 @@ def test_a_launch_past_its_timeout_is_killed_whole(tmp_path):
         launch_script(RANK_ENV, str(out), "sleep", processes=2, timeout=8)
     pids = [rank["pid"] for rank in ranks(out, 2)]  # both had started (forked ranks write within a second)
     for _ in range(100):  # SIGKILL is delivered at once; init reaps the orphans a moment later
-        alive = [pid for pid in pids if _running(pid)]
+        alive = [pid for pid in pids if running(pid)]
         if not alive:
             break
         time.sleep(0.1)
     assert not alive
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_launches_before_and_after_this_process_imported_deepspeed_are_forked():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CONF
+from conftest import CONF, running
 
 
 @pytest.mark.parametrize("setting, cuda, expected", [
@@ -47,15 +47,6 @@ if sys.argv[1] == "parent":
     print(child.pid, flush=True)
 time.sleep(600)
 """
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_end_job_ends_every_process_even_in_other_sessions_and_ignoring_sigterm():
