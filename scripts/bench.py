@@ -145,11 +145,51 @@ def run_workers(specs: list[dict], processes: int = 1) -> list[dict]:
     return results
 
 
-def measure(specs: list[dict], quick: bool, processes: int = 1) -> list[dict]:
-    """Quick mode runs a section's specs in one process: rows are checked, timings are not meaningful."""
+def measure(specs: list[dict], quick: bool, processes: int = 1, own_process: bool = False) -> list[dict]:
+    """Quick mode runs a section's specs in one process: rows are checked, timings are not meaningful. One-process
+    specs go to QUICK_WORKER, shared by the sections, unless they need a process of their own (`own_process`: a
+    peak-RSS comparison; or an environment of their own)."""
     if quick:
+        if processes == 1 and not own_process and not specs[0].get("env"):
+            return QUICK_WORKER.run(specs)
         return run_workers(specs, processes)
     return [run_workers([s], processes)[0] for s in specs]
+
+
+class QuickWorker:
+    """One `bench_worker.py --serve` process for quick mode's one-process sections: its imports (~5 s on 2 cores)
+    are paid once instead of once per section. Started on first use, ended by close()."""
+
+    def __init__(self):
+        self.proc = self.stderr = None
+
+    def run(self, specs: list[dict]) -> list[dict]:
+        if self.proc is None:
+            env = {**os.environ, "OMP_NUM_THREADS": str(specs[0]["threads"]), "TOKENIZERS_PARALLELISM": "false",
+                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+            self.stderr = tempfile.TemporaryFile("w+")  # read on failure only; a pipe nobody reads could fill
+            self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], cwd=ROOT, env=env, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.proc.stdin.write(json.dumps(specs) + "\n")
+        self.proc.stdin.flush()
+        results, lines = [], []
+        for line in self.proc.stdout:
+            if line.startswith("BENCH_BATCH_END"):
+                return results
+            lines.append(line)
+            if line.startswith("BENCH_RESULT "):
+                results.append(json.loads(line.split(" ", 1)[1]))
+        self.stderr.seek(0)
+        raise SystemExit(f"bench worker failed ({self.proc.wait()}) on {specs}:\n{''.join(lines)[-2000:]}\n"
+                         f"{self.stderr.read()[-5000:]}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+QUICK_WORKER = QuickWorker()
 
 
 def free_port() -> int:
@@ -265,7 +305,7 @@ def section_memory(args, inputs):
     specs = [base_spec(args, model, inputs, variant="dist_gacc", micro=micro, accum=n, warmup=1,
                        updates=micro_batches // n - 1) for n in ns]
     specs += [base_spec(args, model, inputs, variant="dist_gacc", micro=micro * n, accum=1, updates=1) for n in ns[1:]]
-    results = measure(specs, args.quick)  # quick: one process, so peak RSS is shared (rows only)
+    results = measure(specs, args.quick, own_process=True)  # quick: one process, so peak RSS is shared (rows only)
     # glibc keeps freed blocks in its heap, so peak RSS also counts allocator retention. With a fixed
     # mmap threshold every large tensor is returned to the OS when freed: RSS then follows live memory
     # (slower, so only for this column).
@@ -780,6 +820,7 @@ def main():
                      f"256 as micro x N):\n\n{table(results['levers_fit'], floatfmt='.4g')}\n")
             print(block, flush=True)
             text.append(block)
+    QUICK_WORKER.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "tables.md").write_text("\n".join(text))
     print(f"\nwrote {out}/results.json, tables.md" + (", memory.png" if "memory" in sections else ""))

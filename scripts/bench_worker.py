@@ -1,6 +1,7 @@
 """One benchmark measurement per process; scripts/bench.py starts these (not meant for direct use).
 
     python scripts/bench_worker.py SPEC_JSON [SPEC_JSON ...]   # prints one BENCH_RESULT line per spec
+    python scripts/bench_worker.py --serve                     # quick mode: spec lists on stdin (bench.QuickWorker)
 
 A spec names a `kind` (train | ceiling | comm) and, for train, a `variant`:
   dist_gacc         this trainer's loop (dist_gacc.loop.fit over loop.standalone, Accelerate, exact normalisation)
@@ -482,14 +483,28 @@ KINDS = {"train": train, "ceiling": ceiling, "comm": comm, "optimizer_step": opt
 PREPARED = []  # DDP models of the comm specs (quick mode runs several in one process group)
 
 
+def run_spec(spec: dict) -> None:
+    torch.set_num_threads(spec["threads"])
+    result = KINDS[spec["kind"]](spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("BENCH_RESULT " + json.dumps({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
+                                             **result}), flush=True)
+
+
+def serve() -> None:
+    """Quick mode's one worker for many sections (bench.QuickWorker): each stdin line a JSON list of specs, answered
+    by their BENCH_RESULT lines and BENCH_BATCH_END; ends at the end of stdin."""
+    for line in sys.stdin:
+        for spec in json.loads(line):
+            run_spec(spec)
+        print("BENCH_BATCH_END", flush=True)
+
+
 def main():
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     for arg in sys.argv[1:]:
-        spec = json.loads(arg)
-        torch.set_num_threads(spec["threads"])
-        result = KINDS[spec["kind"]](spec)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("BENCH_RESULT " + json.dumps({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
-                                                 **result}), flush=True)
+        run_spec(json.loads(arg))
     from dist_gacc.teardown import shutdown
 
     shutdown(models=PREPARED)  # 2-rank runs: ordered end of the process group (see dist_gacc.teardown)

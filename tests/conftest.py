@@ -107,30 +107,80 @@ class ForkServer:
             self.failed = True
             print(f"fork server failed to start; launches run for real (see {folder}/server.log)", file=sys.stderr)
 
-    def run(self, cmd: list, script: Path, args: list, env: dict, launcher: list,
-            timeout: float) -> subprocess.CompletedProcess:
+    def run(self, cmd: list, script: Path, args: list, env: dict, launcher: list, timeout: float,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
+        out, err, stdin = (os.path.join(folder, name) for name in ("stdout", "stderr", "stdin"))
+        if input is not None:
+            with open(stdin, "w") as f:
+                f.write(input)
+        job = self.start_job(cmd, script, args, env, launcher, out, err, timeout, stdin if input is not None else None)
+        try:
+            job.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
+        proc = subprocess.CompletedProcess(cmd, job.returncode, _read(out), _read(err))
+        proc.rank_codes = job.rank_codes
+        return proc
+
+    def start_job(self, cmd: list, script: Path, args: list, env: dict, launcher: list, stdout: str, stderr: str,
+                  timeout: float | None = None, stdin: str | None = None) -> "ForkedJob":
+        """The job, started (output appended to the files; they may be one; stdin: a file, or /dev/null): its
+        ForkedJob."""
+        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "launch_args": launcher,
+                   "stdout": stdout, "stderr": stderr, "stdin": stdin}
+        for path in (stdout, stderr):
+            open(path, "a").close()
+        return ForkedJob(cmd, self.socket, request, timeout)
+
+
+class ForkedJob:
+    """A running job of the fork server, as a Popen of its command would be: `pid` is the job process (torch's
+    launcher's place: the ranks are its children; it leads its own process group), poll() and wait() give its
+    exit code, and `rank_codes` each rank's (negative: the signal that ended it) once it has ended."""
+
+    def __init__(self, cmd: list, server_socket: str, request: dict, timeout: float | None):
         import socket
 
-        folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
-        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        request = {"script": str(script), "args": args, "env": env, "cwd": str(ROOT), "launch_args": launcher,
-                   "stdout": out, "stderr": err}
-        for path in (out, err):
-            open(path, "w").close()
-        pgid = None
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.connect(self.socket)
-            conn.sendall((json.dumps(request) + "\n").encode())
-            replies = conn.makefile()
-            conn.settimeout(timeout)
+        self.cmd, self.returncode, self.rank_codes, self._buffer = cmd, None, None, b""
+        self._conn = socket.socket(socket.AF_UNIX)
+        self._conn.connect(server_socket)
+        self._conn.sendall((json.dumps(request) + "\n").encode())
+        self._conn.settimeout(timeout)
+        try:
+            self.pid = self._reply()["pgid"]
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(cmd, timeout) from None
+
+    def poll(self) -> int | None:
+        import select
+
+        if self.returncode is None and (b"\n" in self._buffer or select.select([self._conn], [], [], 0)[0]):
+            self._ended(self._reply())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
             try:
-                pgid = json.loads(replies.readline())["pgid"]
-                code = json.loads(replies.readline())["returncode"]
+                self._ended(self._reply())
             except TimeoutError:
-                if pgid is not None:
-                    os.killpg(pgid, 9)  # as subprocess.run kills its child on a timeout
-                raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
-        return subprocess.CompletedProcess(cmd, code, _read(out), _read(err))
+                os.killpg(self.pid, 9)  # as subprocess.run kills its child on a timeout
+                raise subprocess.TimeoutExpired(self.cmd, timeout) from None
+        return self.returncode
+
+    def _reply(self) -> dict:
+        while b"\n" not in self._buffer:
+            chunk = self._conn.recv(4096)
+            if not chunk:  # the job process itself was killed: nobody is left to report
+                raise RuntimeError(f"fork server job {getattr(self, 'pid', '?')} ended without a reply")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _ended(self, reply: dict) -> None:
+        self.returncode, self.rank_codes = reply["returncode"], reply["rank_codes"]
+        self._conn.close()
 
 
 def _read(path: str) -> str:
@@ -160,14 +210,25 @@ def _multi_gpu_args(processes: int) -> list[str]:
             "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
 
 
-def _run(script: Path, args: list, env: dict, launcher: list, timeout: float,
-         real: bool) -> subprocess.CompletedProcess:
+def _run(script: Path, args: list, env: dict, launcher: list, timeout: float, real: bool,
+         input: str | None = None) -> subprocess.CompletedProcess:
     """`python script args` (no launcher arguments) or `accelerate launch <launcher> script args`: forked from the
-    fork server, or the command itself when `real` or when the server cannot serve `env`."""
+    fork server, or the command itself when `real` or when the server cannot serve `env`. `input`: its stdin."""
     cmd = [sys.executable, *(["-m", "accelerate.commands.launch", *launcher] if launcher else []), str(script), *args]
     if real or not _FORK_SERVER.serves(env):
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    return _FORK_SERVER.run(cmd, script, args, env, launcher, timeout)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    return _FORK_SERVER.run(cmd, script, args, env, launcher, timeout, input)
+
+
+def run_script(script: Path, *args: str, input: str | None = None, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """`python script args` as a user runs a CLI (scripts/predict.py, ...), forked from the fork server like
+    launch(); `input` is its stdin. With check, a failure raises with its output."""
+    proc = _run(script, [str(a) for a in args], {**os.environ, "OMP_NUM_THREADS": "1"}, [], timeout, False, input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None = None, timeout: int = 300,
@@ -186,6 +247,30 @@ def run_config_command(cmd: list, env: dict, script: Path = TRAIN, timeout: floa
     at = cmd.index("--config_file")  # [python, -m, accelerate.commands.launch, launcher args..., script, args...]
     launcher, args = cmd[at:cmd.index(str(script))], cmd[cmd.index(str(script)) + 1:]
     return _run(script, args, env, launcher, timeout, real)
+
+
+def start_launch(cmd: list, env: dict, script: Path, log: str, real: bool = False):
+    """Start a launch (a command as config_command or _run build it) without waiting, its output appended to `log`:
+    a ForkedJob from the fork server, or (`real`, or an environment it cannot serve) the Popen of the command, in a
+    process group of its own. Either way `pid`'s children are the ranks, and poll()/wait() give the exit code."""
+    if real or not _FORK_SERVER.serves(env):
+        with open(log, "a") as out:
+            return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+    at = cmd.index(str(script))
+    launcher = cmd[3:at] if cmd[1:3] == ["-m", "accelerate.commands.launch"] else []
+    return _FORK_SERVER.start_job(cmd, script, cmd[at + 1:], env, launcher, log, log)
+
+
+def rank_exit_codes(proc, output: str | None = None) -> set[int]:
+    """The exit codes of a multi-rank launch's failed ranks (negative: the signal that ended one): the fork
+    server's report, or what torch's launcher printed ("exitcode : N" for each failure it lists) in `output`
+    (default: the launch's stderr)."""
+    import re
+
+    if getattr(proc, "rank_codes", None) is not None:
+        return {code for code in proc.rank_codes if code != 0}
+    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr if output is None else output)}
 
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,

@@ -16,7 +16,8 @@ Environment variables that libraries read at import time must match the server's
 a real subprocess when they differ (conftest.IMPORT_TIME_ENV).
 
 Protocol (one JSON line each way per connection): request {script, args, env, cwd, launch_args (none: plain
-python), stdout, stderr}; replies {"pgid": n} once the job process runs, then {"returncode": n}.
+python), stdout, stderr, stdin (a file to read, or none: /dev/null)}; replies {"pgid": n} once the job process runs (its pid: it leads its own session), then
+{"returncode": n, "rank_codes": [each rank's exit code, -N for a signal]}.
 """
 
 import json
@@ -81,6 +82,9 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
     os.dup2(err, 2)
     os.close(out)
     os.close(err)
+    stdin = os.open(req.get("stdin") or os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(req["cwd"])
@@ -165,7 +169,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
     """Fork the ranks and wait. As torchrun does: a failed rank stops the others; the code is then 1."""
     os.setsid()
     conn.sendall((json.dumps({"pgid": os.getpgid(0)}) + "\n").encode())
-    code = 1
+    code, codes = 1, None
     try:
         envs = rank_envs(req)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # ranks share the files, as they share a launcher's
@@ -186,7 +190,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
             traceback.print_exc(file=f)
     finally:
         try:
-            conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
+            conn.sendall((json.dumps({"returncode": code, "rank_codes": codes}) + "\n").encode())
         finally:
             os._exit(0)
 

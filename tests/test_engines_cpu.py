@@ -10,14 +10,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from conftest import (ROOT, TINY, TRAIN, config_command, launch, launch_config, load_params, max_abs_diff,
-                      read_metrics, run_config_command)
+                      rank_exit_codes, read_metrics, run_config_command, start_launch)
 from test_resume import signal_tree, steps
 
 pytestmark = pytest.mark.slow
@@ -78,16 +77,21 @@ def one_process(tmp_path_factory):
     return run
 
 
+# The README's command for each engine, run as written (`accelerate launch --config_file ...`): the other
+# configurations (a launcher flag on the same file: --zero_stage 1, --fsdp_state_dict_type) fork, with the
+# environment Accelerate's own launcher code computes from those flags (tests/forkserver.py).
+README_COMMANDS = ("zero2", "fsdp_full")
+
+
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
-    """{name: run_dir}, each engine launched once (lazily, so a deselected engine costs nothing). Real
-    `accelerate launch` commands: the README's command for each engine works as written (the other launches fork)."""
+    """{name: run_dir}, each engine launched once (lazily, so a deselected engine costs nothing)."""
     runs = {}
 
     def get(name):
         if name not in runs:
             runs[name] = tmp_path_factory.mktemp(name) / "run"
-            launch_engine(runs[name], name, real=True)
+            launch_engine(runs[name], name, real=name in README_COMMANDS)
         return runs[name]
     return get
 
@@ -120,39 +124,32 @@ def test_two_cpu_ranks_equal_one_process(name, engine_runs, one_process):
     assert checkpointing == ("model.gradient_checkpointing=true" in ENGINES[name][4])
 
 
-def start_engine(run_dir, name, *overrides):
-    """The engine's launch in a process group of its own (as test_resume.start), output to <run_dir>.log (a pipe
-    nobody reads could fill and stall it; appended to, so a resumed job's output follows the interrupted one's)."""
-    cmd, env = engine_command(run_dir, name, *overrides)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{run_dir}.log", "a") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-
-
 def children(pid):
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
 
-def interrupt(run_dir, name, sig, *overrides, workers_only=False, after=3):
-    """Start the engine's run, send `sig` to every process of the job (`workers_only`: to the ranks and their
-    children, not torch's launcher, which then reports each rank's exit code) as soon as checkpoint step-`after`
-    (or a later one) is complete, wait for the job to end. Returns (launcher exit code, this job's output)."""
+def interrupt(run_dir, name, sig, *overrides, after=3):
+    """Start the engine's launch (forked: conftest.start_launch), send `sig` to its ranks and their children (not
+    to the launcher, which then reports each rank's exit code) as soon as checkpoint step-`after` (or a later
+    one) is complete, wait for the job to end. Returns (the job, its exit code, the failed ranks' exit codes,
+    this job's output: appended to <run_dir>.log, after the interrupted launches' output)."""
     started, log = time.perf_counter(), f"{run_dir}.log"
     before = os.path.getsize(log) if os.path.exists(log) else 0
-    proc = start_engine(run_dir, name, *overrides)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    job = start_launch(*engine_command(run_dir, name, *overrides), TRAIN, log)
     deadline = time.time() + 600
     while not (steps(run_dir) and steps(run_dir)[-1] >= after):
-        assert proc.poll() is None, f"ended before step-{after}: {open(log).read()[-4000:]}"
+        assert job.poll() is None, f"ended before step-{after}: {open(log).read()[-4000:]}"
         assert time.time() < deadline, f"no checkpoint step-{after}"
         time.sleep(0.01)
-    for pid in children(proc.pid) if workers_only else [proc.pid]:
+    for pid in children(job.pid):
         signal_tree(pid, sig)
-    proc.wait(timeout=300)
+    code = job.wait(timeout=300)
     TIMES[f"{name} until {sig.name}{' (resumed)' if overrides else ''}"] = time.perf_counter() - started
     with open(log) as f:
         f.seek(before)
-        return proc.returncode, f.read()
+        output = f.read()
+    return code, rank_exit_codes(job, output), output
 
 
 def assert_same_run(resumed, reference):
@@ -173,17 +170,20 @@ def test_sigterm_then_sigkill_then_resume_auto_equals_uninterrupted(name, engine
     its own asserts):
     1. SLURM's preemption: SIGTERM to the ranks once step-3 (mid epoch 1 of 2) exists. Each rank finishes the
        update in progress, they checkpoint it together and exit 75 (EX_TEMPFAIL: requeue).
-    2. `resume=auto` from that checkpoint, then a real kill -9 of every process of the job as soon as a newer
-       checkpoint (written by the resumed job) is complete: nothing is finished, whatever it left is ignored.
+    2. `resume=auto` from that checkpoint, then a real kill -9 of the ranks as soon as a newer checkpoint
+       (written by the resumed job) is complete: nothing is finished, whatever it left is ignored.
     3. `resume=auto` from the newest complete checkpoint finishes the run equal to the uninterrupted one,
-       across the epoch boundary."""
+       across the epoch boundary.
+    The ranks are real processes (forked by tests/forkserver.py, which waits for them as torch's launcher does)
+    and get real signals; the launcher's own handling of signals is covered by tests/test_resume.py and
+    tests/test_multinode.py on real `accelerate launch` commands."""
     full, run = engine_runs(name), tmp_path / "run"
-    code, output = interrupt(run, name, signal.SIGTERM, workers_only=True)
-    # The ranks exit 75; torch's launcher, not signalled here, reports the first to end (then ends the other,
-    # which is exiting 75 too) and exits 1. (Signalled itself, as SLURM does, it reports no codes:
-    # tests/test_resume.py covers that way, and 75 on one process.)
+    code, ranks, output = interrupt(run, name, signal.SIGTERM)
+    # The ranks exit 75; the launcher reports the first to end (then ends the other, which is exiting 75 too) and
+    # exits 1. (torch's launcher signalled itself, as SLURM does, reports no codes: tests/test_resume.py covers
+    # that way on real commands, and 75 on one process.)
     assert code == 1 and "stopped by a signal after a finished update" in output, output[-3000:]
-    assert re.search(r"Root Cause[^=]*exitcode\s*:\s*75 ", output), output[-3000:]
+    assert 75 in ranks, (ranks, output[-3000:])
     stopped = steps(run)[-1]
     newest = run / "checkpoints" / f"step-{stopped}"
     record = json.loads((newest / "trainer_state.json").read_text())
@@ -192,8 +192,8 @@ def test_sigterm_then_sigkill_then_resume_auto_equals_uninterrupted(name, engine
     assert (newest / "random_states_0.pkl").exists() and (newest / "random_states_1.pkl").exists()
     assert not (run / "metrics.json").exists()
 
-    code, output = interrupt(run, name, signal.SIGKILL, "resume=auto", after=stopped + 1)
-    assert code == -signal.SIGKILL, output[-3000:]
+    code, ranks, output = interrupt(run, name, signal.SIGKILL, "resume=auto", after=stopped + 1)
+    assert code == 1 and ranks == {-signal.SIGKILL}, (ranks, output[-3000:])
     assert f"resumed from {newest}: update {stopped}," in output, output[-3000:]
     assert not (run / "metrics.json").exists() and not (run / "model").exists()
     killed = steps(run)[-1]
@@ -220,14 +220,14 @@ def test_fsdp_parameters_are_really_sharded(engine_runs):
 
 
 def test_fsdp_on_cpu_switch_refuses_other_launches(tmp_path):
-    # real: the asserts read torch's launcher's report of the workers' exit code
-    proc = launch_config(tmp_path / "ddp", "cpu_2proc", *TINY,
-                         env={"ACCELERATE_USE_CPU": "1", "DIST_GACC_FSDP_ON_CPU": "1"}, real=True)
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # the workers' ConfigError
+    """The ranks exit 2 (the ConfigError) with the message, before training. Forked: the fork server reports each
+    rank's exit code, as torch's launcher would (test_oom_settings... has a real launcher's report)."""
+    proc = launch_config(tmp_path / "ddp", "cpu_2proc", *TINY, env={"ACCELERATE_USE_CPU": "1", "DIST_GACC_FSDP_ON_CPU": "1"})
+    assert proc.returncode != 0 and rank_exit_codes(proc) == {2}, proc.stderr[-3000:]
     assert "DIST_GACC_FSDP_ON_CPU=1 rehearses an FSDP launch on CPU ranks, but this launch does not ask" in proc.stderr
     proc = launch_config(tmp_path / "fsdp1", "fsdp", *TINY, env={"DIST_GACC_FSDP_ON_CPU": "1"},
-                         launch_args=("--num_processes", "2", "--fsdp_version", "1"), real=True)
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+                         launch_args=("--num_processes", "2", "--fsdp_version", "1"))
+    assert proc.returncode != 0 and rank_exit_codes(proc) == {2}, proc.stderr[-3000:]
     assert "DIST_GACC_FSDP_ON_CPU=1 supports FSDP2 only" in proc.stderr
     assert not (tmp_path / "ddp" / "metrics.json").exists() and not (tmp_path / "fsdp1" / "metrics.json").exists()
 
@@ -331,12 +331,11 @@ def test_oom_settings_the_engine_cannot_honour_are_refused_before_training(name,
     """oom.policy / engines.check_supported: the ranks print the message naming the key and exit 2, before any
     data or model is built. (The stage and the state dict type do not enter these checks: one launch per refusal,
     spread over the four configurations.) zero2's is the real `accelerate launch`, whose launcher reports the
-    workers' exit code 2 and exits 1; the others fork (tests/forkserver.py: exit 1 when a rank fails)."""
+    workers' exit code 2 and exits 1; the others fork (tests/forkserver.py reports each rank's exit code and exits
+    1 when one fails)."""
     run = tmp_path / "run"
-    real = name == "zero2"
-    proc = launch_engine(run, name, override, label=f"{name} {override} refused", check=False, real=real)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert not real or re.search(r"Root Cause[^=]*exitcode\s*:\s*2 ", proc.stderr), proc.stderr[-3000:]
+    proc = launch_engine(run, name, override, label=f"{name} {override} refused", check=False, real=name == "zero2")
+    assert proc.returncode == 1 and rank_exit_codes(proc) == {2}, proc.stderr[-3000:]
     assert f"error: {message}" in proc.stderr
     assert "updates:" not in proc.stderr and "effective batch" not in proc.stderr  # build.log_plan never ran
     assert not (run / "metrics.json").exists() and not (run / "checkpoints").exists()

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY, TRAIN, _free_port, launch, read_metrics
+from conftest import ROOT, TINY, TRAIN, _free_port, launch, read_metrics, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -27,27 +27,40 @@ def sweep(sweep_dir, *overrides, timeout=400):
 
 @pytest.fixture(scope="module")
 def two_process_sweep(tmp_path_factory):
+    """One sweep of three 2-process jobs that differ in mixed precision (impossible inside one accelerate launch):
+    fp16 first, which fails here (it needs CUDA), then no and bf16, which must still run. Without
+    hydra.launcher.cpu (auto: no CUDA device visible -> CPU ranks; before, every job failed).
+    Returns (sweep dir, the sweep's CompletedProcess)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    # Two 2-process jobs that differ in mixed precision: impossible inside one accelerate launch.
-    # Without hydra.launcher.cpu (auto: no CUDA device visible -> CPU ranks; before, every job failed).
     proc = sweep(sweep_dir, "hydra/launcher=accelerate", "hydra.launcher.num_processes=2",
-                 "trainer.mixed_precision=no,bf16", *SMALL_ANY_PRECISION)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+                 "trainer.mixed_precision=fp16,no,bf16", *SMALL_ANY_PRECISION)
     assert "(2 processes on CPU; hydra.launcher.cpu=null: no CUDA device visible)" in proc.stdout + proc.stderr
-    return sweep_dir
+    return sweep_dir, proc
 
 
 def test_launcher_runs_each_job_as_its_own_accelerate_launch(two_process_sweep):
-    jobs = {read_metrics(two_process_sweep / str(i))["mixed_precision"]: i for i in (0, 1)}
+    sweep_dir, _ = two_process_sweep
+    jobs = {read_metrics(sweep_dir / str(i))["mixed_precision"]: i for i in (1, 2)}
     assert set(jobs) == {"no", "bf16"}  # two precisions in one sweep: impossible in one process
-    for i in (0, 1):
-        m = read_metrics(two_process_sweep / str(i))
+    for i in (1, 2):
+        m = read_metrics(sweep_dir / str(i))
         assert m["world_size"] == 2 and m["optimizer_steps"] == 16
-        assert (two_process_sweep / str(i) / "launch.log").stat().st_size > 0
+        assert (sweep_dir / str(i) / "launch.log").stat().st_size > 0
+
+
+def test_failing_job_is_reported_and_the_sweep_goes_on(two_process_sweep):
+    sweep_dir, proc = two_process_sweep
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    # (accelerate launch reports a failed worker as exit 1; the worker's own message is in the log)
+    assert "job #0 failed (exit 1): trainer.mixed_precision=fp16" in log and str(sweep_dir / "0" / "launch.log") in log
+    assert "trainer.mixed_precision=fp16 needs a CUDA GPU" in (sweep_dir / "0" / "launch.log").read_text()
+    assert not (sweep_dir / "0" / "metrics.json").exists()
+    assert [read_metrics(sweep_dir / str(i))["updates"] for i in (1, 2)] == [16, 16]  # the later jobs completed
 
 
 def test_summarize_writes_table_and_plots(two_process_sweep, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(two_process_sweep),
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(two_process_sweep[0]),
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(tmp_path / "summary.csv")
@@ -57,17 +70,6 @@ def test_summarize_writes_table_and_plots(two_process_sweep, tmp_path):
     assert "| rotten_tomatoes |" in (tmp_path / "summary.md").read_text()
     for png in ("val_f1.png", "train_loss.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / png).stat().st_size > 10_000
-
-
-def test_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
-    proc = sweep(tmp_path, "hydra/launcher=accelerate", "hydra.launcher.cpu=true",  # forced: the same here
-                 "trainer.grad_accum_steps=0,1", *SMALL)
-    assert proc.returncode != 0
-    log = proc.stdout + proc.stderr
-    # (accelerate launch reports a failed worker as exit 1; the worker's own message is in the log)
-    assert "job #0 failed (exit 1): trainer.grad_accum_steps=0" in log and str(tmp_path / "0" / "launch.log") in log
-    assert "trainer.grad_accum_steps must be an integer >= 1, got 0" in (tmp_path / "0" / "launch.log").read_text()
-    assert read_metrics(tmp_path / "1")["optimizer_steps"] == 32  # the other job completed (64/4 x 2 epochs)
 
 
 def test_multirun_inside_accelerate_launch_stops_at_once(tmp_path):
@@ -117,11 +119,9 @@ def test_trackers_log_every_update_and_the_config(equivalent_runs):
 
 def test_predict_prints_one_label_per_input(equivalent_runs, tmp_path):
     model = f"model={equivalent_runs['1x8x1'] / 'model'}"
-    script = str(ROOT / "scripts" / "predict.py")
-    args = [sys.executable, script, model, "a gorgeous, moving film", "tedious", "fine"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+    script = ROOT / "scripts" / "predict.py"
+    out = run_script(script, model, "a gorgeous, moving film", "tedious", "fine").stdout.splitlines()
     assert len(out) == 3 and all(line.split("\t")[0] in ("rotten", "fresh") for line in out)
     assert [line.split("\t")[2] for line in out] == ["a gorgeous, moving film", "tedious", "fine"]
-    stdin = subprocess.run([sys.executable, script, model, "batch_size=2"], input="one\ntwo\n\nthree\n",
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    stdin = run_script(script, model, "batch_size=2", input="one\ntwo\n\nthree\n").stdout.splitlines()
     assert len(stdin) == 3

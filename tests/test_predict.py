@@ -1,12 +1,10 @@
 """scripts/predict.py on a saved tiny model: single texts and sentence pairs (TAB lines, table files)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 PREDICT = ROOT / "scripts" / "predict.py"
 
@@ -32,9 +30,7 @@ def saved_model(tmp_path_factory):
 
 
 def _predict(*args):
-    proc = subprocess.run([sys.executable, str(PREDICT), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(PREDICT, *args)  # the CLI, forked from the suite's fork server (conftest.run_script)
     return [line.split("\t") for line in proc.stdout.splitlines()]
 
 

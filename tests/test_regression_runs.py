@@ -5,14 +5,12 @@ search over the run's validation probabilities, reported next to 0.5, and used b
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics
+from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics, run_script
 from test_tasks_runs import COLORS, _filler, write_csv
 
 pytestmark = pytest.mark.slow
@@ -77,8 +75,7 @@ def test_regression_two_ranks_equal_one_process_and_keep_the_lowest_mse(regressi
 def test_predict_and_the_pipeline_print_the_predicted_value(regression_runs):
     run = regression_runs["1x24x1"]
     rows = _rows(run / "validation_predictions.csv")[:5]
-    proc = subprocess.run([sys.executable, str(PREDICT), f"model={run / 'model'}", *[r["text"] for r in rows]],
-                          capture_output=True, text=True, check=True)
+    proc = run_script(PREDICT, f"model={run / 'model'}", *[r["text"] for r in rows])
     lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
     assert [line[0] for line in lines] == ["pleasantness"] * 5
     assert [line[2] for line in lines] == [r["text"] for r in rows]
@@ -172,8 +169,7 @@ def test_predict_uses_the_tuned_thresholds(tuned_run):
     row, name = between[0]
 
     def chosen(*extra):
-        out = subprocess.run([sys.executable, str(PREDICT), f"model={run / 'model'}", *extra, row["text"]],
-                             capture_output=True, text=True, check=True).stdout
+        out = run_script(PREDICT, f"model={run / 'model'}", *extra, row["text"]).stdout
         return set(filter(None, out.split("\t")[0].split(",")))
 
     tuned, half = chosen(), chosen("threshold=0.5")

@@ -3,12 +3,10 @@ that need their second text, multi-label with a sigmoid pipeline, and verify_equ
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics
+from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics, run_script
 from dist_gacc.data import dedupe, rotten_tomatoes_pool
 
 pytestmark = pytest.mark.slow
@@ -211,8 +209,7 @@ def test_multi_label_run_reports_micro_f1_and_saves_a_sigmoid_pipeline_model(tmp
     expected = dict(zip(["blue", "green", "red"], torch.sigmoid(logits).tolist()))
     assert scores == pytest.approx(expected, abs=1e-5) and abs(sum(scores.values()) - 1) > 1e-3
     # scripts/predict.py prints the set above the threshold and every score
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), f"model={run / 'model'}",
-                           f"{pair['text']}\t{pair['text_pair']}"], capture_output=True, text=True, check=True)
+    proc = run_script(ROOT / "scripts" / "predict.py", f"model={run / 'model'}", f"{pair['text']}\t{pair['text_pair']}")
     chosen, listed, *_ = proc.stdout.strip().split("\t")
     assert set(filter(None, chosen.split(","))) == {n for n, s in expected.items() if s >= 0.5}
     assert listed.count("=") == 3
