@@ -1,7 +1,9 @@
 """Shared test set-up: offline Hugging Face libraries, Hydra compose(), CLI launches (1 or 2 ranks)."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,8 +11,18 @@ from pathlib import Path
 
 import pytest
 
+# One folder for the temporary files of this process and of every process it starts (TMPDIR: torch's launcher's
+# torchelastic_* folders, the benchmark's work folders, the launches' output files), removed when this process
+# ends: a full run once left ~3,000 folders in /tmp. The same root here as in the children (torch derives
+# TORCHINDUCTOR_CACHE_DIR from it, and the fork server compares that variable); pytest's tmp_path folders stay
+# under the usual root (PYTEST_DEBUG_TEMPROOT), the last 3 runs kept.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SESSION_TMP = tempfile.mkdtemp(prefix="dist-gacc-tests-")
+atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
+tempfile.tempdir = os.environ["TMPDIR"] = SESSION_TMP
+
 # Offline before any Hugging Face import: a Hub name would otherwise retry for ~23 s before failing.
-_HF_HOME = tempfile.mkdtemp(prefix="dist-gacc-hf-")
+_HF_HOME = tempfile.mkdtemp(prefix="hf-home-")
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=_HF_HOME,
                   TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                   DIST_GACC_CACHE_DIR=os.path.join(_HF_HOME, "dist_gacc"))  # the precision probe's cache
@@ -90,11 +102,9 @@ class ForkServer:
 
     def start(self, env: dict | None = None) -> None:
         """`env`: the server's environment (default: launch()'s)."""
-        import atexit
-
         if env is None:
             env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # launch()'s defaults
-        folder = tempfile.mkdtemp(prefix="dist-gacc-forkserver-")
+        folder = tempfile.mkdtemp(prefix="forkserver-")
         self.socket, self.env = os.path.join(folder, "socket"), env
         with open(os.path.join(folder, "server.log"), "w") as log:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), self.socket],
@@ -109,7 +119,7 @@ class ForkServer:
 
     def run(self, cmd: list, script: Path, args: list, env: dict, launcher: list, timeout: float,
             input: str | None = None) -> subprocess.CompletedProcess:
-        folder = tempfile.mkdtemp(prefix="dist-gacc-launch-")
+        folder = tempfile.mkdtemp(prefix="launch-")
         out, err, stdin = (os.path.join(folder, name) for name in ("stdout", "stderr", "stdin"))
         if input is not None:
             with open(stdin, "w") as f:
@@ -120,7 +130,7 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
         proc = subprocess.CompletedProcess(cmd, job.returncode, _read(out), _read(err))
-        proc.rank_codes = job.rank_codes
+        proc.rank_codes, proc.first_failure = job.rank_codes, job.first_failure
         return proc
 
     def start_job(self, cmd: list, script: Path, args: list, env: dict, launcher: list, stdout: str, stderr: str,
@@ -137,12 +147,13 @@ class ForkServer:
 class ForkedJob:
     """A running job of the fork server, as a Popen of its command would be: `pid` is the job process (torch's
     launcher's place: the ranks are its children; it leads its own process group), poll() and wait() give its
-    exit code, and `rank_codes` each rank's (negative: the signal that ended it) once it has ended."""
+    exit code, and `rank_codes` each rank's (negative: the signal that ended it) and `first_failure` the first
+    failed rank's once it has ended."""
 
     def __init__(self, cmd: list, server_socket: str, request: dict, timeout: float | None):
         import socket
 
-        self.cmd, self.returncode, self.rank_codes, self._buffer = cmd, None, None, b""
+        self.cmd, self.returncode, self.rank_codes, self.first_failure, self._buffer = cmd, None, None, None, b""
         self._conn = socket.socket(socket.AF_UNIX)
         self._conn.connect(server_socket)
         self._conn.sendall((json.dumps(request) + "\n").encode())
@@ -179,7 +190,7 @@ class ForkedJob:
         return json.loads(line)
 
     def _ended(self, reply: dict) -> None:
-        self.returncode, self.rank_codes = reply["returncode"], reply["rank_codes"]
+        self.returncode, self.rank_codes, self.first_failure = reply["returncode"], reply["rank_codes"], reply["first_failure"]
         self._conn.close()
 
 
@@ -262,15 +273,16 @@ def start_launch(cmd: list, env: dict, script: Path, log: str, real: bool = Fals
     return _FORK_SERVER.start_job(cmd, script, cmd[at + 1:], env, launcher, log, log)
 
 
-def rank_exit_codes(proc, output: str | None = None) -> set[int]:
-    """The exit codes of a multi-rank launch's failed ranks (negative: the signal that ended one): the fork
-    server's report, or what torch's launcher printed ("exitcode : N" for each failure it lists) in `output`
-    (default: the launch's stderr)."""
+def first_rank_failure(proc, output: str | None = None) -> int | None:
+    """The exit code of the first rank of a multi-rank launch to fail (negative: the signal that ended it; the
+    other ranks may then end by the launcher's SIGTERM): the fork server's report, or torch's launcher's "Root
+    Cause" in `output` (default: the launch's stderr). None: no rank failed."""
     import re
 
-    if getattr(proc, "rank_codes", None) is not None:
-        return {code for code in proc.rank_codes if code != 0}
-    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr if output is None else output)}
+    if hasattr(proc, "first_failure"):
+        return proc.first_failure
+    found = re.search(r"Root Cause[^=]*?exitcode\s*:\s*(-?\d+)", proc.stderr if output is None else output)
+    return int(found.group(1)) if found else None
 
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,

@@ -17,7 +17,8 @@ a real subprocess when they differ (conftest.IMPORT_TIME_ENV).
 
 Protocol (one JSON line each way per connection): request {script, args, env, cwd, launch_args (none: plain
 python), stdout, stderr, stdin (a file to read, or none: /dev/null)}; replies {"pgid": n} once the job process runs (its pid: it leads its own session), then
-{"returncode": n, "rank_codes": [each rank's exit code, -N for a signal]}.
+{"returncode": n, "rank_codes": [each rank's exit code, -N for a signal], "first_failure": the exit code of the
+first rank to fail (torch's launcher's "Root Cause"; the others may be its SIGTERM's -15), or null}.
 """
 
 import json
@@ -132,9 +133,10 @@ def rank_envs(req: dict) -> list[dict]:
     base = {**env,  # torchrun exports its default --signals-to-handle to the workers
             "TORCHELASTIC_SIGNALS_TO_HANDLE": get_args_parser().get_default("signals_to_handle")}
     n = args.num_processes
+    port = args.main_process_port or _free_port()  # 0: any free port (torchrun's agent picks one)
     return [{**base, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0", "ROLE_RANK": str(r),
              "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(n), "WORLD_SIZE": str(n), "GROUP_WORLD_SIZE": "1",
-             "ROLE_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.main_process_port),
+             "ROLE_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
              "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "none",
              "TORCHELASTIC_USE_AGENT_STORE": "False"} for r in range(n)]
 
@@ -169,7 +171,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
     """Fork the ranks and wait. As torchrun does: a failed rank stops the others; the code is then 1."""
     os.setsid()
     conn.sendall((json.dumps({"pgid": os.getpgid(0)}) + "\n").encode())
-    code, codes = 1, None
+    code, codes, first = 1, None, None
     try:
         envs = rank_envs(req)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # ranks share the files, as they share a launcher's
@@ -181,7 +183,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
                 conn.close()
                 rank_main(req, env, out, err)
             pids.append(pid)
-        codes = wait_ranks(pids)
+        codes, first = wait_ranks(pids)
         code = codes[0] if len(codes) == 1 else (0 if not any(codes) else 1)
     except BaseException:  # noqa: BLE001  (the client reads the job's failure in its stderr)
         import traceback
@@ -190,17 +192,20 @@ def job_main(conn: socket.socket, req: dict) -> None:
             traceback.print_exc(file=f)
     finally:
         try:
-            conn.sendall((json.dumps({"returncode": code, "rank_codes": codes}) + "\n").encode())
+            conn.sendall((json.dumps({"returncode": code, "rank_codes": codes, "first_failure": first}) + "\n").encode())
         finally:
             os._exit(0)
 
 
-def wait_ranks(pids: list[int]) -> list[int]:
+def wait_ranks(pids: list[int]) -> tuple[list[int], int | None]:
+    """Each rank's exit code, and the first failed rank's (None: none failed)."""
     codes = {}
+    first = None
     while len(codes) < len(pids):
         pid, status = os.wait()
         codes[pid] = os.waitstatus_to_exitcode(status)
         if codes[pid] != 0:
+            first = codes[pid]
             for other in pids:  # torchrun: SIGTERM to the rest, SIGKILL after its grace period (30 s)
                 if other not in codes:
                     _signal(other, signal.SIGTERM)
@@ -216,7 +221,13 @@ def wait_ranks(pids: list[int]) -> list[int]:
                     deadline = float("inf")
                 else:
                     time.sleep(0.05)
-    return [codes[p] for p in pids]
+    return [codes[p] for p in pids], first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -3,9 +3,6 @@ micro-batch, the best model and its score, the logged training loss, trackers, s
 set-up, exit codes for environment failures."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -69,26 +66,13 @@ def test_eval_is_the_score_of_the_model_in_model_dir(best_run):
     assert sorted(p.name for p in best_run.iterdir() if p.name.startswith("model")) == ["model"]  # swapped in whole
 
 
-MAIN = """
-import sys
-from conftest import compose_cfg
-from dist_gacc.run import main
-
-print("objective", main(compose_cfg(*sys.argv[2:], "output_dir=" + sys.argv[1])))
-"""
-
-
 def test_sweep_objective_is_the_score_of_the_model_in_model_dir(tmp_path):
     """The best run's settings without save_best: model/ is the final model (validation F1 0), while an earlier
     evaluation scored 0.679. The objective main() returns to Hydra's sweepers is the final model's score
     (it once returned the best evaluation's, a model that was never saved)."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", MAIN, str(run_dir), *BEST, "trainer.save_best=false",
-                           "trainer.log_with=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_script(ROOT / "tests" / "dist" / "objective.py", str(run_dir), *BEST, "trainer.save_best=false",
+                         "trainer.log_with=none", processes=1)
     m = read_metrics(run_dir)
     assert m["model"] == "final" and m["best"]["f1"] == pytest.approx(0.6786, abs=1e-4)
     assert m["eval"]["f1"] == m["history"][-1]["f1"] == 0.0

@@ -175,7 +175,9 @@ def test_deepspeed_zero2_one_cpu_process_matches_the_plain_loop(tmp_path):
     update the exact window mean (ragged last window). 2 CPU ranks: tests/test_engines_cpu.py."""
     plain, ds = tmp_path / "plain", tmp_path / "deepspeed"
     launch(plain, *RAGGED)
-    proc = launch_config(ds, "deepspeed_zero2", *RAGGED, env={"DS_ACCELERATOR": "cpu"},
+    # Without CUDA, DeepSpeed picks its CPU accelerator by itself (and the launch forks from the suite's fork
+    # server, whose DeepSpeed was imported so); with a GPU it must be told (DS_ACCELERATOR=cpu: a real launch).
+    proc = launch_config(ds, "deepspeed_zero2", *RAGGED, env={"DS_ACCELERATOR": "cpu"} if torch.cuda.is_available() else {},
                          launch_args=("--num_processes", "1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = read_metrics(plain), read_metrics(ds)

@@ -109,3 +109,37 @@ def test_launches_before_and_after_this_process_imported_deepspeed_are_forked():
         if server.proc is not None:
             server.proc.kill()
             server.proc.wait()
+
+
+def test_the_command_line_client_runs_a_launch_and_ends_it_when_signalled(tmp_path):
+    """tests/forkclient.py (`accelerate launch` in gpu_check's dry run, port 0 as the script passes it): the ranks
+    run forked (their output reaching the client's: the step summaries test_gpu_check reads); SIGTERM to the
+    client, as `timeout` sends it, kills the job's ranks and exits 143."""
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    assert _FORK_SERVER.serves(env)  # started, and this environment is its
+    out = tmp_path / "sleeping"
+    client = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkclient.py"), _FORK_SERVER.socket,
+                               "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--num_machines", "1", "--main_process_port", "0", str(RANK_ENV), str(out), "sleep"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all(out.with_name(f"{out.name}.{r}.json").exists() for r in (0, 1)):
+        assert client.poll() is None and time.time() < deadline, client.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # both have written their file (a partial read would fail below)
+    pids = [rank["pid"] for rank in ranks(out, 2)]
+    assert all(running(pid) for pid in pids)
+    assert int(ranks(out, 2)[0]["env"]["MASTER_PORT"]) > 0  # port 0: one free port, the same for both ranks
+    assert len({rank["env"]["MASTER_PORT"] for rank in ranks(out, 2)}) == 1
+    client.terminate()
+    client.communicate(timeout=30)
+    assert client.returncode == 128 + 15
+    for _ in range(100):
+        alive = [pid for pid in pids if running(pid)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive

@@ -8,20 +8,54 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, ForkServer
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 ONE_GPU = ["env", "equivalence-fp32", "equivalence-bf16", "fp16-gradscaler", "bert-base-bf16", "time-to-f1"]
 TWO_GPUS = [*ONE_GPU[:4], "equivalence-2gpu", "fsdp-deepspeed-2gpu", *ONE_GPU[4:]]
 
 
-def run(*args: str, gpus: int = 1, budget: int | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPU_CHECK_GPUS": str(gpus),
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+def run(*args: str, gpus: int = 1, budget: int | None = None, timeout: int = 60,
+        path_first: str | None = None) -> subprocess.CompletedProcess:
+    env = script_env(gpus, path_first)
     if budget is not None:
         env.update(GPU_CHECK_BUDGET_S=str(budget), GPU_CHECK_BUDGET_SCALE="1")
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
+
+
+def script_env(gpus: int, path_first: str | None = None) -> dict:
+    """The script's environment (`path_first`: a folder put before the environment's bin/ on PATH)."""
+    folders = [*([path_first] if path_first else []), os.path.dirname(sys.executable), os.environ["PATH"]]
+    return {**os.environ, "GPU_CHECK_GPUS": str(gpus), "PATH": os.pathsep.join(folders)}
+
+
+# The dry run's `python scripts/<x>.py` and `accelerate launch ... scripts/<x>.py` (five of its steps' commands)
+# fork from a fork server started with the environment the script gives its steps (tests/forkclient.py), so
+# they skip ~5 s of imports per process; the rest (python - <<heredoc, -c, -m pytest) is the real interpreter.
+SHIMS = {
+    "python": 'if [[ "$1" == *.py && -f "$1" ]]; then exec {python} {client} {socket} "$@"; fi\n'
+              'exec {python} "$@"\n',
+    "accelerate": 'if [[ "$1" == launch ]]; then shift; exec {python} {client} {socket} -m accelerate.commands.launch "$@"; fi\n'
+                  'exec {python} -m accelerate.commands.accelerate_cli "$@"\n',
+}
+# What scripts/gpu_check.sh --dry-run exports for its steps (on top of the caller's environment).
+DRY_RUN_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def forking_shims(folder, gpus: int) -> ForkServer:
+    """`python` and `accelerate` in `folder` that send scripts to a fork server of the dry run's environment."""
+    folder.mkdir()
+    server = ForkServer()
+    server.start(env={**script_env(gpus, str(folder)), **DRY_RUN_ENV})
+    assert not server.failed
+    for name, body in SHIMS.items():
+        shim = folder / name
+        shim.write_text("#!/bin/bash\n" + body.format(python=sys.executable, client=ROOT / "tests" / "forkclient.py",
+                                                        socket=server.socket))
+        shim.chmod(0o755)
+    return server
 
 
 def rows(report: str) -> dict[str, list[str]]:
@@ -57,7 +91,12 @@ def test_every_step_leaves_its_row_when_the_budget_is_spent(tmp_path):
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_reports_it(tmp_path):
     """Every step's command on CPU ranks with tiny sizes (2 "GPUs": the 2-process steps too)."""
-    proc = run("--dry-run", str(tmp_path), gpus=2, timeout=900)
+    server = forking_shims(tmp_path / "bin", gpus=2)
+    try:
+        proc = run("--dry-run", str(tmp_path / "report"), gpus=2, timeout=900, path_first=str(tmp_path / "bin"))
+    finally:
+        server.proc.kill()
+    tmp_path = tmp_path / "report"
     report = (tmp_path / "report.md").read_text()
     table = rows(report)
     assert list(table) == TWO_GPUS, report
