@@ -345,13 +345,19 @@ SPLITS = {
 @pytest.fixture(scope="session")
 def equivalent_runs(tmp_path_factory):
     """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}. 1x8x1 and 2x2x2 are the real
-    commands (python scripts/train.py, accelerate launch), so the suite checks those end to end (test_e2e) and
-    the fork server's runs against them (1x2x4 and the 2-rank runs elsewhere must reproduce their numbers)."""
+    commands (python scripts/train.py; the README's 2-rank CPU command, `accelerate launch --config_file
+    conf/accelerate/cpu_2proc.yaml`), so the suite checks those end to end (test_e2e, test_engines) and the fork
+    server's runs against them (1x2x4 and the 2-rank runs elsewhere must reproduce their numbers)."""
     runs = {}
     for name, s in SPLITS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
-        launch(run_dir, *TINY, f"trainer.micro_batch_size={s['micro']}", f"trainer.grad_accum_steps={s['accum']}",
-               "trainer.epochs=2", processes=s["processes"], real=name != "1x2x4")
+        split = [*TINY, f"trainer.micro_batch_size={s['micro']}", f"trainer.grad_accum_steps={s['accum']}",
+                 "trainer.epochs=2"]
+        if s["processes"] == 1:
+            launch(run_dir, *split, real=name == "1x8x1")
+        else:
+            proc = launch_config(run_dir, "cpu_2proc", *split, real=True)
+            assert proc.returncode == 0, proc.stderr[-6000:]
         runs[name] = run_dir
     return runs
 
