@@ -126,11 +126,16 @@ def prepare(model: str, work: Path) -> dict:
 
 # --- running workers ---------------------------------------------------------------------------------
 
+def worker_env(spec: dict) -> dict:
+    """A worker process's environment: the spec's threads, offline, quiet, plus the spec's own variables."""
+    return {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+            **spec.get("env", {})}
+
+
 def run_workers(specs: list[dict], processes: int = 1) -> list[dict]:
     """Run the specs in one worker process (quick mode) or one process each; return their results."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(specs[0]["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           **specs[0].get("env", {})}
+    env = worker_env(specs[0])
     cmd = [sys.executable, str(WORKER)]
     if processes > 1:
         env["ACCELERATE_USE_CPU"] = "1" if specs[0]["device"] == "cpu" else env.get("ACCELERATE_USE_CPU", "")
@@ -165,8 +170,7 @@ class QuickWorker:
 
     def run(self, specs: list[dict]) -> list[dict]:
         if self.proc is None:
-            env = {**os.environ, "OMP_NUM_THREADS": str(specs[0]["threads"]), "TOKENIZERS_PARALLELISM": "false",
-                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+            env = worker_env(specs[0])  # (specs with variables of their own do not come here: measure())
             self.stderr = tempfile.TemporaryFile("w+")  # read on failure only; a pipe nobody reads could fill
             self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], cwd=ROOT, env=env, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)

@@ -130,7 +130,7 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
         proc = subprocess.CompletedProcess(cmd, job.returncode, _read(out), _read(err))
-        proc.rank_codes, proc.first_failure = job.rank_codes, job.first_failure
+        proc.first_failure = job.first_failure
         return proc
 
     def start_job(self, cmd: list, script: Path, args: list, env: dict, launcher: list, stdout: str, stderr: str,
@@ -147,13 +147,13 @@ class ForkServer:
 class ForkedJob:
     """A running job of the fork server, as a Popen of its command would be: `pid` is the job process (torch's
     launcher's place: the ranks are its children; it leads its own process group), poll() and wait() give its
-    exit code, and `rank_codes` each rank's (negative: the signal that ended it) and `first_failure` the first
-    failed rank's once it has ended."""
+    exit code, and `first_failure` the first failed rank's (negative: the signal that ended it) once it has
+    ended."""
 
     def __init__(self, cmd: list, server_socket: str, request: dict, timeout: float | None):
         import socket
 
-        self.cmd, self.returncode, self.rank_codes, self.first_failure, self._buffer = cmd, None, None, None, b""
+        self.cmd, self.returncode, self.first_failure, self._buffer = cmd, None, None, b""
         self._conn = socket.socket(socket.AF_UNIX)
         self._conn.connect(server_socket)
         self._conn.sendall((json.dumps(request) + "\n").encode())
@@ -190,7 +190,7 @@ class ForkedJob:
         return json.loads(line)
 
     def _ended(self, reply: dict) -> None:
-        self.returncode, self.rank_codes, self.first_failure = reply["returncode"], reply["rank_codes"], reply["first_failure"]
+        self.returncode, self.first_failure = reply["returncode"], reply["first_failure"]
         self._conn.close()
 
 
@@ -255,9 +255,14 @@ def launch_config(run_dir: Path, config: str, *overrides: str, env: dict | None 
 def run_config_command(cmd: list, env: dict, script: Path = TRAIN, timeout: float = 300,
                        real: bool = False) -> subprocess.CompletedProcess:
     """Run config_command's launch: forked (Accelerate's environment for the file), or for real."""
-    at = cmd.index("--config_file")  # [python, -m, accelerate.commands.launch, launcher args..., script, args...]
-    launcher, args = cmd[at:cmd.index(str(script))], cmd[cmd.index(str(script)) + 1:]
+    launcher, args = _split_command(cmd, script)
     return _run(script, args, env, launcher, timeout, real)
+
+
+def _split_command(cmd: list, script: Path) -> tuple[list, list]:
+    """[python, (-m accelerate.commands.launch, launcher args...,) script, args...] -> (launcher args, args)."""
+    at = cmd.index(str(script))
+    return (cmd[3:at] if cmd[1:3] == ["-m", "accelerate.commands.launch"] else []), cmd[at + 1:]
 
 
 def start_launch(cmd: list, env: dict, script: Path, log: str, real: bool = False):
@@ -268,9 +273,8 @@ def start_launch(cmd: list, env: dict, script: Path, log: str, real: bool = Fals
         with open(log, "a") as out:
             return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
-    at = cmd.index(str(script))
-    launcher = cmd[3:at] if cmd[1:3] == ["-m", "accelerate.commands.launch"] else []
-    return _FORK_SERVER.start_job(cmd, script, cmd[at + 1:], env, launcher, log, log)
+    launcher, args = _split_command(cmd, script)
+    return _FORK_SERVER.start_job(cmd, script, args, env, launcher, log, log)
 
 
 def first_rank_failure(proc, output: str | None = None) -> int | None:

@@ -17,8 +17,8 @@ a real subprocess when they differ (conftest.IMPORT_TIME_ENV).
 
 Protocol (one JSON line each way per connection): request {script, args, env, cwd, launch_args (none: plain
 python), stdout, stderr, stdin (a file to read, or none: /dev/null)}; replies {"pgid": n} once the job process runs (its pid: it leads its own session), then
-{"returncode": n, "rank_codes": [each rank's exit code, -N for a signal], "first_failure": the exit code of the
-first rank to fail (torch's launcher's "Root Cause"; the others may be its SIGTERM's -15), or null}.
+{"returncode": n, "first_failure": the exit code of the first rank to fail (-N for a signal; torch's launcher's
+"Root Cause": the others may then end by its SIGTERM's -15), or null}.
 """
 
 import json
@@ -171,7 +171,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
     """Fork the ranks and wait. As torchrun does: a failed rank stops the others; the code is then 1."""
     os.setsid()
     conn.sendall((json.dumps({"pgid": os.getpgid(0)}) + "\n").encode())
-    code, codes, first = 1, None, None
+    code, first = 1, None
     try:
         envs = rank_envs(req)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # ranks share the files, as they share a launcher's
@@ -192,7 +192,7 @@ def job_main(conn: socket.socket, req: dict) -> None:
             traceback.print_exc(file=f)
     finally:
         try:
-            conn.sendall((json.dumps({"returncode": code, "rank_codes": codes, "first_failure": first}) + "\n").encode())
+            conn.sendall((json.dumps({"returncode": code, "first_failure": first}) + "\n").encode())
         finally:
             os._exit(0)
 
