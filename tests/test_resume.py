@@ -129,14 +129,44 @@ def test_sigterm_checkpoints_the_current_update_and_resume_finishes(tmp_path, un
     assert_same_run(run_dir, uninterrupted[2])
 
 
-def test_sigterm_single_process_exit_code(tmp_path):
+def handles(pid: int, sig: int) -> bool:
+    """Whether process `pid` has its own handler for `sig` (/proc's SigCgt mask: bit sig - 1)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1)
+
+
+def signal_while_loading(proc, sig=signal.SIGTERM) -> None:
+    """Send `sig` as soon as scripts/train.py's first lines set its handler, while torch is still loading."""
+    deadline = time.time() + 60
+    while not handles(proc.pid, sig):
+        assert proc.poll() is None and time.time() < deadline, "scripts/train.py never set its handler"
+        time.sleep(0.005)
+    with open(f"/proc/{proc.pid}/maps") as f:  # torch's library not yet mapped: the imports are under way
+        assert "libtorch" not in f.read(), "the handler was set only after torch had loaded"
+    proc.send_signal(sig)
+
+
+def test_sigterm_while_the_libraries_load_stops_after_one_checkpointed_update(tmp_path):
+    """One process, SIGTERM while torch and the others load (~5 s): kept, not fatal (it was: exit -15, which a
+    batch script does not requeue). The run stops after its first update with a checkpoint and exit 75, as for a
+    signal during set-up or training. A sweep's parent (-m) runs no job itself: it still ends on the signal."""
     run_dir = tmp_path / "run"
     proc = start(run_dir, *RESUMABLE, processes=1)
-    wait_for_checkpoint(run_dir, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    sweep = subprocess.Popen([sys.executable, str(TRAIN), "-m", "hydra/launcher=accelerate", *RESUMABLE,
+                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    signal_while_loading(proc)
+    signal_while_loading(sweep)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    assert "Rerun with resume=auto" in err
+    assert "stopped by a signal after a finished update" in err and "Rerun with resume=auto" in err
+    assert steps(run_dir) == [1]
+    record = json.loads((run_dir / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert record["position"]["reason"] == "stop signal" and record["state"]["updates"] == 1
+    assert not (run_dir / "metrics.json").exists()
+    sweep.communicate(timeout=60)
+    assert sweep.returncode == -signal.SIGTERM and not (tmp_path / "sweep").exists()
 
 
 def test_interrupted_save_leaves_previous_checkpoint_as_resume_point(tmp_path, uninterrupted):

@@ -1,7 +1,7 @@
 """Stop signals: SIGTERM / SIGUSR1 (preemption, SLURM's warning) set a flag instead of killing.
 
 The handler is installed before set-up and removed after the last output is written, so a signal
-at any moment is kept: during set-up or training the run finishes the update in progress (the first
+at any moment is kept (scripts/train.py keeps them from its first line, while its libraries load: `kept`): during set-up or training the run finishes the update in progress (the first
 update, if the signal came during set-up: the vote rides in a window's all-reduce), checkpoints and
 stops (exit 75); after the last update the outputs are completed, a warning says a signal came, and
 the run ends as finished (exit 0).
@@ -23,11 +23,15 @@ class Preempted(Exception):
 class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, kept: list[int] | None = None):
+        """`kept`: the signals that arrived before this run (read on entry: they stop it as one during set-up)."""
         self.received: int | None = None
+        self.kept = kept if kept is not None else []
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        if self.kept:
+            self.received = self.kept[-1]
         return self
 
     def _handle(self, signum, frame):

@@ -76,10 +76,11 @@ def train_only(job: Job, engine: engines.Engine | None = None, state: TrainState
     return fit(loop, state or fresh)
 
 
-def run(cfg: DictConfig, *, hooks: Hooks | None = None) -> dict:
-    """Train and evaluate as `cfg` says; returns the metrics written to metrics.json."""
+def run(cfg: DictConfig, *, hooks: Hooks | None = None, kept_signals: list[int] | None = None) -> dict:
+    """Train and evaluate as `cfg` says; returns the metrics written to metrics.json. `kept_signals`: stop signals
+    that arrived before (scripts/train.py's, while its libraries loaded): the run stops as for one during set-up."""
     wall_start = time.perf_counter()
-    with StopSignals() as stop:  # from the first moment: a signal during set-up or the final save is kept
+    with StopSignals(kept_signals) as stop:  # from the first moment: a signal during set-up or the final save is kept
         job = build(cfg, hooks)
         acc = job.accelerator
         average = job.task.f1_average
@@ -178,8 +179,9 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig, kept_signals: list[int] | None = None) -> float:
     """Entry point for scripts/train.py: expected failures end with a message and a documented code.
+    `kept_signals`: the stop signals its first line kept while the libraries loaded (StopSignals).
 
     Returns the objective for Hydra sweepers: the validation trainer.metric (F1; regression: Pearson's r; mse is
     lower-is-better: set the sweeper's direction) of the model in model/ (`eval`, outputs.finish):
@@ -188,7 +190,7 @@ def main(cfg: DictConfig) -> float:
     """
     check_multirun()
     try:
-        result = run(cfg)
+        result = run(cfg, kept_signals=kept_signals)
         return result["eval"][result["metric"]]
     except Exception as err:
         known = exit_code(err)
