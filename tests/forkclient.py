@@ -7,6 +7,7 @@ process (the `timeout` of scripts/gpu_check.sh) ends the job's whole process gro
 Imports nothing heavy: it starts in ~30 ms where the command's own imports take ~5 s.
 
     forkclient.py <server socket> script.py args...
+    forkclient.py <server socket> - args...          # the program on standard input, as `python - args`
     forkclient.py <server socket> -m accelerate.commands.launch <launch args> script.py args...
 
 The server must have been started with the environment the command has (tests/test_gpu_check.py starts one
@@ -28,6 +29,12 @@ def main(argv: list[str]) -> int:
         at = next(i for i, arg in enumerate(command) if arg.endswith(".py"))
         launcher, command = command[2:at], command[at:]
     outputs = {stream: tempfile.mkstemp(prefix="forkclient-")[1] for stream in (sys.stdout, sys.stderr)}
+    program = None
+    if command[0] == "-":  # `python - <<EOF`: the program is read from stdin, written to a file the job runs
+        fd, program = tempfile.mkstemp(prefix="forkclient-", suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(sys.stdin.read())
+        command = [program, *command[1:]]
     request = {"script": os.path.abspath(command[0]), "args": command[1:], "env": dict(os.environ),
                "cwd": os.getcwd(), "launch_args": launcher, "stdout": outputs[sys.stdout],
                "stderr": outputs[sys.stderr], "stdin": None}
@@ -54,6 +61,8 @@ def main(argv: list[str]) -> int:
             signal.signal(sig, end)
         line = replies.readline()
     copy_output()
+    if program:
+        os.unlink(program)
     return json.loads(line)["returncode"] if line else 1
 
 

@@ -6,9 +6,6 @@ in smaller slices on out of memory."""
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DistributedType
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from conftest import (CONF, ROOT, TINY, _free_port, launch, launch_config, launch_script, load_params, max_abs_diff,
+from conftest import (CONF, ROOT, TINY, launch, launch_config, launch_script, load_params, max_abs_diff,
                       read_metrics)
 from dist_gacc.windows import real_examples, window_examples
 from dist_gacc.config import TrainerConfig
@@ -218,28 +215,6 @@ def test_deepspeed_two_gpus_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert read_metrics(ds)["train_losses"] == pytest.approx(read_metrics(plain)["train_losses"], rel=1e-4)
     assert max_abs_diff(load_params(plain), load_params(ds)) <= 1e-4
-
-
-@pytest.mark.slow
-def test_two_nodes_on_localhost_train_one_run(tmp_path, equivalent_runs):
-    """scripts/slurm_node.sh as srun starts it on each of 2 nodes (1 process each), driven by the
-    SLURM variables; both "nodes" are this machine, rendezvous on 127.0.0.1."""
-    run_dir = tmp_path / "shared" / "run"
-    env = {**os.environ, "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "MAIN_ADDR": "127.0.0.1",
-           "MAIN_PORT": str(_free_port()), "RUN_DIR": str(run_dir), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
-    nodes = [subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_node.sh"), *TINY, "trainer.micro_batch_size=2",
-                               "trainer.grad_accum_steps=2", "trainer.epochs=2"],
-                              cwd=tmp_path, env={**env, "SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "node 1/2" in outputs[1][0]
-    assert list(tmp_path.rglob("metrics.json")) == [run_dir / "metrics.json"]  # one run, written once
-    metrics = read_metrics(run_dir)
-    assert (metrics["world_size"], metrics["optimizer_steps"]) == (2, 16)
-    assert max_abs_diff(load_params(run_dir), load_params(equivalent_runs["1x8x1"])) <= 1e-5
 
 
 # --- the update variants on a real (tiny) model, in this process ------------------------------------

@@ -30,11 +30,11 @@ def script_env(gpus: int, path_first: str | None = None) -> dict:
     return {**os.environ, "GPU_CHECK_GPUS": str(gpus), "PATH": os.pathsep.join(folders)}
 
 
-# The dry run's `python scripts/<x>.py` and `accelerate launch ... scripts/<x>.py` (five of its steps' commands)
-# fork from a fork server started with the environment the script gives its steps (tests/forkclient.py), so
-# they skip ~5 s of imports per process; the rest (python - <<heredoc, -c, -m pytest) is the real interpreter.
+# The dry run's `python scripts/<x>.py`, `python - <<heredoc` and `accelerate launch ... scripts/<x>.py` fork from
+# a fork server started with the environment the script gives its steps (tests/forkclient.py), so they skip ~5 s
+# of imports per process; the rest (python -c, -m pytest) is the real interpreter.
 SHIMS = {
-    "python": 'if [[ "$1" == *.py && -f "$1" ]]; then exec {python} {client} {socket} "$@"; fi\n'
+    "python": 'if [[ "$1" == - || "$1" == *.py && -f "$1" ]]; then exec {python} {client} {socket} "$@"; fi\n'
               'exec {python} "$@"\n',
     "accelerate": 'if [[ "$1" == launch ]]; then shift; exec {python} {client} {socket} -m accelerate.commands.launch "$@"; fi\n'
                   'exec {python} -m accelerate.commands.accelerate_cli "$@"\n',

@@ -63,11 +63,27 @@ def test_two_machines_on_one_host_equal_one_process(tmp_path, equivalent_runs):
 # --- the batch scripts' requeue rule, with stubs for the SLURM binaries --------------------------------
 
 SRUN = """#!/bin/bash
-# Stands in for srun: log the call, then run FAKE_STEP if set, else the step's command without srun's options.
+# Stands in for srun: log the call, then run FAKE_STEP if set, else the step's command without srun's options:
+# once, or (--ntasks=N, N > 1) N copies at once as srun starts one task per node (SLURM_NODEID, SLURM_PROCID
+# 0..N-1), SIGTERM forwarded to each, srun's exit code the highest of theirs.
 echo "srun $*" >> "${FAKE_SLURM_LOG}"
 if [[ -n "${FAKE_STEP:-}" ]]; then exec bash -c "${FAKE_STEP}"; fi
-while [[ "$1" == --* ]]; do shift; done
-exec "$@"
+ntasks=1
+while [[ "$1" == --* ]]; do
+    if [[ "$1" == --ntasks=* ]]; then ntasks="${1#--ntasks=}"; fi
+    shift
+done
+if (( ntasks == 1 )); then exec "$@"; fi
+pids=()
+for ((i = 0; i < ntasks; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+highest=0
+for pid in "${pids[@]}"; do
+    while kill -0 "${pid}" 2>/dev/null; do wait "${pid}"; done
+    wait "${pid}"; code=$?
+    (( code > highest )) && highest=${code}
+done
+exit "${highest}"
 """
 SCONTROL = """#!/bin/bash
 # Stands in for scontrol: log the call; `show hostnames` names this host.
@@ -164,15 +180,16 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_slurm_train_preempted_real_ranks_requeue_then_resume_to_the_same_model(slurm, equivalent_runs):
-    """slurm_train.sbatch around a real 2-rank `accelerate launch` (the srun stub runs the step as is): SIGTERM
-    to the batch shell mid-run; torch's launcher exits 143 while its workers checkpoint and exit 75, so the job
-    ends 75 and requeues; the requeued job (same RUN_DIR) finishes with 0, not requeued, equal to the
-    uninterrupted 2-rank run."""
+def test_slurm_multinode_preempted_real_ranks_requeue_then_resume_to_the_same_model(slurm, equivalent_runs):
+    """slurm_multinode.sbatch around real training: the srun stub starts scripts/slurm_node.sh once per node as
+    srun does (2 "nodes" on this host, 1 process each: a real `accelerate launch --num_machines 2` per node,
+    rendezvous on 127.0.0.1, one run directory). SIGTERM to the batch shell mid-run; torch's launchers exit
+    nonzero while their workers checkpoint and exit 75, so the job ends 75 and requeues; the requeued job (same
+    RUN_DIR, resume=auto) finishes with 0, not requeued, equal to the uninterrupted 2-rank run."""
     env, log = slurm
-    env = {**env, "SLURM_GPUS_ON_NODE": "2", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**env, "SLURM_GPUS_ON_NODE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     run_dir = Path(env["RUN_DIR"])
-    job = ["bash", str(ROOT / "scripts" / "slurm_train.sbatch"), *TWO_MACHINES, "trainer.checkpoint_every=1"]
+    job = ["bash", str(ROOT / "scripts" / "slurm_multinode.sbatch"), *TWO_MACHINES, "trainer.checkpoint_every=1"]
     proc = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (_steps(run_dir) and _steps(run_dir)[-1] >= 3):
@@ -181,13 +198,15 @@ def test_slurm_train_preempted_real_ranks_requeue_then_resume_to_the_same_model(
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out + err[-3000:]
-    # torch's launcher exits nonzero but not 75 (1 when its workers were signalled too, 143 when only it was)
+    assert "node 0/2" in out and "node 1/2" in out  # slurm_node.sh on each node
+    # torch's launchers exit nonzero but not 75 (1 when its workers were signalled too, 143 when only it was)
     assert re.search(r"the step exited (1|143) after the signal and its run checkpointed for it: counted as 75", out), out
     assert requeues(log) == ["scontrol requeue 4242"] and not (run_dir / "metrics.json").exists()
 
     again = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300, check=False)  # the requeue
     assert again.returncode == 0, again.stdout + again.stderr[-3000:]
     assert requeues(log) == ["scontrol requeue 4242"] and "exited 0: not requeued" in again.stdout
+    assert list(run_dir.parent.rglob("metrics.json")) == [run_dir / "metrics.json"]  # one run, written once
     m = read_metrics(run_dir)
-    assert m["resumed_from"] and m["optimizer_steps"] == 16
+    assert m["resumed_from"] and (m["world_size"], m["optimizer_steps"]) == (2, 16)
     assert max_abs_diff(load_params(run_dir), load_params(equivalent_runs["2x2x2"])) <= 1e-6

@@ -238,11 +238,10 @@ def test_non_finite_update_is_skipped_on_every_rank(tmp_path):
 
 
 def test_too_many_non_finite_updates_abort(tmp_path):
-    proc = subprocess.run([sys.executable, str(FAULTS), str(tmp_path / "run"), "nan_always", *TINY,
-                           "trainer.max_bad_steps=2", "trainer.max_steps=10"], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "2 updates in a row had a non-finite loss or gradient (trainer.max_bad_steps=2)" in proc.stderr
+    with pytest.raises(AssertionError) as failed:
+        launch_script(FAULTS, str(tmp_path / "run"), "nan_always", *TINY, "trainer.max_bad_steps=2",
+                      "trainer.max_steps=10", processes=1)
+    assert "2 updates in a row had a non-finite loss or gradient (trainer.max_bad_steps=2)" in str(failed.value)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
