@@ -129,7 +129,9 @@ PY
 }
 
 gpu_tests() {  # FSDP and DeepSpeed on 2 GPUs; they skip, with the reason, where there are fewer or no deepspeed
-    python -m pytest tests/test_engines.py -m gpu -rs -q -p no:cacheprovider || return
+    # -n 0: in this process, one test at a time (each takes both GPUs; the suite's two xdist workers would start
+    # ~5 s each for nothing)
+    python -m pytest tests/test_engines.py -m gpu -n 0 -rs -q -p no:cacheprovider || return
     echo "SUMMARY: $(grep -E '(passed|skipped|failed)' "${STEP_LOG}" | tail -n 1 | tr -d '=')"
 }
 
