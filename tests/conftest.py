@@ -436,23 +436,26 @@ def _check_shared_runs(items) -> None:
                                 f"units (add their files): {split}")
 
 
-# Wall seconds of the costliest units on two workers (measured: M4, a full run at b635a6d), for the longest-first
-# order: with the estimate below alone, the launcher's and gpu_check's files (one slow test each, ~35 s) ran last
-# and the other worker idled ~50 s at the end. Only the order depends on them; a unit missing here is estimated.
-UNIT_SECONDS = {"equivalent_runs": 173, "test_engines_cpu.py": 162, "test_resume.py": 74, "eff16_runs": 74,
-                "test_bench.py": 67, "test_launcher.py": 39, "test_gpu_check.py": 34, "test_forkserver.py": 27,
-                "test_elastic.py": 20, "test_decoders.py": 20, "test_data_scale.py": 18}
+# Wall seconds of each unit on two workers (measured: M4, a full run at 7b420f1), for the longest-first order
+# (with rough estimates alone, the launcher's and gpu_check's files ran last and the other worker idled ~50 s at
+# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost.
+UNIT_SECONDS = {"test_engines_cpu.py": 157, "equivalent_runs": 144, "test_bench.py": 75, "eff16_runs": 72,
+                "test_resume.py": 69, "test_gpu_check.py": 43, "test_forkserver.py": 28, "test_launcher.py": 24,
+                "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16, "test_tasks_runs.py": 14,
+                "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7, "test_data.py": 6,
+                "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
+                "test_summary.py": 2}
 
 
 def _cost(unit: str, items: list) -> float:
     """A unit's expected wall seconds, for longest-first order: measured (UNIT_SECONDS), else estimated from its
-    tests (a slow test ~10 s, a fast one ~1 s, each module or session fixture's runs ~20 s: orders of magnitude
+    tests (a slow test ~4 s, a fast one ~0.2 s, each module or session fixture's runs ~15 s: orders of magnitude
     measured in this suite, not a promise)."""
     if unit in UNIT_SECONDS:
         return UNIT_SECONDS[unit]
     fixtures = {(name, item.module.__name__ if f.scope == "module" else "") for item in items
                 for name, f in _shared_fixtures(item)}
-    return sum(10 if item.get_closest_marker("slow") else 1 for item in items) + 20 * len(fixtures)
+    return sum(4 if item.get_closest_marker("slow") else 0.2 for item in items) + 15 * len(fixtures)
 
 
 def pytest_collection_modifyitems(config, items):
