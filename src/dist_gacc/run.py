@@ -155,10 +155,11 @@ def check_multirun() -> None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("error: -m (multirun) inside `accelerate launch` would run every job on every rank. Run the "
-                  "sweep with one accelerate launch per job instead:\n  python scripts/train.py -m "
-                  "hydra/launcher=accelerate hydra.launcher.num_processes=N ...", file=sys.stderr)
+        # Every rank says it, as main() does for other expected failures: the launcher ends the others as soon
+        # as one exits (measured: rank 0 ended before it printed when only it did).
+        print("error: -m (multirun) inside `accelerate launch` would run every job on every rank. Run the "
+              "sweep with one accelerate launch per job instead:\n  python scripts/train.py -m "
+              "hydra/launcher=accelerate hydra.launcher.num_processes=N ...", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     AcceleratorState._reset_state(reset_partial_state=True)
 
