@@ -1,7 +1,8 @@
 """Stop signals: SIGTERM / SIGUSR1 (preemption, SLURM's warning) set a flag instead of killing.
 
 The handler is installed before set-up and removed after the last output is written, so a signal
-at any moment is kept (scripts/train.py keeps them from its first line, while its libraries load: `kept`): during set-up or training the run finishes the update in progress (the first
+at any moment is kept (and before: scripts/train.py keeps those that arrive while its libraries load,
+handed over as `kept`): during set-up or training the run finishes the update in progress (the first
 update, if the signal came during set-up: the vote rides in a window's all-reduce), checkpoints and
 stops (exit 75); after the last update the outputs are completed, a warning says a signal came, and
 the run ends as finished (exit 0).
