@@ -348,19 +348,19 @@ SPLITS = {
 
 @pytest.fixture(scope="session")
 def equivalent_runs(tmp_path_factory):
-    """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}. 1x8x1 and 2x2x2 are the real
-    commands (python scripts/train.py; the README's 2-rank CPU command, `accelerate launch --config_file
-    conf/accelerate/cpu_2proc.yaml`), so the suite checks those end to end (test_e2e, test_engines) and the fork
-    server's runs against them (1x2x4 and the 2-rank runs elsewhere must reproduce their numbers)."""
+    """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}. 2x2x2 is the README's 2-rank CPU
+    command (`accelerate launch --config_file conf/accelerate/cpu_2proc.yaml`). All fork (tests/forkserver.py);
+    real processes reproduce their numbers in tests/test_multinode.py (two real "nodes" of the SLURM script, 2x2x2
+    to 1e-6) and tests/test_resume.py (real runs killed and resumed equal forked uninterrupted ones)."""
     runs = {}
     for name, s in SPLITS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
         split = [*TINY, f"trainer.micro_batch_size={s['micro']}", f"trainer.grad_accum_steps={s['accum']}",
                  "trainer.epochs=2"]
         if s["processes"] == 1:
-            launch(run_dir, *split, real=name == "1x8x1")
+            launch(run_dir, *split)
         else:
-            proc = launch_config(run_dir, "cpu_2proc", *split, real=True)
+            proc = launch_config(run_dir, "cpu_2proc", *split)
             assert proc.returncode == 0, proc.stderr[-6000:]
         runs[name] = run_dir
     return runs

@@ -103,7 +103,7 @@ def test_a_stop_signal_during_set_up_stops_after_one_checkpointed_update(tmp_pat
     run_dir = tmp_path / "run"
     with pytest.raises(AssertionError) as stopped:
         launch_script(FAULTS, str(run_dir), "term_setup", *TINY, "trainer.micro_batch_size=8", "trainer.max_steps=4",
-                      "run_name=stopped", processes=1, real=True)  # the signal arrives at python itself
+                      "run_name=stopped", processes=1)  # the process signals itself
     assert "script failed (75)" in str(stopped.value) and "stopped by a signal after a finished update" in str(
         stopped.value)
     state = json.loads((run_dir / "checkpoints" / "step-1" / "trainer_state.json").read_text())

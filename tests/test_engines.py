@@ -119,7 +119,8 @@ def test_deepspeed_values_filled_from_the_trainer_or_refused():
 
 @pytest.mark.slow
 def test_cpu_2proc_config_gives_two_ranks_and_the_same_updates(equivalent_runs):
-    # 2x2x2 is the README's command as written: accelerate launch --config_file conf/accelerate/cpu_2proc.yaml
+    # 2x2x2 is the README's command: accelerate launch --config_file conf/accelerate/cpu_2proc.yaml (forked; what
+    # its ranks get is compared with a real launch of the file in tests/test_forkserver.py)
     run = equivalent_runs["2x2x2"]
     ours, reference = read_metrics(run), read_metrics(equivalent_runs["1x8x1"])  # 1 process, 8 x 1
     assert (ours["world_size"], ours["engine"], ours["effective_batch_size"]) == (2, "ddp", 8)

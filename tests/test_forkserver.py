@@ -49,10 +49,12 @@ def test_forked_ranks_get_what_python_and_accelerate_launch_give(tmp_path, proce
     assert len(set(seeds)) == len(seeds)
 
 
-@pytest.mark.parametrize("config, env", [("deepspeed_zero2", {}), ("fsdp", {"DIST_GACC_FSDP_ON_CPU": "1"})])
+@pytest.mark.parametrize("config, env", [("deepspeed_zero2", {}), ("fsdp", {"DIST_GACC_FSDP_ON_CPU": "1"}),
+                                         ("cpu_2proc", {"ACCELERATE_USE_CPU": "1"})])
 def test_forked_config_file_ranks_get_what_accelerate_launch_gives(tmp_path, config, env):
     """`accelerate launch --config_file conf/accelerate/<config>.yaml --num_processes 2` (tests/test_engines_cpu.py's
-    launches): Accelerate's variables for the file (ACCELERATE_USE_DEEPSPEED, its ZeRO fields, FSDP's), torchrun's."""
+    launches, the README's 2-rank CPU command): Accelerate's variables for the file (ACCELERATE_USE_DEEPSPEED, its
+    ZeRO fields, FSDP's), torchrun's."""
     outs = {}
     for kind in ("real", "forked"):
         outs[kind] = tmp_path / kind
@@ -62,8 +64,9 @@ def test_forked_config_file_ranks_get_what_accelerate_launch_gives(tmp_path, con
         run_config_command(cmd, full_env, RANK_ENV, timeout=300, real=kind == "real").check_returncode()
     for r, (a, b) in enumerate(zip(ranks(outs["real"], 2), ranks(outs["forked"], 2), strict=True)):
         assert b["env"]["RANK"] == a["env"]["RANK"] == str(r)
-        key = "ACCELERATE_USE_DEEPSPEED" if config.startswith("deepspeed") else "ACCELERATE_USE_FSDP"
-        assert a["env"][key] == b["env"][key] == "true"
+        key = {"deepspeed_zero2": "ACCELERATE_USE_DEEPSPEED", "fsdp": "ACCELERATE_USE_FSDP"}.get(config)
+        assert key is None or a["env"][key] == b["env"][key] == "true"
+        assert b["env"]["WORLD_SIZE"] == a["env"]["WORLD_SIZE"] == "2"
         differ = {k for k in a["env"].keys() | b["env"].keys() if a["env"].get(k) != b["env"].get(k)}
         assert differ <= DIFFERENT, {k: (a["env"].get(k), b["env"].get(k)) for k in differ - DIFFERENT}
         assert [x.replace(str(outs["forked"]), str(outs["real"])) for x in b["argv"]] == a["argv"]
