@@ -4,6 +4,7 @@ runs rely on it."""
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -118,8 +119,6 @@ def test_the_command_line_client_runs_a_launch_and_ends_it_when_signalled(tmp_pa
     """tests/forkclient.py (`accelerate launch` in gpu_check's dry run, port 0 as the script passes it): the ranks
     run forked (their output reaching the client's: the step summaries test_gpu_check reads); SIGTERM to the
     client, as `timeout` sends it, kills the job's ranks and exits 143."""
-    import sys
-
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     assert _FORK_SERVER.serves(env)  # started, and this environment is its

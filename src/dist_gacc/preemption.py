@@ -25,14 +25,11 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, kept: list[int] | None = None):
-        """`kept`: the signals that arrived before this run (read on entry: they stop it as one during set-up)."""
-        self.received: int | None = None
-        self.kept = kept if kept is not None else []
+        """`kept`: the signals that arrived before this run: they stop it as one during set-up would."""
+        self.received: int | None = kept[-1] if kept else None
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        if self.kept:
-            self.received = self.kept[-1]
         return self
 
     def _handle(self, signum, frame):
