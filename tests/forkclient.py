@@ -9,6 +9,7 @@ Imports nothing heavy: it starts in ~30 ms where the command's own imports take 
     forkclient.py <server socket> script.py args...
     forkclient.py <server socket> - args...          # the program on standard input, as `python - args`
     forkclient.py <server socket> -m accelerate.commands.launch <launch args> script.py args...
+    forkclient.py <server socket> -m module args...  # one process, as `python -m module args` (pytest)
 
 The server must have been started with the environment the command has (tests/test_gpu_check.py starts one
 with the dry run's); the caller vouches for that, this client does not compare.
@@ -24,10 +25,12 @@ import tempfile
 
 def main(argv: list[str]) -> int:
     path, command = argv[0], argv[1:]
-    launcher = []
+    launcher, module = [], None
     if command[:2] == ["-m", "accelerate.commands.launch"]:
         at = next(i for i, arg in enumerate(command) if arg.endswith(".py"))
         launcher, command = command[2:at], command[at:]
+    elif command[0] == "-m":
+        module, command = command[1], command[1:]
     outputs = {stream: tempfile.mkstemp(prefix="forkclient-")[1] for stream in (sys.stdout, sys.stderr)}
     program = None
     if command[0] == "-":  # `python - <<EOF`: the program is read from stdin, written to a file the job runs
@@ -35,9 +38,9 @@ def main(argv: list[str]) -> int:
         with os.fdopen(fd, "w") as f:
             f.write(sys.stdin.read())
         command = [program, *command[1:]]
-    request = {"script": os.path.abspath(command[0]), "args": command[1:], "env": dict(os.environ),
+    request = {"script": module or os.path.abspath(command[0]), "args": command[1:], "env": dict(os.environ),
                "cwd": os.getcwd(), "launch_args": launcher, "stdout": outputs[sys.stdout],
-               "stderr": outputs[sys.stderr], "stdin": None}
+               "stderr": outputs[sys.stderr], "stdin": None, "module": module}
 
     def copy_output():
         for stream, name in outputs.items():

@@ -16,7 +16,8 @@ Environment variables that libraries read at import time must match the server's
 a real subprocess when they differ (conftest.IMPORT_TIME_ENV).
 
 Protocol (one JSON line each way per connection): request {script, args, env, cwd, launch_args (none: plain
-python), stdout, stderr, stdin (a file to read, or none: /dev/null)}; replies {"pgid": n} once the job process runs (its pid: it leads its own session), then
+python), stdout, stderr, stdin (a file to read, or none: /dev/null), module (optional: `python -m module args`,
+plain python only; script then names the module)}; replies {"pgid": n} once the job process runs (its pid: it leads its own session), then
 {"returncode": n, "first_failure": the exit code of the first rank to fail (-N for a signal; torch's launcher's
 "Root Cause": the others may then end by its SIGTERM's -15), or null}.
 """
@@ -116,11 +117,15 @@ def rank_main(req: dict, env: dict, out: int, err: int) -> None:
     # sys.path as the interpreter builds it: the script's folder, then PYTHONPATH (entries the server's lacks
     # come first: the client sends only requests whose PYTHONPATH includes the server's), then the rest.
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _SERVER_PYTHONPATH]
-    sys.path[:1] = [os.path.dirname(os.path.abspath(req["script"])), *extra]
+    module = req.get("module")  # `python -m module`: the working folder first on sys.path, as -m puts it
+    sys.path[:1] = [os.getcwd() if module else os.path.dirname(os.path.abspath(req["script"])), *extra]
     sys.argv = [req["script"], *req["args"]]
     code = 0
     try:
-        runpy.run_path(req["script"], run_name="__main__")
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(req["script"], run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):

@@ -178,19 +178,36 @@ def test_decoder_two_ranks_equal_one_process(decoder_runs, kind):
         assert "has no pad token: padding with its eos token '</s>' (id 2" in log
 
 
+# A fresh interpreter (nothing of this project imported) runs a pipeline over each model folder: {folder: texts}
+# on stdin, {folder: labels} printed.
 PIPELINE = """
 import json, sys
 from transformers import pipeline
 
-classify = pipeline("text-classification", model=sys.argv[1], device="cpu")
-texts = json.loads(sys.stdin.read())
-print(json.dumps([out["label"] for out in classify(texts, batch_size=16, truncation=True)]))
+labels = {}
+for folder, texts in json.loads(sys.stdin.read()).items():
+    classify = pipeline("text-classification", model=folder, device="cpu")
+    labels[folder] = [out["label"] for out in classify(texts, batch_size=16, truncation=True)]
+print(json.dumps(labels))
 """
+PIPELINE_RUNS = ["lora1", "plain1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_labels(decoder_runs):
+    """{run: the labels a pipeline over its model/ gives its validation texts}, one process for both runs."""
+    texts = {str(decoder_runs[run] / "model"):
+             list(pd.read_csv(decoder_runs[run] / "validation_predictions.csv")["text"]) for run in PIPELINE_RUNS}
+    proc = subprocess.run([sys.executable, "-c", PIPELINE], input=json.dumps(texts), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {run: labels[str(decoder_runs[run] / "model")] for run in PIPELINE_RUNS}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["lora1", "plain1"])
-def test_model_folder_reloads_in_a_pipeline_with_the_runs_validation_predictions(decoder_runs, run):
+@pytest.mark.parametrize("run", PIPELINE_RUNS)
+def test_model_folder_reloads_in_a_pipeline_with_the_runs_validation_predictions(decoder_runs, pipeline_labels, run):
     """model/ (under LoRA the merged model) keeps the score head, the labels and pad_token_id: a pipeline over it
     (batches of 16, padded with eos) predicts what the run predicted on the validation split."""
     model_dir = decoder_runs[run] / "model"
@@ -203,10 +220,7 @@ def test_model_folder_reloads_in_a_pipeline_with_the_runs_validation_predictions
     assert weights["score.weight"].shape == (2, 32) and not any("lora" in k or "base_model" in k for k in weights)
     predictions = pd.read_csv(decoder_runs[run] / "validation_predictions.csv")
     assert predictions["prediction"].nunique() == 2 or run == "plain1"  # the LoRA run learned both labels
-    proc = subprocess.run([sys.executable, "-c", PIPELINE, str(model_dir)], input=json.dumps(list(predictions["text"])),
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == list(predictions["prediction"])
+    assert pipeline_labels[run] == list(predictions["prediction"])
 
 
 RAGGED = [*DEC, "data.max_train_samples=37", "trainer.epochs=1", "trainer.micro_batch_size=4",

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import (ROOT, TINY, TRAIN, config_command, launch, launch_config, load_params, max_abs_diff,
                       first_rank_failure, read_metrics, run_config_command, start_launch)
-from test_resume import signal_tree, steps
+from test_resume import children, signal_tree, steps
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +123,6 @@ def test_two_cpu_ranks_equal_one_process(name, engine_runs, one_process):
     RESULTS[name, "2 ranks vs 1 process"] = diff
     checkpointing = "gradient checkpointing on" in (run / "train.log").read_text()
     assert checkpointing == ("model.gradient_checkpointing=true" in ENGINES[name][4])
-
-
-def children(pid):
-    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
 
 def interrupt(run_dir, name, sig, *overrides, after=3):

@@ -145,3 +145,23 @@ def test_the_command_line_client_runs_a_launch_and_ends_it_when_signalled(tmp_pa
             break
         time.sleep(0.1)
     assert not alive
+
+
+def test_the_command_line_client_runs_python_dash_m_as_the_interpreter_does(tmp_path):
+    """`forkclient.py <socket> -m module args` (gpu_check's dry run forks `python -m pytest` so) is `python -m
+    module args`: the module runs as __main__, found from the working folder (first on sys.path), its file in
+    sys.argv[0]."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    assert _FORK_SERVER.serves(env)
+    client = [sys.executable, str(ROOT / "tests" / "forkclient.py"), _FORK_SERVER.socket]
+    outs = {"real": tmp_path / "real", "forked": tmp_path / "forked"}
+    for kind, head in (("real", [sys.executable]), ("forked", client)):
+        subprocess.run([*head, "-m", RANK_ENV.stem, str(outs[kind])], cwd=RANK_ENV.parent, env=env, check=True,
+                       capture_output=True, timeout=120)
+    (a,), (b,) = ranks(outs["real"], 1), ranks(outs["forked"], 1)
+    assert a["argv"] == [str(RANK_ENV), str(outs["real"])] and b["argv"] == [str(RANK_ENV), str(outs["forked"])]
+    for key in ("path0", "cwd", "main", "threads"):
+        assert a[key] == b[key], key
+    assert b["path0"] == b["cwd"] == str(RANK_ENV.parent)
+    differ = {k for k in a["env"].keys() | b["env"].keys() if a["env"].get(k) != b["env"].get(k)}
+    assert not differ, {k: (a["env"].get(k), b["env"].get(k)) for k in differ}

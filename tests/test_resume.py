@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TRAIN, _free_port, launch, launch_script, load_params, max_abs_diff, read_metrics
+from conftest import (ROOT, TINY, TRAIN, _free_port, first_rank_failure, launch, launch_script, load_params,
+                      max_abs_diff, read_metrics, start_launch)
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +26,31 @@ RESUMABLE = [*TINY, "trainer.micro_batch_size=2", "trainer.effective_batch_size=
              "trainer.checkpoint_every=1", "model.dropout=0.1"]
 
 
-def start(run_dir, *overrides, processes=2):
-    """Launch train.py in its own process group, so the test can signal every process of the job."""
+def start(run_dir, *overrides, processes=2, real=True):
+    """Launch train.py in its own process group, so the test can signal every process of the job. `real=False`:
+    forked from the fork server (conftest.start_launch; output in <run_dir>.log): the ranks are real processes,
+    children(job.pid), and the job process in the launcher's place reports their exit codes."""
     cmd = [sys.executable, str(TRAIN)] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), str(TRAIN)]
+    cmd = [*cmd, *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*cmd, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not real:
+        return start_launch(cmd, env, TRAIN, f"{run_dir}.log")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def children(pid):
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def output(proc, run_dir) -> str:
+    """What a launch start() made wrote to stderr (forked: its log, stdout and stderr together)."""
+    if isinstance(proc, subprocess.Popen):
+        return proc.communicate()[1]
+    return Path(f"{run_dir}.log").read_text()
 
 
 def signal_tree(pid, sig):
@@ -59,7 +77,7 @@ def signal_tree(pid, sig):
 def wait_for_checkpoint(run_dir, step, proc, timeout=120, note=""):
     deadline = time.time() + timeout
     while not (steps(run_dir) and steps(run_dir)[-1] >= step):  # step-N may already be pruned
-        assert proc.poll() is None, f"run ended before step-{step} {note}: {proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, f"run ended before step-{step} {note}: {output(proc, run_dir)[-3000:]}"
         assert time.time() < deadline, f"no checkpoint step-{step} {note}"
         time.sleep(0.01)
 
@@ -97,10 +115,13 @@ def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path, uninterrupted, 
     kill_at = random.Random(seed).randint(2, 7)  # epoch 1 has 8 updates: the resume crosses the epoch boundary
     replay = f"kill after update {kill_at}; replay with RESUME_KILL_SEED={seed}"
     print(replay)
-    proc = start(run_dir, *RESUMABLE, processes=processes)
+    # Forked ranks, killed with kill -9 (the job process in the launcher's place survives to report them);
+    # a real `accelerate launch` killed whole: tests/test_elastic.py
+    proc = start(run_dir, *RESUMABLE, processes=processes, real=False)
     wait_for_checkpoint(run_dir, kill_at, proc, note=f"({replay})")
-    signal_tree(proc.pid, signal.SIGKILL)
-    proc.wait()
+    for rank in children(proc.pid):
+        signal_tree(rank, signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
     assert not (run_dir / "metrics.json").exists(), f"run finished before the kill ({replay})"
     last = steps(run_dir)[-1]
     launch(run_dir, *RESUMABLE, "resume=auto", processes=processes)
@@ -112,13 +133,18 @@ def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path, uninterrupted, 
 
 
 def test_sigterm_checkpoints_the_current_update_and_resume_finishes(tmp_path, uninterrupted):
+    """SIGTERM to every rank mid-epoch: they finish the update in progress, checkpoint it together and exit 75.
+    Forked ranks (the job process in the launcher's place reports their codes); SIGTERM to every process of a
+    real `accelerate launch`: tests/test_launcher.py (hydra.launcher.timeout_s) and tests/test_multinode.py (the
+    SLURM script, whose requeued job resumes to the uninterrupted model)."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, *RESUMABLE)
+    proc = start(run_dir, *RESUMABLE, real=False)
     wait_for_checkpoint(run_dir, 3, proc)
-    signal_tree(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job step
-    _, err = proc.communicate(timeout=60)
-    # Workers exit with 75; torch's launcher, itself signalled, exits 1 once they are done.
-    assert proc.returncode != 0 and "stopped by a signal after a finished update" in err, err[-3000:]
+    for rank in children(proc.pid):
+        signal_tree(rank, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0 and first_rank_failure(proc) == 75
+    err = output(proc, run_dir)
+    assert "stopped by a signal after a finished update" in err, err[-3000:]
     newest = run_dir / "checkpoints" / f"step-{steps(run_dir)[-1]}"
     record = json.loads((newest / "trainer_state.json").read_text())
     assert record["position"]["reason"] == "stop signal"
