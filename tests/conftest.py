@@ -350,8 +350,8 @@ SPLITS = {
 def equivalent_runs(tmp_path_factory):
     """Three fp32 runs of 2 epochs (16 updates) on 64 examples: {name: run_dir}. 2x2x2 is the README's 2-rank CPU
     command (`accelerate launch --config_file conf/accelerate/cpu_2proc.yaml`). All fork (tests/forkserver.py);
-    real processes reproduce their numbers in tests/test_multinode.py (two real "nodes" of the SLURM script, 2x2x2
-    to 1e-6) and tests/test_resume.py (real runs killed and resumed equal forked uninterrupted ones)."""
+    real processes reproduce their numbers in tests/test_multinode.py (two real "nodes" of the SLURM script,
+    preempted and requeued, 2x2x2 to 1e-6; two real machines, 1x8x1 to 1e-5)."""
     runs = {}
     for name, s in SPLITS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, TINY, TRAIN, _free_port, first_rank_failure, launch, launch_script, load_params,
+from conftest import (ROOT, TINY, TRAIN, _multi_gpu_args, first_rank_failure, launch, launch_script, load_params,
                       max_abs_diff, read_metrics, start_launch)
 
 pytestmark = pytest.mark.slow
@@ -30,11 +30,8 @@ def start(run_dir, *overrides, processes=2, real=True):
     """Launch train.py in its own process group, so the test can signal every process of the job. `real=False`:
     forked from the fork server (conftest.start_launch; output in <run_dir>.log): the ranks are real processes,
     children(job.pid), and the job process in the launcher's place reports their exit codes."""
-    cmd = [sys.executable, str(TRAIN)] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(TRAIN)]
-    cmd = [*cmd, *overrides, f"hydra.run.dir={run_dir}"]
+    launcher = ["-m", "accelerate.commands.launch", *_multi_gpu_args(processes)] if processes > 1 else []
+    cmd = [sys.executable, *launcher, str(TRAIN), *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if not real:
         return start_launch(cmd, env, TRAIN, f"{run_dir}.log")
