@@ -65,9 +65,9 @@ def total_updates(spec) -> int:
 
 
 def collator(tokenizer, device: str):
-    from dist_gacc.data import _collator
+    from dist_gacc import data
 
-    return _collator(tokenizer, pin_memory=device == "cuda")  # the trainer's own: pad each batch to its longest row
+    return data.collator(tokenizer, pin_memory=device == "cuda")  # the trainer's own: pad each batch to its longest row
 
 
 def model_flops(model, batch_shapes) -> float:
@@ -356,7 +356,7 @@ LOOPS = {"dist_gacc": run_dist_gacc, "hand": run_hand, "hf_trainer": run_hf_trai
 
 
 def train(spec):
-    from dist_gacc.data import _collator  # noqa: F401  (fail early if the package is missing)
+    from dist_gacc.data import collator  # noqa: F401  (fail early if the package is missing)
 
     model = load_model(spec)
     ds, tokenizer = load_data(spec)

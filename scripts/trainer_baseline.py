@@ -91,7 +91,7 @@ def main(cfg):
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[], seed=rc.seed,
     )
     trainer = SameJobTrainer(model=model, args=args, train_dataset=encoded["train"],
-                             data_collator=data._collator(tokenizer, cuda))
+                             data_collator=data.collator(tokenizer, cuda))
     trainer.model_accepts_loss_kwargs = False  # divide each micro-batch loss by N (see the docstring)
     trainer.train()
     output = trainer.predict(encoded["validation"])  # the Trainer's evaluation loop, eval_batch_size rows a batch

@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from dist_gacc.windows import real_examples
 from dist_gacc.config import DataConfig
-from dist_gacc.data import chinese_reviews_pool, dedupe, label_names, load_splits, rotten_tomatoes_pool
+from dist_gacc.data import chinese_reviews_pool, label_names, load_splits, rotten_tomatoes_pool, unique_examples
 from dist_gacc.errors import DataError
 from dist_gacc.models import build_vocab
 
@@ -24,13 +24,13 @@ def test_rotten_tomatoes_is_real_and_has_no_plot_rows():
 
 def test_chinese_pool_dedupes():
     texts, labels, _ = chinese_reviews_pool()
-    kept, kept_labels = dedupe(texts, labels)
+    kept, kept_labels = unique_examples(texts, labels)
     assert len(set(kept)) == len(kept) and 10_000 < len(kept) < len(texts)
     assert len(kept) == len(kept_labels)
 
 
 def test_dedupe_drops_conflicts_keeps_first():
-    assert dedupe(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"]) == (["a", "b"], ["x", "y"])
+    assert unique_examples(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"]) == (["a", "b"], ["x", "y"])
 
 
 def test_split_is_deterministic_stratified_and_disjoint():
@@ -39,9 +39,12 @@ def test_split_is_deterministic_stratified_and_disjoint():
     assert a["validation"]["text"] == b["validation"]["text"]
     texts = {k: set(a[k]["text"]) for k in a}
     assert not (texts["train"] & texts["validation"]) and not (texts["train"] & texts["test"])
-    # Stratified, exactly: the pool is 12,752 deduplicated reviews, 5,384 rotten (0) and 7,368 fresh (1).
-    # datasets' train_test_split(test_size=f, stratify_by_column) holds out ceil(f * n) rows and keeps
-    # per class floor(n_keep * class / n), the one row left over going to the larger remainder:
+    # Every row is kept: 12,808 rows, of which 55 texts occur twice or more (111 rows, no conflicting label),
+    # so 12,752 distinct reviews, 5,384 rotten (0) and 7,368 fresh (1); each text whole in one split.
+    assert sum(len(a[k]) for k in a) == 12_808
+    # Stratified by text, exactly: datasets' train_test_split(test_size=f, stratify_by_column) over the
+    # distinct texts holds out ceil(f * n) of them and keeps per class floor(n_keep * class / n), the one left
+    # over going to the larger remainder:
     #   test:       ceil(0.1 * 12752) = 1276 held out, 11476 kept:
     #               rotten 11476 * 5384 / 12752 = 4845.26 -> 4845, fresh 6630.74 -> 6631 (remainder .74 > .26)
     #               held out: rotten 5384 - 4845 = 539, fresh 7368 - 6631 = 737
@@ -50,7 +53,9 @@ def test_split_is_deterministic_stratified_and_disjoint():
     #               held out: rotten 4845 - 4306 = 539, fresh 6631 - 5894 = 737
     # An unstratified split hits 539 rotten in one held-out split about 1 time in 40 (sd ~16 rows),
     # in both roughly 1 in 1,700.
-    counts = lambda ds: (ds["label"].count(0), ds["label"].count(1))  # noqa: E731
+    def counts(ds):  # distinct texts per class
+        return tuple(len({t for t, y in zip(ds["text"], ds["label"]) if y == label}) for label in (0, 1))
+
     expected = {"train": (4306, 5894), "validation": (539, 737), "test": (539, 737)}
     assert {k: counts(a[k]) for k in a} == expected
     other = load_splits(cfg, seed=2)
@@ -281,22 +286,27 @@ def test_empty_second_text_names_file_row_and_column(tmp_path, suffix, empty):
                                label_column="y"), seed=0)
 
 
-def test_dedupe_is_on_the_pair():
-    from dist_gacc.data import _dedupe
+def test_copies_are_counted_on_the_pair():
+    from dist_gacc.data.columns import from_python
+    from dist_gacc.data.splits import exact_copies, find_copies
 
-    rows = _dedupe({"text": ["a", "a", "a", "b", "b"], "text_pair": ["x", "y", "x", "z", "z"],
-                    "label": ["p", "n", "p", "p", "n"]})
-    # (a, x) twice: one copy; (a, y) is another example; (b, z) has conflicting labels: dropped.
-    assert rows == {"text": ["a", "a"], "text_pair": ["x", "y"], "label": ["p", "n"]}
+    columns = from_python({"text": ["a", "a", "a", "b", "b"], "text_pair": ["x", "y", "x", "z", "z"],
+                           "label": ["p", "n", "p", "p", "n"]})
+    copies = find_copies(columns)
+    # (a, x) twice, same label; (a, y) is another example; (b, z) twice with conflicting labels
+    assert copies.group.tolist() == [0, 1, 0, 2, 2]
+    assert (copies.repeated_texts, copies.repeated_rows, copies.conflicting, copies.extra_rows) == (2, 4, 1, 2)
+    assert exact_copies(columns, copies).tolist() == [0, 1, 3, 4]  # the second (a, x, p) only
 
 
 def test_tokenized_cache_key_includes_the_pair():
-    from dist_gacc.data import _as_dataset, _tokenized_key
+    from dist_gacc.data.columns import build, from_python
+    from dist_gacc.data.encoding import _tokenized_key
 
     tok = _tiny_tokenizer(["a b c"])
 
     def key(pairs):
-        ds = _as_dataset({"text": ["a", "b"], "text_pair": pairs, "label": ["x", "y"]}, ["x", "y"], multi_label=False)
+        ds = build(from_python({"text": ["a", "b"], "text_pair": pairs, "label": ["x", "y"]}), ["x", "y"], False)
         return _tokenized_key(DatasetDict({"train": ds}), tok, 32)
 
     assert key(["c", "c"]) == key(["c", "c"]) != key(["c", "b"])
@@ -307,7 +317,7 @@ def test_review_pairs_is_deterministic_and_labels_follow_the_verdicts():
 
     texts, pairs, labels, names = review_pairs_pool()
     assert (texts, pairs, labels) == review_pairs_pool()[:3] and names == ["different", "same"]
-    verdict = dict(zip(*dedupe(*rotten_tomatoes_pool()[:2])))
+    verdict = dict(zip(*unique_examples(*rotten_tomatoes_pool()[:2])))
     assert len(texts) == len(verdict) // 2 == 6376
     for a, b, label in list(zip(texts, pairs, labels))[:200]:
         assert label == ("same" if verdict[a] == verdict[b] else "different")
@@ -434,7 +444,7 @@ def test_multi_label_split_is_deterministic_and_stratified(tmp_path):
 
 
 def test_multi_label_strata_pool_small_ones():
-    from dist_gacc.data import _strata
+    from dist_gacc.data.splits import strata_of as _strata
 
     # Rarest label per row (ties: lowest id); 1 is alone -> `rare` (0); a lone rare row joins the largest
     # stratum (ties: the lowest key, here the empty set = 1).

@@ -1,5 +1,5 @@
-"""Data preparation at scale: texts stay in Arrow, the splits are pinned to what the list-based code
-produced, tokenization in several processes matches one, data.num_proc is checked, the data_scale bench."""
+"""Data preparation at scale: texts stay in Arrow, the splits are pinned (and are datasets' own where no text
+repeats), tokenization in several processes matches one, data.num_proc is checked, the data_scale bench."""
 
 import hashlib
 import json
@@ -52,25 +52,44 @@ def _digest(splits) -> str:
     return digest.hexdigest()[:16]
 
 
-# Recorded from the list-based code (commit d1900d9, src/dist_gacc/data.py) with _digest above.
+# Recorded with _digest above from the grouped split (every row kept, each repeated text in one split). review_pairs
+# (no repeated text) holds the digest of the earlier list-based, deduplicating code.
 PINNED = {
-    "rotten_tomatoes/42": "60ca1501d0b9c8c8",
-    "rotten_tomatoes/capped/3": "8581776b84f264e6",
-    "debates/1": "1f524edf9d2df9b2",
+    "rotten_tomatoes/42": "95a8fb8bde93a8c2",
+    "rotten_tomatoes/capped/3": "7c2ab9abbdc97417",
+    "debates/1": "5151f1b954f83835",
     "review_pairs/0": "94c480c7f7ada41a",
-    "chinese_reviews/0": "31ff38545302cc79",
-    "csv/7": "0c77fa2a9733d734",
-    "csv/pairs/1": "213575cbb2fc34bf",
-    "csv/multi/2": "a9cdd971ccd09cef",
+    "chinese_reviews/0": "a6c11ec03322ebf9",
+    "csv/7": "586b5b6eab382a31",
+    "csv/pairs/1": "35d6ab907885f689",
+    "csv/multi/2": "d5f77f73f637de8d",
 }
 
 
-def test_splits_are_pinned_to_the_list_based_code(tmp_path):
-    """Every split of the embedded corpora and of csv/jsonl fixtures (duplicates, conflicts, pairs, label
-    sets) holds the same rows in the same order as before the Arrow rewrite."""
+def test_splits_are_pinned(tmp_path):
+    """Every split of the embedded corpora and of csv/jsonl fixtures (repeated texts, conflicts, pairs, label
+    sets) holds the rows it held when pinned, in the same order."""
     cases = _pinned_cases(_pin_files(tmp_path))
     got = {key: _digest(load_splits(cfg, seed)) for key, (cfg, seed) in cases.items()}
     assert got == PINNED
+
+
+@pytest.mark.parametrize("name", ["review_pairs", "word_pleasantness"])
+def test_without_repeated_texts_the_split_is_datasets_own(name):
+    """Where no text repeats, each group is one row and the split is datasets' train_test_split, row for row:
+    stratified by label (review_pairs) or a seeded permutation (word_pleasantness, regression)."""
+    from dist_gacc.data.columns import build, from_python
+    from dist_gacc.data.corpora import embedded_columns
+
+    columns, names = embedded_columns(name)
+    regression = name == "word_pleasantness"
+    pool = build(from_python(columns, regression=regression), names, False)
+    stratify = None if regression else "label"
+    first = pool.train_test_split(test_size=0.1, seed=5, stratify_by_column=stratify)
+    second = first["train"].train_test_split(test_size=0.1 / 0.9, seed=5, stratify_by_column=stratify)
+    ours = load_splits(DataConfig(name=name, validation_fraction=0.1, test_fraction=0.1), seed=5)
+    for split, theirs in (("train", second["train"]), ("validation", second["test"]), ("test", first["test"])):
+        assert ours[split]["text"] == theirs["text"] and ours[split]["label"] == theirs["label"], split
 
 
 def test_several_processes_tokenize_exactly_like_one(tmp_path):
@@ -135,7 +154,7 @@ def test_bad_num_proc_is_named():
 
 
 def test_utf8_check_streams_and_names_the_line(tmp_path):
-    from dist_gacc.data import _check_utf8
+    from dist_gacc.data.tables import _check_utf8
     from dist_gacc.errors import DataError
 
     path = tmp_path / "t.csv"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT, TINY, launch, load_params, max_abs_diff, read_metrics, run_script
-from dist_gacc.data import dedupe, rotten_tomatoes_pool
+from dist_gacc.data import rotten_tomatoes_pool, unique_examples
 
 pytestmark = pytest.mark.slow
 VERIFY = ROOT / "scripts" / "verify_equivalence.py"
@@ -25,7 +25,7 @@ def write_csv(path, rows: list[dict]):
 def imbalanced(tmp_path_factory):
     """Real Rotten Tomatoes snippets, 30 rotten : 7 fresh for training (37 rows: ragged windows), 10 : 10
     for validation."""
-    texts, labels = dedupe(*rotten_tomatoes_pool()[:2])
+    texts, labels = unique_examples(*rotten_tomatoes_pool()[:2])
     by_label = {name: [t for t, label in zip(texts, labels) if label == name] for name in ("rotten", "fresh")}
     folder = tmp_path_factory.mktemp("imbalanced")
     train = [{"text": t, "label": "rotten"} for t in by_label["rotten"][:30]] + \
@@ -91,7 +91,7 @@ def test_verify_equivalence_with_class_weights_on_two_ranks(tmp_path, imbalanced
 def test_balanced_weights_with_a_label_left_out_by_max_train_samples_stop_before_training(tmp_path):
     """A training file with one 'mixed' row among 40; data.max_train_samples=10 leaves it out (seed 42): a
     balanced weight for 'mixed' would divide by 0 (scikit-learn raised ValueError, a traceback). Exit 2 names it."""
-    texts, labels = dedupe(*rotten_tomatoes_pool()[:2])
+    texts, labels = unique_examples(*rotten_tomatoes_pool()[:2])
     rows = [{"text": texts[39], "label": "mixed"}] + [{"text": t, "label": label}
                                                       for t, label in zip(texts[:39], labels[:39])]
     train = write_csv(tmp_path / "train.csv", rows)

@@ -335,7 +335,7 @@ def fingerprint(job: Job) -> dict:
 
 
 def data_fingerprint(cfg: DataConfig) -> dict:
-    """The data slice of `fingerprint`; data.tsv_quoting and data.problem_type only where set (not auto), so
-    checkpoints written before the keys existed still resume (auto resolves the same way from the same data)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) not in (("tsv_quoting", "auto"),
-                                                                              ("problem_type", "auto"))}
+    """The data slice of `fingerprint`; data.tsv_quoting, data.problem_type and data.drop_duplicates only where
+    set (not their defaults), so checkpoints written before the keys existed still resume."""
+    defaults = (("tsv_quoting", "auto"), ("problem_type", "auto"), ("drop_duplicates", False))
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) not in defaults}

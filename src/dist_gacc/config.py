@@ -219,6 +219,9 @@ class DataConfig:
     max_eval_samples: int | None = None
     # processes that tokenize a split: auto (min(cores, 4) for >= 50k rows on > 2 cores, else 1) or >= 1
     num_proc: int | str = "auto"
+    # false: every row is kept (a repeated text stays in one split); true: exact copies (same text and label)
+    # are dropped first, counted in the data line
+    drop_duplicates: bool = False
     # data=csv
     train_file: str | None = None
     validation_file: str | None = None
@@ -286,6 +289,8 @@ class DataConfig:
             # The embedded corpora have their own columns and labels.
             raise ConfigError("data.text_pair_column / data.multi_label apply to data=csv|hub, "
                               f"not data={self.name}")
+        if not isinstance(self.drop_duplicates, bool):
+            raise ConfigError(f"data.drop_duplicates must be true or false, got {self.drop_duplicates!r}")
         if not isinstance(self.multi_label, bool):
             raise ConfigError(f"data.multi_label must be true or false, got {self.multi_label!r}")
         if not isinstance(self.label_separator, str) or not self.label_separator:

@@ -3,7 +3,6 @@ Qwen2, Mistral, Gemma, GPT-2, which classify from their last real token), or a t
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import Counter
 
@@ -25,6 +24,7 @@ from transformers import (
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .logs import log_main
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # The from-scratch decoder's (model=tiny_decoder): unknown, begin and end of sequence, and no pad token, as Llama's
@@ -86,7 +86,7 @@ def build_tokenizer(cfg: ModelConfig, train_texts: list[str], max_length: int):
         tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=max_length)
     note = ensure_pad_token(tokenizer, cfg.name_or_path or "model.from_scratch (tiny decoder)")
     if note:
-        _log_main(note)
+        log_main(__name__, note)
     return tokenizer
 
 
@@ -121,18 +121,6 @@ def ensure_pad_token(tokenizer, source: str) -> str | None:
     tokenizer.pad_token = tokenizer.eos_token
     return (f"tokenizer of {source} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
             f"(id {tokenizer.pad_token_id}; the transformers convention), saved with model/")
-
-
-def _log_main(message: str) -> None:
-    """Log on the main process through Accelerate once it is set up (a run); plain logging otherwise (the bench
-    and scripts/trainer_baseline.py build tokenizers without an Accelerator)."""
-    from accelerate.logging import get_logger
-    from accelerate.state import PartialState
-
-    if PartialState._shared_state:  # Accelerate's own test before its logger may be used
-        get_logger(__name__).info(message, main_process_only=True)
-    else:
-        logging.getLogger(__name__).info(message)
 
 
 def build_model(cfg: ModelConfig, label_names: list[str], tokenizer,
