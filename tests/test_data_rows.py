@@ -3,6 +3,7 @@ data.drop_duplicates, the problem type of float labels, a ClassLabel's names, sl
 
 import json
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -17,7 +18,9 @@ DATA_LOG = "dist_gacc.data"
 
 
 def _lines(caplog, level=logging.INFO):
-    return [r.getMessage() for r in caplog.records if r.name == DATA_LOG and r.levelno == level]
+    """The data module's lines (without the "[RANK 0] " that Accelerate's logger adds once a run set it up)."""
+    return [re.sub(r"^\[RANK \d+\] ", "", r.getMessage()) for r in caplog.records
+            if r.name == DATA_LOG and r.levelno == level]
 
 
 def _texts_by_split(splits, column="text"):
