@@ -3,8 +3,12 @@ with the run's metric code, a warning exactly when the fine-tuned model does not
 huggingface_hub parses and that carries the run's figures."""
 
 import json
+import os
 import random
 import re
+import signal
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from conftest import TINY, compose_cfg, launch, read_metrics
+from conftest import TINY, TRAIN, compose_cfg, launch, read_metrics, start_launch
 from dist_gacc import baseline, card
 from dist_gacc.config import DataConfig, load_config
 from dist_gacc.data import load_splits
@@ -334,3 +338,30 @@ def test_bench_time_to_f1_reads_the_evaluator_line_not_the_done_line_with_the_ba
     assert [(int(u), float(f)) for _, _, u, f in found] == [(h["update"], round(h["f1"], 4)) for h in m["history"]]
     done = [line for line in output.splitlines() if "] done: " in line]
     assert len(done) == 1 and "(baseline " in done[0] and not bench.OURS_F1.search(done[0])
+
+
+@pytest.mark.slow  # a real process, signalled
+def test_sigterm_during_the_baseline_fit_skips_it_and_the_run_ends_finished_with_its_card(tmp_path):
+    """After training the stop handler stays: SIGTERM while the baseline is fitted (on all 10,200 training rows
+    of Rotten Tomatoes: a few seconds, so the signal lands in it) abandons the fit; metrics.json says so, the
+    card is written, and the run exits 0 (it was killed: 143, no card)."""
+    run_dir, log = tmp_path / "run", tmp_path / "output.log"
+    overrides = [o for o in TINY if not o.startswith("data.max_train_samples")]
+    cmd = [sys.executable, str(TRAIN), *overrides, "trainer.max_steps=1", "trainer.log_with=none",
+           f"hydra.run.dir={run_dir}"]
+    proc = start_launch(cmd, {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, TRAIN, str(log),
+                        real=True)
+    deadline = time.monotonic() + 240
+    while "baseline: fitting TF-IDF + a linear model on 10200 training rows" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "SIGTERM after training: the TF-IDF baseline is skipped" in output
+    skipped = ("a stop signal (SIGTERM) arrived after training; the fit was abandoned so that the run ends "
+               "promptly")
+    m = read_metrics(run_dir)
+    assert m["baseline"] == {"skipped": skipped} and m["updates"] == 1
+    assert f"Baseline: {skipped}." in (run_dir / "model" / "README.md").read_text()
+    assert (run_dir / "model" / "model.safetensors").is_file()

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import (ROOT, TINY, TRAIN, _multi_gpu_args, first_rank_failure, launch, launch_script, load_params,
                       max_abs_diff, read_metrics, start_launch)
+from dist_gacc import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -351,11 +352,67 @@ def test_resume_puts_back_the_best_model_its_checkpoint_describes(tmp_path, kept
     assert max_abs_diff(load_params(run_dir), after_update_2) > 1e-3  # model/: the abandoned run's best (update 6)
     resume_and_stop(run_dir, f"resume={run_dir}/checkpoints/step-4")
     assert max_abs_diff(load_params(run_dir), after_update_2) == 0.0
-    # The checkpoint written after the resume (update 5, no evaluation) carries that model, as hard links.
-    saved = run_dir / "checkpoints" / "step-5" / "best_model" / "model.safetensors"
-    assert os.path.samefile(saved, run_dir / "model" / "model.safetensors")
-    record = json.loads((run_dir / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    # The checkpoint written after the resume (update 5, no evaluation) carries that model: a copy, not model/'s
+    # file, but the very file of step-4's best_model/ (the same best: no second copy on disk).
+    checkpoints, model = run_dir / "checkpoints", run_dir / "model"
+    saved = checkpoints / "step-5" / "best_model" / "model.safetensors"
+    assert saved.read_bytes() == (model / "model.safetensors").read_bytes()
+    assert not os.path.samefile(saved, model / "model.safetensors")
+    assert os.path.samefile(saved, checkpoints / "step-4" / "best_model" / "model.safetensors")
+    record = json.loads((checkpoints / "step-5" / "trainer_state.json").read_text())
     assert record["state"]["best"]["update"] == 2 and "best_model/model.safetensors" in record["files"]
+
+    # A user edits model/ in place (as an "r+b" write, or save_pretrained's config.json written with "w"):
+    # the checkpoints' best models do not change, and step-5 still passes its manifest check.
+    best = {p: p.read_bytes() for step in ("step-4", "step-5") for p in (checkpoints / step / "best_model").iterdir()}
+    with open(model / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        edited = bytes(b ^ 0xFF for b in f.read(16))
+        f.seek(200)
+        f.write(edited)
+    with open(model / "config.json", "w") as f:
+        f.write("{}")
+    assert {p: p.read_bytes() for p in best} == best
+    assert checkpoint.read_checkpoint(str(checkpoints / "step-5"))["state"]["updates"] == 5
+
+
+def test_best_model_copies_are_shared_between_checkpoints_never_with_model(kept):
+    """The finished run's checkpoints: best_model/ is never model/'s file (it may be edited in place); checkpoints
+    whose best is the same evaluation share one copy (hard links), a new best is a new copy."""
+    def best_file(step):
+        return kept / "checkpoints" / f"step-{step}" / "best_model" / "model.safetensors"
+
+    def best_update(step):
+        return json.loads((kept / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text())["state"]["best"]
+    model = kept / "model" / "model.safetensors"
+    assert read_metrics(kept)["best"]["update"] == 6 and steps(kept) == list(range(1, 16))
+    assert not any(os.path.samefile(best_file(step), model) for step in range(2, 16))
+    assert [best_update(step)["update"] for step in (2, 5, 6, 15)] == [2, 2, 6, 6]
+    assert os.path.samefile(best_file(2), best_file(5)) and os.path.samefile(best_file(6), best_file(15))
+    assert not os.path.samefile(best_file(5), best_file(6)) and best_file(15).read_bytes() == model.read_bytes()
+
+
+def test_only_the_newest_abandoned_continuation_is_kept(tmp_path):
+    """Three resumes, each from an older checkpoint than the newest: each retires the newer checkpoints, and the
+    retired folders do not pile up (each holds whole checkpoints): the newest is kept, the older ones removed."""
+    from accelerate import PartialState
+
+    PartialState()  # Accelerate's logger needs its state
+    root = tmp_path / "checkpoints"
+
+    def write_steps(first, last):  # the checkpoints a continuation wrote
+        for step in range(first, last + 1):
+            (root / f"step-{step}").mkdir(parents=True)
+            (root / f"step-{step}" / "model.safetensors").write_text(f"update {step} of continuation {first}")
+    write_steps(1, 8)
+    for resumed_from in (6, 4, 2):
+        retired = checkpoint.retire_newer(str(tmp_path), resumed_from)
+        write_steps(resumed_from + 1, 8)  # the new continuation reaches update 8 again
+    folders = sorted(p.name for p in root.iterdir() if p.name.startswith("retired-"))
+    assert folders == [os.path.basename(retired)] and folders[0].startswith("retired-from-step-2-")
+    assert sorted(p.name for p in Path(retired).iterdir()) == [f"step-{s}" for s in (3, 4, 5, 6, 7, 8)]
+    assert (Path(retired) / "step-8" / "model.safetensors").read_text() == "update 8 of continuation 5"
+    assert steps(tmp_path) == list(range(1, 9))
 
 
 def test_a_checkpoint_without_an_evaluation_removes_the_abandoned_best_model(tmp_path):

@@ -6,14 +6,17 @@ that define the math, and a manifest of every file's size and SHA-256). Everythi
 `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when complete: a crash mid-save
 leaves a temporary folder that is never resumed from.
 
-A run that keeps its best model (model/) saves it with each checkpoint (`best_model/`, hard links), so a resume
-puts back the model/ that the checkpoint's `best` describes. Resuming from a checkpoint older than the newest
-moves the newer ones (an abandoned continuation) aside into `checkpoints/retired-from-step-N-<time>/`.
+A run that keeps its best model (model/) saves it with each checkpoint (`best_model/`: copies, never links to
+model/, whose files a user may rewrite in place; a file identical to the previous checkpoint's is a hard link to
+that one), so a resume puts back the model/ that the checkpoint's `best` describes. Resuming from a checkpoint
+older than the newest moves the newer ones (an abandoned continuation) aside into
+`checkpoints/retired-from-step-N-<time>/`; only the newest such folder is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import hashlib
 import json
 import os
@@ -32,6 +35,7 @@ log = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best_model"  # in a checkpoint: model/ as it was at that update (when the run keeps its best model)
 STEP_DIR = re.compile(r"^step-(\d+)$")
+RETIRED_PREFIX = "retired-from-step-"  # checkpoints/retired-from-step-N-<time>-<random>/: see retire_newer
 
 
 class CheckpointError(UserError):
@@ -95,7 +99,9 @@ class Checkpointer:
             if self.best_model_dir is not None and os.path.isdir(self.best_model_dir):
                 # model/ is settled here (a new best was saved, collectively, before this save), and it is the
                 # model the state's `best` describes: the two travel together.
-                link_tree(self.best_model_dir, os.path.join(tmp, BEST_DIR))
+                previous = complete_checkpoints(self.root)
+                copy_best_model(self.best_model_dir, os.path.join(tmp, BEST_DIR),
+                                os.path.join(previous[-1][1], BEST_DIR) if previous else None)
             if self.before_rename is not None:
                 self.before_rename(tmp)
             record = {"state": dataclasses.asdict(state), "position": position, "world_size": acc.num_processes,
@@ -119,17 +125,26 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not supported
-        shutil.copy2(src, dst)
+def copy_best_model(model_dir: str, dst: str, previous: str | None) -> None:
+    """A checkpoint's best_model/: model/'s files copied, never hard-linked to model/, whose files a user or a
+    library may rewrite in place (an edit opened "r+b"; save_pretrained's config.json and tokenizer files are
+    opened "w"): through a link that would change the checkpoint too, and its manifest would then call it
+    corrupt. A file byte-identical to the same file of `previous` (the last checkpoint's best_model/) is a hard
+    link to that one instead, so a best model that did not change costs no disk: nothing writes into a
+    checkpoint after its rename."""
+    filecmp.clear_cache()
 
+    def link_or_copy(src: str, target: str) -> None:
+        same = os.path.join(previous, os.path.relpath(src, model_dir)) if previous else None
+        if same and os.path.isfile(same) and filecmp.cmp(src, same, shallow=False):
+            try:
+                os.link(same, target)
+                return
+            except OSError:  # another file system, or links not supported
+                pass
+        shutil.copy2(src, target)
 
-def link_tree(src: str, dst: str) -> None:
-    """A copy of folder `src` made of hard links: no disk space, and safe because model/ files are never
-    rewritten in place (save_model writes model.tmp/ and renames). Falls back to copying."""
-    shutil.copytree(src, dst, copy_function=_link_or_copy)
+    shutil.copytree(model_dir, dst, copy_function=link_or_copy)
 
 
 def replace_folder(new: str | None, final: str) -> None:
@@ -151,7 +166,7 @@ def restore_best_model(path: str, record: dict, model_dir: str) -> None:
     if os.path.isdir(saved):
         tmp = f"{model_dir}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        link_tree(saved, tmp)
+        shutil.copytree(saved, tmp)  # copies: an edit of model/ in place must not reach the checkpoint
         replace_folder(tmp, model_dir)
         log.info("model/ restored from %s (the best model as of update %d)", saved, record["state"]["updates"])
     elif record["state"].get("best") is None:
@@ -166,17 +181,28 @@ def restore_best_model(path: str, record: dict, model_dir: str) -> None:
 def retire_newer(run_dir: str, updates: int) -> str | None:
     """Main process, resuming from update `updates`: this run's checkpoints of later updates belong to the
     abandoned continuation. Moved aside (not deleted) into checkpoints/retired-from-step-N-<time>/, where
-    pruning (which keeps the highest steps) and resume=auto never look. Returns that folder, or None."""
+    pruning (which keeps the highest steps) and resume=auto never look. Returns that folder, or None.
+
+    Only that newest abandoned continuation is kept (older retired folders are removed, and logged): it is the
+    one a resume from the wrong checkpoint can still be undone with, while each folder holds up to
+    trainer.keep_checkpoints whole checkpoints, so keeping every one would fill the disk a resume at a time."""
     root = os.path.join(run_dir, "checkpoints")
     newer = [path for step, path in complete_checkpoints(root) if step > updates]
     if not newer:
         return None
-    retired = tempfile.mkdtemp(prefix=f"retired-from-step-{updates}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)
+    retired = tempfile.mkdtemp(prefix=f"{RETIRED_PREFIX}{updates}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)
     for path in newer:
         os.rename(path, os.path.join(retired, os.path.basename(path)))
     _fsync_dir(root)
     log.warning("resuming from update %d: moved the newer checkpoints %s (an abandoned continuation) aside into %s",
                 updates, ", ".join(os.path.basename(p) for p in newer), retired)
+    older = sorted(os.path.join(root, d) for d in os.listdir(root)
+                   if d.startswith(RETIRED_PREFIX) and os.path.join(root, d) != retired)
+    for path in older:
+        shutil.rmtree(path, ignore_errors=True)
+    if older:
+        log.info("removed the older abandoned continuation%s %s: only the newest is kept",
+                 "s" if len(older) > 1 else "", ", ".join(older))
     return retired
 
 

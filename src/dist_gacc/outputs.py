@@ -19,6 +19,7 @@ from . import baseline, card, checkpoint, engines, metrics, models, tasks
 from .build import Job
 from .config import REPORTED_METRICS, RunConfig
 from .evaluation import Evaluator
+from .preemption import StopRequested, StopSignals
 from .state import TrainState
 from .tasks import Task
 
@@ -311,13 +312,14 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def add_baseline(job: Job, result: dict) -> None:
+def add_baseline(job: Job, result: dict, stop: StopSignals) -> None:
     """Main process only, after the process group has ended (no rank waits on it): fit the TF-IDF baseline on
     the run's training split (baseline.py), score it on the same validation/test splits with the same metric
     code, add `baseline` to `result` and rewrite metrics.json; warn when the fine-tuned model does not beat it.
 
     A baseline that cannot be fitted (scikit-learn refuses the texts: an empty vocabulary, say) is recorded
-    with its error and warned about; it never fails a finished run."""
+    with its error and warned about; it never fails a finished run. Nor does a stop signal: one that arrived
+    after the last update, or arrives during the fit, skips the baseline (recorded and warned about)."""
     t, train = job.rc.trainer, job.splits["train"]
     if not baseline.wanted(t.baseline, len(train)):
         why = ("trainer.baseline=false" if t.baseline is False else
@@ -326,11 +328,20 @@ def add_baseline(job: Job, result: dict) -> None:
         result["baseline"] = {"skipped": why}
     else:
         try:
-            fitted = baseline.fit_and_predict(job.splits, job.task.problem_type, len(job.task.label_names),
-                                              job.task.class_weights is not None, job.rc.seed, job.task.threshold)
+            with stop.interrupting():
+                log.info("baseline: fitting TF-IDF + a linear model on %d training rows (a stop signal skips it)",
+                         len(train))
+                fitted = baseline.fit_and_predict(job.splits, job.task.problem_type, len(job.task.label_names),
+                                                  job.task.class_weights is not None, job.rc.seed,
+                                                  job.task.threshold)
         except (ValueError, MemoryError) as err:
             result["baseline"] = {"error": f"{type(err).__name__}: {err}"}
             log.warning("the TF-IDF baseline could not be fitted: %s", err)
+        except StopRequested as stopped:
+            result["baseline"] = {"skipped": f"a stop signal ({stopped.name}) arrived after training; the fit "
+                                             "was abandoned so that the run ends promptly"}
+            log.warning("%s after training: the TF-IDF baseline is skipped; metrics.json and the model card are "
+                        "written without it", stopped.name)
         else:
             record_baseline(job, result, fitted)
     write_json_atomic(os.path.join(job.rc.output_dir, "metrics.json"), result)

@@ -6,7 +6,7 @@
                 ├─ loop.fit          the training loop
                 ├─ outputs.finish    model/, test split; outputs.save_outputs: metrics.json, predictions
                 └─ outputs.add_baseline, write_model_card   main process, after the group has ended: the
-                                     TF-IDF baseline into metrics.json, model/README.md
+                                     TF-IDF baseline into metrics.json (a stop signal skips it), model/README.md
 """
 
 from __future__ import annotations
@@ -109,15 +109,17 @@ def run(cfg: DictConfig, *, hooks: Hooks | None = None, kept_signals: list[int] 
         save_outputs(job, cfg, result, scored)  # ends with a barrier
         if stop():
             log.warning("a stop signal arrived after the last update; the run's outputs were completed first")
-    teardown.shutdown(acc, models=[job.model])
-    if acc.is_main_process:  # after the group has ended: the other ranks are not held in a barrier meanwhile
-        add_baseline(job, result)  # rewrites metrics.json with `baseline`
-        write_model_card(job, result)
-    log.info("done: %d updates | validation %s%s%s | %.1f samples/s | %.0f s | %s", state.optimizer_steps,
-             scores_line(result, "validation", job.task.reported),
-             f" | test {scores_line(result, 'test', job.task.reported)}" if result.get("test") else "",
-             tuned_summary(result),
-             result["train_samples_per_second"], result["wall_seconds"], job.rc.output_dir)
+        teardown.shutdown(acc, models=[job.model])
+        # Still under StopSignals: a signal from here on ends the run as finished (exit 0) with its card, the
+        # baseline skipped if it had not been fitted, instead of killing the process (143) before the card.
+        if acc.is_main_process:  # after the group has ended: the other ranks are not held in a barrier meanwhile
+            add_baseline(job, result, stop)  # rewrites metrics.json with `baseline`
+            write_model_card(job, result)
+        log.info("done: %d updates | validation %s%s%s | %.1f samples/s | %.0f s | %s", state.optimizer_steps,
+                 scores_line(result, "validation", job.task.reported),
+                 f" | test {scores_line(result, 'test', job.task.reported)}" if result.get("test") else "",
+                 tuned_summary(result),
+                 result["train_samples_per_second"], result["wall_seconds"], job.rc.output_dir)
     return result
 
 
