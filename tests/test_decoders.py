@@ -128,10 +128,13 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 @pytest.mark.parametrize("model_type, targets", [
     ("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "v_proj"]), ("mistral", ["q_proj", "v_proj"]),
     ("gemma", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"]),
+    ("phi3", ["qkv_proj"]),  # peft has no phi3 entry; Phi-3 fuses q, k, v into qkv_proj (no q_proj/v_proj)
 ])
 def test_lora_defaults_per_decoder_architecture_train_the_adapters_and_the_score_head(model_type, targets, recwarn):
     if model_type == "gpt2":
         config = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0, num_labels=2)
+    elif model_type == "phi3":  # its default bos/eos ids (1, 32000) lie outside the tiny vocabulary
+        config = AutoConfig.for_model("phi3", **SMALL, bos_token_id=1, eos_token_id=2)
     else:
         config = AutoConfig.for_model(model_type, **SMALL)
     model = models.apply_lora(AutoModelForSequenceClassification.from_config(config), PeftConfig(name="lora"))

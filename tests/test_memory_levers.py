@@ -266,12 +266,73 @@ def test_target_modules_that_match_nothing_are_named_with_the_existing_ones():
     assert "query" in text and "value" in text
 
 
-def test_unknown_architecture_asks_for_target_modules():
-    model = _tiny_bert()
-    model.config.model_type = "mystery"
-    with pytest.raises(ConfigError, match="no default LoRA target modules for model_type 'mystery'.*"
-                                          "set peft.target_modules"):
+def _lora_layers(peft_model) -> set[str]:
+    """The last names of the modules that hold LoRA adapters."""
+    return {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_" in n}
+
+
+def test_an_architecture_neither_peft_nor_dist_gacc_knows_asks_for_target_modules_naming_candidates():
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    model = MPNetForSequenceClassification(MPNetConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32, num_labels=2))
+    with pytest.raises(ConfigError) as err:
         models.apply_lora(model, PeftConfig(name="lora"))
+    assert str(err.value) == (
+        "peft=lora: neither peft nor dist-gacc has default LoRA target modules for model_type 'mpnet' "
+        "(MPNetForSequenceClassification); set peft.target_modules, e.g. peft.target_modules=[dense,k] "
+        "(linear modules here: dense, k, o, out_proj, q, v)")
+    adapted = models.apply_lora(model, PeftConfig(name="lora", target_modules=["q", "v"]))  # the way out works
+    assert _lora_layers(adapted) == {"q", "v"}
+
+
+def test_a_default_that_matches_no_module_names_peft_target_modules_and_where_it_came_from():
+    model = _tiny_bert()
+    model.config.model_type = "gpt2"  # peft's gpt2 default, c_attn, does not exist in a BERT
+    with pytest.raises(ConfigError) as err:
+        models.apply_lora(model, PeftConfig(name="lora"))
+    assert str(err.value) == (
+        "peft.target_modules=null: peft's default LoRA targets for model_type 'gpt2', ['c_attn'], match no module "
+        "of BertForSequenceClassification; set peft.target_modules to some of its linear modules: classifier, "
+        "dense, key, query, value")
+
+
+# Tiny configs of the model types LORA_OWN_TARGETS names (transformers' sizes otherwise: large, or experts).
+_TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+_OWN_TYPE_SIZES = {
+    "distilbert": dict(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+    "qwen2_moe": dict(_TINY, num_key_value_heads=2, num_experts=2, moe_intermediate_size=8,
+                      shared_expert_intermediate_size=8),
+    "roc_bert": dict(_TINY, pronunciation_vocab_size=8, shape_vocab_size=8, pronunciation_embed_dim=8,
+                     shape_embed_dim=8),
+    "xmod": dict(_TINY, languages=["en_XX"], default_language="en_XX"),
+    "phi3": dict(_TINY, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def test_peft_mapping_comes_first_and_dist_gacc_only_fills_its_gaps():
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_targets
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    assert models.default_lora_targets("bert") == (["query", "value"], "peft's default")
+    assert models.default_lora_targets("phi") == (peft_targets["phi"], "peft's default")  # q, v, fc1, fc2
+    assert models.default_lora_targets("mpnet") is None
+    assert not set(models.LORA_OWN_TARGETS) & set(peft_targets)
+    assert len(models.LORA_OWN_TARGETS) == 9
+    for model_type, targets in models.LORA_OWN_TARGETS.items():  # each one adapts its architecture's modules
+        assert models.default_lora_targets(model_type) == (targets, "dist-gacc's default")
+        config = AutoConfig.for_model(model_type, **_OWN_TYPE_SIZES.get(model_type, _TINY), num_labels=2)
+        model = AutoModelForSequenceClassification.from_config(config)
+        assert _lora_layers(models.apply_lora(model, PeftConfig(name="lora"))) == set(targets), model_type
+
+
+def test_a_regular_expression_default_is_matched_against_whole_names():
+    assert models.is_lora_target("model.language_model.layers.0.self_attn.q_proj",
+                                 r".*language_model\..*\.(q_proj|v_proj)")
+    assert not models.is_lora_target("model.vision_tower.layers.0.self_attn.q_proj",
+                                     r".*language_model\..*\.(q_proj|v_proj)")
+    assert models.is_lora_target("encoder.layer.0.attention.self.query", ["query"])
+    assert not models.is_lora_target("encoder.layer.0.attention.self.query_norm", ["query"])
 
 
 def test_default_targets_and_a_trainable_head():

@@ -54,7 +54,7 @@ def engine_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-ACCELERATE_TESTED = ">=1.15,<1.17"  # FSDP on CPU relabels a private field: pinned in pyproject.toml
+ACCELERATE_TESTED = ">=1.16,<1.17"  # FSDP on CPU relabels a private field: pinned in pyproject.toml
 FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # the rehearsal switch: FSDP2 on CPU ranks (README, "FSDP and DeepSpeed")
 
 

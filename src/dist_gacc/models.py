@@ -3,6 +3,7 @@ Qwen2, Mistral, Gemma, GPT-2, which classify from their last real token), or a t
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 
@@ -206,16 +207,18 @@ def check_max_length(model, max_length: int) -> None:
 
 # --- memory levers: gradient checkpointing, LoRA ----------------------------------------------------
 
-# LoRA's default targets per config.model_type: the attention query and value projections, as in the LoRA
-# paper. Other architectures name theirs with peft.target_modules.
-LORA_DEFAULT_TARGETS = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert",
-                     "data2vec-text", "xmod", "roc_bert", "layoutlm"), ["query", "value"]),
+# LoRA's default targets where peft has none: peft's own per-architecture defaults
+# (peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, by config.model_type) come first, and this
+# table only names the model types peft's mapping leaves out. Other architectures name theirs with
+# peft.target_modules.
+LORA_OWN_TARGETS = {
+    # BERT-family encoders peft does not list: the attention query and value, as peft's bert/roberta entries.
+    **dict.fromkeys(("camembert", "ernie", "megatron-bert", "data2vec-text", "xmod", "roc_bert"), ["query", "value"]),
     "distilbert": ["q_lin", "v_lin"],
-    # Decoders: the attention's query and value projections too (as peft's own defaults for these types).
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "phi3"), ["q_proj", "v_proj"]),
-    "gpt2": ["c_attn"],  # GPT-2's fused query/key/value projection, a Conv1D (fan_in_fan_out below)
+    "qwen2_moe": ["q_proj", "v_proj"],  # as peft's qwen2: the attention is Qwen2's
+    # Phi-3 fuses query, key and value into one Linear (no q_proj/v_proj exist): adapt the fused projection, as
+    # peft does for GPT-2's c_attn and Falcon's query_key_value.
+    "phi3": ["qkv_proj"],
 }
 
 
@@ -247,24 +250,64 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def lora_targets(model, peft_cfg) -> list[str]:
+def lora_targets(model, peft_cfg) -> list[str] | str:
+    """peft.target_modules, else the model type's default: peft's mapping, then LORA_OWN_TARGETS. A list names
+    module-name suffixes; a string (some of peft's entries) is a regular expression over whole module names."""
     if peft_cfg.target_modules is not None:
         return list(peft_cfg.target_modules)
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in LORA_DEFAULT_TARGETS:
-        raise ConfigError(f"peft=lora: no default LoRA target modules for model_type {model_type!r} "
-                          f"({type(model).__name__}); set peft.target_modules, e.g. "
-                          f"peft.target_modules=[{','.join(linear_module_names(model)[:2])}] "
-                          f"(linear modules here: {', '.join(linear_module_names(model))})")
-    return list(LORA_DEFAULT_TARGETS[model_type])
+    default = default_lora_targets(getattr(model.config, "model_type", None))
+    if default is None:
+        model_type = getattr(model.config, "model_type", None)
+        candidates = linear_module_names(model)
+        raise ConfigError(f"peft=lora: neither peft nor dist-gacc has default LoRA target modules for model_type "
+                          f"{model_type!r} ({type(model).__name__}); set peft.target_modules, e.g. "
+                          f"peft.target_modules=[{','.join(candidates[:2])}] "
+                          f"(linear modules here: {', '.join(candidates)})")
+    return default[0]
+
+
+def default_lora_targets(model_type: str | None) -> tuple[list[str] | str, str] | None:
+    """(targets, where they come from) for a config.model_type, or None if neither peft nor dist-gacc has any."""
+    peft_targets = require_peft().utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    if model_type in peft_targets:
+        targets = peft_targets[model_type]
+        return (targets if isinstance(targets, str) else list(targets)), "peft's default"
+    if model_type in LORA_OWN_TARGETS:
+        return list(LORA_OWN_TARGETS[model_type]), "dist-gacc's default"
+    return None
+
+
+def is_lora_target(name: str, targets: list[str] | str) -> bool:
+    """Whether peft adapts the module called `name`: a string is matched against the whole name (re.fullmatch),
+    a list entry against the name or its last dotted parts, as peft matches target_modules."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def linear_module_names(model) -> list[str]:
-    """The distinct last parts of the names of the model's Linear layers: what target_modules can name."""
+    """The distinct last parts of the names of the layers LoRA adapts here (Linear; transformers' Conv1D, as in
+    GPT-2): what target_modules can name."""
     import torch
 
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+                   if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+
+
+def check_lora_targets(model, peft_cfg, targets: list[str] | str) -> None:
+    """Targets that match no module are a ConfigError naming peft.target_modules and the candidates; a default
+    that matches nothing (a model type whose modules peft's mapping misnames) says where it came from."""
+    if any(is_lora_target(name, targets) for name, _ in model.named_modules()):
+        return
+    candidates = ", ".join(linear_module_names(model))
+    if peft_cfg.target_modules is not None:
+        raise ConfigError(f"peft.target_modules={targets} matches no module of {type(model).__name__}; "
+                          f"its linear modules are named {candidates}")
+    model_type = getattr(model.config, "model_type", None)
+    source = default_lora_targets(model_type)[1]
+    raise ConfigError(f"peft.target_modules=null: {source} LoRA targets for model_type {model_type!r}, "
+                      f"{targets}, match no module of {type(model).__name__}; set peft.target_modules to some "
+                      f"of its linear modules: {candidates}")
 
 
 def apply_lora(model, peft_cfg):
@@ -275,13 +318,10 @@ def apply_lora(model, peft_cfg):
     ConfigError naming peft.target_modules and the names that exist."""
     peft = require_peft()
     targets = lora_targets(model, peft_cfg)
-    names = [name for name, _ in model.named_modules()]
-    if not any(name == t or name.endswith("." + t) for name in names for t in targets):
-        raise ConfigError(f"peft.target_modules={targets} matches no module of {type(model).__name__}; "
-                          f"its linear modules are named {', '.join(linear_module_names(model))}")
+    check_lora_targets(model, peft_cfg, targets)
     # GPT-2's Conv1D stores its weight transposed: peft would switch fan_in_fan_out on itself, with a warning.
     transposed = any(type(module).__name__ == "Conv1D" for name, module in model.named_modules()
-                     if any(name == t or name.endswith("." + t) for t in targets))
+                     if is_lora_target(name, targets))
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=peft_cfg.r, lora_alpha=peft_cfg.alpha,
                              lora_dropout=peft_cfg.dropout, target_modules=targets, fan_in_fan_out=transposed)
     try:
