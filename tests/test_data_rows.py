@@ -248,26 +248,3 @@ def test_slow_only_tokenizers_tokenize_and_cache(name, tmp_path):
     want = tokenizer(["a fine film", "ünïcode ✓"], truncation="longest_first", max_length=16)["input_ids"]
     assert cached["train"]["input_ids"] == again["train"]["input_ids"] == want
 
-
-@pytest.mark.slow
-def test_the_rust_shortcut_equals_the_tokenizer_call_on_whole_datasets():
-    """Tokenization reads the Rust tokenizer's encodings directly (no per-row BatchEncoding); on every row of
-    every embedded dataset, with each model's tokenizer, that is exactly what the tokenizer's own call returns."""
-    from conftest import compose_cfg
-    from dist_gacc.config import load_config
-    from dist_gacc.data.columns import column, train_texts
-    from dist_gacc.data.encoding import _FastCall, _batch_tokenizer
-    from dist_gacc.models import build_tokenizer
-
-    cases = [("minilm", "rotten_tomatoes"), ("minilm", "debates"), ("minilm", "review_pairs"),
-             ("minilm", "word_pleasantness"), ("tiny", "chinese_reviews"), ("tiny_decoder", "review_pairs")]
-    for model, name in cases:
-        rc = load_config(compose_cfg(f"model={model}", f"data={name}", "output_dir=/tmp/x"))
-        pool = load_splits(rc.data, 0)["train"]
-        tokenizer = build_tokenizer(rc.model, train_texts(pool), rc.data.max_length)
-        texts = [c for c in ("text", "text_pair") if c in pool.column_names]
-        shortcut = _batch_tokenizer(tokenizer, rc.data.max_length, pool, texts)
-        assert isinstance(shortcut, _FastCall), (model, name)  # the shortcut is what runs
-        columns = [column(pool, c).to_pylist() for c in texts]
-        assert dict(shortcut(*columns)) == dict(tokenizer(*columns, truncation="longest_first",
-                                                          max_length=rc.data.max_length)), (model, name)

@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 import datasets
 import pyarrow as pa
-from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import DatasetDict, Features, List, Value
 
-from .columns import LABEL, TEXT, TEXT_PAIR, column, is_multi_label, is_regression, label_names
+from .columns import LABEL, TEXT, TEXT_PAIR, is_multi_label, is_regression, label_names
 
 
 def tokenize(splits: DatasetDict, tokenizer, max_length: int, cache_dir: str | None = None,
@@ -75,10 +76,9 @@ def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str
     features["labels" if multi else LABEL] = List(Value("float32")) if multi else \
         Value("float32") if regression else first.features[LABEL]
     features = Features(features)
-    tokenize_batch = _batch_tokenizer(tokenizer, max_length, first.select(range(min(len(first), 64))), texts)
 
     def encode(batch):
-        out = tokenize_batch(*(batch[name] for name in texts))
+        out = tokenizer(*(batch[name] for name in texts), truncation="longest_first", max_length=max_length)
         out = {name: pa.array(out[name], type=features[name].pa_type) for name in sample}
         if multi:  # BCE targets: float, not int
             out["labels"] = pa.array([_multi_hot(ids, num_labels) for ids in batch[LABEL]], pa.list_(pa.float32()))
@@ -99,40 +99,6 @@ def _encode(splits: DatasetDict, tokenizer, max_length: int, num_proc: int | str
                                     desc=f"tokenize {split}")
     encoded = DatasetDict(encoded)
     return encoded if multi else encoded.rename_column(LABEL, "labels")
-
-
-_ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask",
-                    "special_tokens_mask": "special_tokens_mask"}
-
-
-def _batch_tokenizer(tokenizer, max_length: int, probe: Dataset, texts: list[str]):
-    """texts[, pairs] -> {input_ids, ...}: what `tokenizer(texts[, pairs], truncation="longest_first",
-    max_length=max_length)` returns, straight from the Rust tokenizer where there is one (no per-row
-    BatchEncoding conversion); checked on `probe` rows, else the tokenizer call itself."""
-    def call(*columns):
-        return tokenizer(*columns, truncation="longest_first", max_length=max_length)
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not set(call(["a"])) <= set(_ENCODING_FIELDS):
-        return call
-    from tokenizers import Tokenizer
-
-    fast = Tokenizer.from_str(backend.to_str())
-    fast.no_padding()
-    fast.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
-    fast_call = _FastCall(fast, list(call(["a"])))
-    columns = [column(probe, name).to_pylist() for name in texts]
-    return fast_call if not columns[0] or dict(fast_call(*columns)) == dict(call(*columns)) else call
-
-
-class _FastCall:
-    def __init__(self, backend, keys: list[str]):
-        self.backend, self.keys = backend, keys
-
-    def __call__(self, *columns) -> dict[str, list]:
-        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
-        encodings = encode(columns[0] if len(columns) == 1 else list(zip(*columns)))
-        return {key: [getattr(e, _ENCODING_FIELDS[key]) for e in encodings] for key in self.keys}
 
 
 class _tokenizer_threads:
@@ -179,15 +145,19 @@ def _tokenized_key(splits: DatasetDict, tokenizer, max_length: int) -> str:
 
 def tokenizer_spec(tokenizer) -> str:
     """What decides a tokenizer's output, as text: a fast tokenizer's Rust spec (minus the truncation/padding
-    state that encoding leaves in it); a slow-only one's (ByT5, CANINE: no Rust backend) class, vocabulary,
-    special tokens and init arguments."""
+    state that encoding leaves in it); for a slow-only one (ByT5, CANINE: no Rust backend), its class and a digest
+    of the files save_pretrained writes (its vocabulary and configuration)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         for state in ("truncation", "padding"):
             spec.pop(state, None)
-    else:
-        spec = {"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(),
-                "special": tokenizer.special_tokens_map, "init": tokenizer.init_kwargs,
-                "sides": [tokenizer.truncation_side, tokenizer.padding_side]}
-    return json.dumps(spec, sort_keys=True, default=str)
+        return json.dumps(spec, sort_keys=True)
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        for name in sorted(os.listdir(folder)):
+            digest.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
