@@ -214,11 +214,13 @@ def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 3
 
 
 def _multi_gpu_args(processes: int) -> list[str]:
-    """accelerate launch's arguments for `processes` gloo CPU ranks on this machine (none for one process)."""
+    """accelerate launch's arguments for `processes` gloo CPU ranks on this machine (none for one process):
+    dist_gacc.launch's, as every launch the project writes."""
+    from dist_gacc.launch import Launch
+
     if processes == 1:
         return []
-    return ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return Launch(processes, cpu=True, port=_free_port()).launcher_args()
 
 
 def _run(script: Path, args: list, env: dict, launcher: list, timeout: float, real: bool,
@@ -291,14 +293,16 @@ def first_rank_failure(proc, output: str | None = None) -> int | None:
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,
                    launch_args: tuple = ()) -> tuple[list[str], dict]:
-    """launch_config's command line and environment (for a test that starts it and signals it)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
-           "--main_process_port", str(_free_port()), *launch_args, str(script)]
+    """launch_config's command line (dist_gacc.launch's, the file's process count unless launch_args give one) and
+    environment (for a test that starts it and signals it)."""
+    from dist_gacc.launch import Launch
+
+    launch = Launch(processes=None, cpu=True, config_file=str(CONF / "accelerate" / f"{config}.yaml"),
+                    args=tuple(launch_args), mixed_precision=None, port=_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
-    return [*cmd, *overrides, f"hydra.run.dir={run_dir}"], env
+    return launch.argv(script, *overrides, f"hydra.run.dir={run_dir}"), env
 
 
 def running(pid: int) -> bool:

@@ -17,7 +17,6 @@ from . import machine
 from .baseline import display
 from .config import HEADLINE_METRICS, headline_metrics
 from .engines import describe_engine
-from .launch import for_run
 from .resolvers import EMBEDDED_MODELS, embedded_model
 
 # The Hub ids of the models shipped in PyPI packages (resolvers.EMBEDDED_MODELS): the card's base_model.
@@ -60,8 +59,13 @@ def reproduce_command(overrides: list[str], world_size: int, device: str, engine
                       mixed_precision: str | None = "no") -> str:
     """The command line that reruns this job: the launch that sets up the engine that ran (dist_gacc.launch:
     a DeepSpeed or FSDP run's config file, its process count, CPU ranks' environment), then Hydra's overrides."""
-    launch = for_run(engine_state or {}, world_size, device, mixed_precision)
-    return launch.shell("scripts/train.py", *overrides)
+    from .errors import ConfigError
+    from .launch import for_run  # not at the top: `python -m dist_gacc.launch` imports this package first
+
+    try:
+        return for_run(engine_state or {}, world_size, device, mixed_precision).shell("scripts/train.py", *overrides)
+    except ConfigError as err:  # no checkout with conf/accelerate/ next to this package
+        return f"# no reproduce command: {err}"
 
 
 def model_origin(model, base: str | None) -> str:
@@ -76,11 +80,17 @@ def model_origin(model, base: str | None) -> str:
 
 
 def hydra_overrides(output_dir: str) -> list[str]:
-    """The job's command-line overrides: Hydra's record of this run, else .hydra/overrides.yaml, else none."""
+    """The job's command-line arguments: Hydra's record of this run (its --config-dir and --config-name unless the
+    script's default, then its overrides), else .hydra/overrides.yaml, else none."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
+        hydra = HydraConfig.get()
+        options = [arg for source in hydra.runtime.config_sources if source.provider == "command-line"
+                   for arg in ("--config-dir", source.path)]
+        if hydra.job.config_name != "train":
+            options += ["--config-name", hydra.job.config_name]
+        return [*options, *hydra.overrides.task]
     path = os.path.join(output_dir, ".hydra", "overrides.yaml")
     if os.path.exists(path):
         import yaml

@@ -54,7 +54,7 @@ def launcher_precision(mixed_precision) -> str:
 
 @dataclass(frozen=True)
 class Launch:
-    processes: int = 1                 # in all, over every machine
+    processes: int | None = 1          # in all, over every machine (None: the config file's)
     cpu: bool = False                  # CPU ranks (gloo) rather than GPUs
     config_file: str | None = None     # an Accelerate config file (its distributed_type picks the engine)
     args: tuple = ()                   # more `accelerate launch` arguments, e.g. ("--zero_stage", "1")
@@ -63,6 +63,7 @@ class Launch:
     machines: int = 1
     machine_rank: int = 0
     main_address: str | None = None    # machine 0's address, with several machines
+    cwd: str | None = None             # where the command runs: a relative config file is read from there
 
     @classmethod
     def from_args(cls, args, **kwargs) -> "Launch":
@@ -107,8 +108,8 @@ class Launch:
         if parsed.cpu:
             return "single"  # `accelerate launch --cpu` starts one process whatever --num_processes says
         if self.config_file:
-            return config_engine(self.config_file)
-        return "ddp" if self.processes > 1 or self.machines > 1 else "single"
+            return config_engine(os.path.join(self.cwd or "", self.config_file))
+        return "ddp" if (self.processes or 1) > 1 or self.machines > 1 else "single"
 
     def _picks_engine(self) -> bool:
         """A config file or an engine flag decides the engine (no --multi_gpu to add)."""
@@ -119,11 +120,12 @@ class Launch:
         """`accelerate launch`'s arguments, without the script."""
         self.engine  # noqa: B018  (checks the arguments and the file first)
         flags = []
-        if not self._picks_engine() and (self.processes > 1 or self.machines > 1):
+        if not self._picks_engine() and self.engine == "ddp":
             flags.append("--multi_gpu")
         if self.config_file:
             flags += ["--config_file", self.config_file]
-        flags += ["--num_processes", str(self.processes)]
+        if self.processes is not None:
+            flags += ["--num_processes", str(self.processes)]
         if self.machines > 1:
             flags += ["--num_machines", str(self.machines), "--machine_rank", str(self.machine_rank),
                       "--main_process_ip", str(self.main_address), "--rdzv_backend", "static", "--same_network"]
@@ -162,6 +164,10 @@ class Launch:
         return " ".join(shlex.quote(w) for w in [*words, *map(str, script_args)])
 
 
+# The checkout the card's reproduce command runs in (its paths: scripts/train.py, conf/accelerate/...).
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def config_engine(path: str) -> str:
     """The engine a config file's distributed_type asks for (Accelerate's loader; a missing file named)."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -185,7 +191,7 @@ def for_run(engine_state: dict, world_size: int, device: str, mixed_precision: s
         if engine_state.get("state_dict_type", "FULL_STATE_DICT") != FILE_DEFAULTS["state_dict_type"]:
             args += ["--fsdp_state_dict_type", engine_state["state_dict_type"]]
     return Launch(processes=world_size, cpu=device == "cpu", config_file=ENGINE_CONFIGS.get(name), args=tuple(args),
-                  mixed_precision=launcher_precision(mixed_precision))
+                  mixed_precision=launcher_precision(mixed_precision), cwd=CHECKOUT)
 
 
 def main(argv=None) -> int:

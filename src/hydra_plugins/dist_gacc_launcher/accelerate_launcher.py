@@ -24,14 +24,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
-from dist_gacc.launch import Launch, free_port, launcher_precision
+if TYPE_CHECKING:
+    from dist_gacc.launch import Launch
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def use_cpu(setting: Optional[bool], cuda_available: bool) -> bool:
     return (not cuda_available) if setting is None else bool(setting)
 
 
-def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, launch: Launch,
+def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, launch: "Launch",
                        hydra_args: Sequence[str] = ()) -> list[str]:
     """The job's command: `launch`'s argv of the script, with the sweep's config options (`hydra_args`) and the
     job's overrides. hydra.* overrides configure the sweep, not the job; the job runs once, in its own directory."""
@@ -127,6 +128,9 @@ class AccelerateLauncher(Launcher):
         self.cpu = use_cpu(self.cpu_setting, cuda)
         why = (f"hydra.launcher.cpu={str(self.cpu_setting).lower()}" if self.cpu_setting is not None
                else f"hydra.launcher.cpu=null: {'a CUDA device is' if cuda else 'no CUDA device'} visible")
+        # (dist_gacc.launch imported here, not at the top: `python -m dist_gacc.launch` imports this module first)
+        from dist_gacc.launch import Launch
+
         engine = Launch.from_args(self.extra_args, processes=self.num_processes).engine  # bad arguments: now
         log.info("Launching %d jobs, each with accelerate launch, engine %s (%d process%s on %s; %s)",
                  len(job_overrides), engine, self.num_processes, "es" if self.num_processes > 1 else "",
@@ -147,6 +151,8 @@ class AccelerateLauncher(Launcher):
         return results
 
     def _launch_one(self, num: int, overrides: list[str]) -> JobReturn:
+        from dist_gacc.launch import Launch, free_port, launcher_precision
+
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
