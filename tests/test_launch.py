@@ -64,11 +64,16 @@ def test_bad_launch_arguments_and_a_missing_file_are_named_before_any_job():
      "bf16 --dynamo_backend no --fsdp_state_dict_type SHARDED_STATE_DICT scripts/train.py a=1"),
     ({"name": "ddp"}, "cuda", "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision "
      "bf16 --dynamo_backend no scripts/train.py a=1"),
+    ({"name": "ddp", "machines": 2}, "cuda", "accelerate launch --multi_gpu --num_processes 2 --num_machines 2 "
+     "--machine_rank '<0..1: this machine>' --main_process_ip '<address of machine 0>' --rdzv_backend static "
+     "--same_network --mixed_precision bf16 --dynamo_backend no scripts/train.py a=1"),
 ])
 def test_a_runs_record_gives_the_launch_of_its_engine(record, device, command):
     launch = for_run(record, 2, device, "bf16")
     assert launch.shell("scripts/train.py", "a=1") == command and launch.cwd == str(ROOT)  # run in the checkout
-    assert accelerate_sets_up(launch) == record["name"]
+    assert launch.engine == record["name"]
+    if launch.machines == 1:  # (placeholders for the machine rank and address otherwise)
+        assert accelerate_sets_up(launch) == record["name"]
 
 
 def test_the_cli_prints_the_slurm_nodes_arguments(capsys):

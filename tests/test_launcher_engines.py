@@ -19,9 +19,10 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed not installed (pip install -e '.[dev]')")
 # engine: (config file, what metrics.json's engine_state must say besides the name)
 ENGINES = {
-    "deepspeed": ("deepspeed_zero2", {"distributed_type": "DEEPSPEED", "zero_stage": 2, "wrapper": "DeepSpeedEngine"}),
+    "deepspeed": ("deepspeed_zero2", {"distributed_type": "DEEPSPEED", "zero_stage": 2, "wrapper": "DeepSpeedEngine",
+                                      "machines": 1}),
     "fsdp": ("fsdp", {"distributed_type": "FSDP", "fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT",
-                      "wrapper": "FSDPBertForSequenceClassification"}),
+                      "wrapper": "FSDPBertForSequenceClassification", "machines": 1}),
 }
 PARAMS = [pytest.param("deepspeed", marks=needs_deepspeed), "fsdp"]
 # Two jobs of one update each (16 examples, micro 4 x 2 ranks), differing in the learning rate.
@@ -49,11 +50,11 @@ def engine_sweeps(tmp_path_factory):
 def test_each_job_of_a_sweep_with_an_engine_file_runs_that_engine(engine, engine_sweeps):
     sweep_dir, proc = engine_sweeps(engine)
     assert proc.returncode == 0, proc.stderr[-3000:] + (sweep_dir / "0" / "launch.log").read_text()[-3000:]
-    assert f"engine {engine} (2 processes on CPU" in proc.stdout + proc.stderr
     for job, lr in ((0, 1e-3), (1, 2e-3)):
         m = read_metrics(sweep_dir / str(job))
         assert (m["engine"], m["world_size"], m["optimizer_steps"], m["lr"]) == (engine, 2, 1, lr)
         assert m["engine_state"] == {"name": engine, **ENGINES[engine][1]}
+    assert f"engine {engine} (2 processes on CPU" in proc.stdout + proc.stderr  # the sweep's log says so too
 
 
 def card_command(model_dir) -> tuple[dict, list[str]]:

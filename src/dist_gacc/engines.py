@@ -59,8 +59,10 @@ def engine_record(accelerator, model) -> dict:
     engine's plugin) and the prepared model's wrapper class. metrics.json's engine_state; the model card names it
     and writes the launch that sets it up again (dist_gacc.launch.for_run)."""
     state = accelerator.state
+    # torchrun's per-machine count: the launch's machines (the reproduce command's --num_machines)
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     record = {"name": engine_name(accelerator), "distributed_type": state.distributed_type.value,
-              "wrapper": type(model).__name__}
+              "wrapper": type(model).__name__, "machines": machines}
     if record["name"] == "deepspeed":
         record["zero_stage"] = state.deepspeed_plugin.zero_stage
     elif record["name"] == "fsdp":

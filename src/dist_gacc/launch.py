@@ -61,14 +61,14 @@ class Launch:
     mixed_precision: str | None = "no"  # --mixed_precision (None: not given)
     port: int | None = None            # --main_process_port (None: Accelerate's default)
     machines: int = 1
-    machine_rank: int = 0
+    machine_rank: int | str = 0        # (a str: a placeholder in a command shown to users)
     main_address: str | None = None    # machine 0's address, with several machines
     cwd: str | None = None             # where the command runs: a relative config file is read from there
 
     @classmethod
     def from_args(cls, args, **kwargs) -> "Launch":
         """A launch of `accelerate launch` arguments (e.g. hydra.launcher.extra_args): --config_file taken out."""
-        args, config = list(args), None
+        args, config = [str(a) for a in args], None  # Hydra gives `[--zero_stage,1]`'s 1 as a number
         for i, arg in enumerate(args):
             if arg == "--config_file" and i + 1 < len(args):
                 config = args[i + 1]
@@ -190,8 +190,10 @@ def for_run(engine_state: dict, world_size: int, device: str, mixed_precision: s
             args += ["--fsdp_version", str(engine_state["fsdp_version"])]
         if engine_state.get("state_dict_type", "FULL_STATE_DICT") != FILE_DEFAULTS["state_dict_type"]:
             args += ["--fsdp_state_dict_type", engine_state["state_dict_type"]]
+    machines = engine_state.get("machines", 1)
     return Launch(processes=world_size, cpu=device == "cpu", config_file=ENGINE_CONFIGS.get(name), args=tuple(args),
-                  mixed_precision=launcher_precision(mixed_precision), cwd=CHECKOUT)
+                  mixed_precision=launcher_precision(mixed_precision), cwd=CHECKOUT, machines=machines,
+                  machine_rank=f"<0..{machines - 1}: this machine>", main_address="<address of machine 0>")
 
 
 def main(argv=None) -> int:
