@@ -145,6 +145,8 @@ class AccelerateLauncher(Launcher):
                 results.append(result)
                 if result.status == JobStatus.FAILED:
                     failed.append(num)
+            if self.stop_signal is not None:  # it came after the last job
+                raise SweepStopped(self.stop_signal)
         if failed:
             log.error("%d of %d jobs failed: %s (the others completed)", len(failed), len(job_overrides),
                       ", ".join(f"#{n}" for n in failed))
@@ -270,8 +272,9 @@ def living(processes: list) -> list:
     return alive
 
 
-def _signal(processes: list, sig: int) -> None:
-    """`sig` to each process and to its process group (a worker's DataLoader workers share its group)."""
+def _signal(processes: list, sig: int, spared_group: Optional[int] = None) -> None:
+    """`sig` to each process and to its process group (a worker's DataLoader workers share its group), except the
+    sweep's own group and `spared_group`."""
     import psutil
 
     own_group = os.getpgrp()
@@ -280,11 +283,18 @@ def _signal(processes: list, sig: int) -> None:
             if not p.is_running():  # ended, its pid maybe reused: not ours to signal
                 continue
             group = os.getpgid(p.pid)
-            if group != own_group:  # never the sweep's own group
+            if group not in (own_group, spared_group):
                 os.killpg(group, sig)
             p.send_signal(sig)
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             pass
+
+
+def _group(pid: int) -> Optional[int]:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _wait_gone(processes: list, seconds: float) -> list:
@@ -297,9 +307,16 @@ def _wait_gone(processes: list, seconds: float) -> list:
 def end_job(proc: subprocess.Popen, grace_s: float) -> list:
     """End every process of a job: SIGTERM (the trainer finishes its update, checkpoints and exits 75), then
     SIGKILL after `grace_s` seconds to whatever is left, and to processes started meanwhile (collected again
-    each round). Returns the processes that could not be ended (none, barring an unkillable state)."""
+    each round). Returns the processes that could not be ended (none, barring an unkillable state).
+
+    SIGTERM goes to the processes below `accelerate launch` (the ranks and what they started), not to it or its
+    group: it ends when they do. Signalled itself, Accelerate's one-process launcher kills its child 5 s later and
+    closes the pipe of the child's stderr, so the run could not finish its update and checkpoint."""
     processes = process_tree(proc.pid)
-    _signal(processes, signal.SIGTERM)
+    if processes[1:]:
+        _signal(processes[1:], signal.SIGTERM, spared_group=_group(proc.pid))
+    else:  # no rank started yet
+        _signal(processes, signal.SIGTERM)
     alive = _wait_gone(processes, grace_s)
     for _ in range(10):
         if not alive:
