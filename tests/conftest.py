@@ -442,12 +442,13 @@ def _check_shared_runs(items) -> None:
 
 # Wall seconds of each unit on two workers (measured: M4, a full run at 7b420f1), for the longest-first order
 # (with rough estimates alone, the launcher's and gpu_check's files ran last and the other worker idled ~50 s at
-# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost.
+# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost. The launcher's
+# two files: scaled from a 2-core Xeon's times by the ratio of test_launcher.py's timeout test there and on M4.
 UNIT_SECONDS = {"test_engines_cpu.py": 157, "equivalent_runs": 144, "test_bench.py": 75, "eff16_runs": 72,
-                "test_resume.py": 69, "test_gpu_check.py": 43, "test_forkserver.py": 28, "test_launcher.py": 24,
-                "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16, "test_tasks_runs.py": 14,
-                "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7, "test_data.py": 6,
-                "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
+                "test_resume.py": 69, "test_launcher_engines.py": 65, "test_launcher.py": 52, "test_gpu_check.py": 43,
+                "test_forkserver.py": 28, "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16,
+                "test_tasks_runs.py": 14, "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7,
+                "test_data.py": 6, "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
                 "test_summary.py": 2}
 
 
