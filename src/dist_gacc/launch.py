@@ -29,9 +29,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from .engines import FSDP_ON_CPU
 from .errors import ConfigError
 
-FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # engines.FSDP_ON_CPU (not imported: that module imports torch)
 # The project's config file of each sharded engine: the card's reproduce command selects the engine with it.
 ENGINE_CONFIGS = {"deepspeed": "conf/accelerate/deepspeed_zero2.yaml", "fsdp": "conf/accelerate/fsdp.yaml"}
 # What these files set that a run may have changed on the command line (`accelerate launch` flags).
@@ -127,6 +127,8 @@ class Launch:
         if self.processes is not None:
             flags += ["--num_processes", str(self.processes)]
         if self.machines > 1:
+            if not self.main_address:
+                raise ConfigError(f"a launch on {self.machines} machines needs machine 0's address (main_process_ip)")
             flags += ["--num_machines", str(self.machines), "--machine_rank", str(self.machine_rank),
                       "--main_process_ip", str(self.main_address), "--rdzv_backend", "static", "--same_network"]
         elif not self.config_file:

@@ -47,8 +47,8 @@ class AccelerateLauncherConf:
     # more `accelerate launch` arguments, e.g. [--config_file, conf/accelerate/deepspeed_zero2.yaml]: a DeepSpeed
     # or FSDP file's distributed_type picks the engine (no --multi_gpu is added next to it)
     extra_args: list = field(default_factory=list)
-    # per job; null = none. On timeout every process of the job gets SIGTERM (the trainer finishes its update,
-    # checkpoints and exits 75: the job resumes with resume=auto), then SIGKILL after timeout_grace_s.
+    # per job; null = none. On timeout the job's ranks get SIGTERM (the trainer finishes its update, checkpoints
+    # and exits 75: the job resumes with resume=auto), then whatever is left SIGKILL after timeout_grace_s.
     timeout_s: Optional[int] = None
     timeout_grace_s: int = 30
 
