@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -138,10 +137,11 @@ def run_workers(specs: list[dict], processes: int = 1) -> list[dict]:
     env = worker_env(specs[0])
     cmd = [sys.executable, str(WORKER)]
     if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1" if specs[0]["device"] == "cpu" else env.get("ACCELERATE_USE_CPU", "")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(WORKER)]
+        from dist_gacc.launch import Launch, free_port
+
+        launch = Launch(processes, cpu=specs[0]["device"] == "cpu", port=free_port())
+        env = launch.env(env)
+        cmd = launch.argv(WORKER)
     proc = subprocess.run([*cmd, *(json.dumps(s) for s in specs)], cwd=ROOT, env=env, capture_output=True, text=True)
     results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
                if line.startswith("BENCH_RESULT ")]
@@ -194,12 +194,6 @@ class QuickWorker:
 
 
 QUICK_WORKER = QuickWorker()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_spec(args, model: str, inputs: dict, **kw) -> dict:

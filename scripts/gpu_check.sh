@@ -93,10 +93,11 @@ PY
 
 verify() {  # verify <processes> <overrides...>
     local procs="$1"; shift
-    local cmd=(python)
-    if [[ "${procs}" -gt 1 ]]; then
-        cmd=(accelerate launch --multi_gpu --num_processes "${procs}" --num_machines 1 --main_process_port 0
-             --dynamo_backend no)
+    local cmd=(python) args
+    if [[ "${procs}" -gt 1 ]]; then  # the arguments every launch of the project gets (dist_gacc.launch)
+        args="$(python -m dist_gacc.launch --num_processes "${procs}" --main_process_port 0)" || return
+        mapfile -t cmd <<< "${args}"
+        cmd=(accelerate launch "${cmd[@]}")
     fi
     # shellcheck disable=SC2086  # TINY is a list of overrides
     "${cmd[@]}" scripts/verify_equivalence.py "hydra.run.dir=${WORK}/verify-${procs}-$RANDOM" ${TINY} "$@" || return

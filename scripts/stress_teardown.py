@@ -19,7 +19,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "model.from_scratch.hidden_size=32", "model.from_scratch.intermediate_size=64",
         "data.max_train_samples=64", "data.max_eval_samples=37", "data.max_length=64",
         "trainer.micro_batch_size=4", "trainer.max_steps=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children() -> dict[int, list[int]]:
@@ -99,18 +92,17 @@ def kill_all(pids) -> None:
 
 
 def one_run(args, i: int, out: Path) -> tuple[str, float, str]:
+    from dist_gacc.launch import Launch, free_port
+
     run_dir = out / f"run-{i}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())]
+    launch = Launch(2, cpu=True, port=free_port())
     if args.tight is not None:
-        cmd = [*launch, str(ROOT / "scripts" / "teardown_probe.py"), *shlex.split(args.tight)]
+        cmd = launch.argv(ROOT / "scripts" / "teardown_probe.py", *shlex.split(args.tight))
     else:
-        cmd = [*launch, str(ROOT / "scripts" / "train.py"), *TINY, *args.overrides,
-               f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        cmd = launch.argv(ROOT / "scripts" / "train.py", *TINY, *args.overrides, f"hydra.run.dir={run_dir}")
+    env = launch.env({**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                      "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
     started = time.perf_counter()
     seen: dict[int, str] = {}  # every rank process seen, with its start time
     with open(run_dir / "launch.log", "w") as log:

@@ -217,11 +217,13 @@ def launch_script(script: Path, *args: str, processes: int = 2, timeout: int = 3
 
 
 def _multi_gpu_args(processes: int) -> list[str]:
-    """accelerate launch's arguments for `processes` gloo CPU ranks on this machine (none for one process)."""
+    """accelerate launch's arguments for `processes` gloo CPU ranks on this machine (none for one process):
+    dist_gacc.launch's, as every launch the project writes."""
+    from dist_gacc.launch import Launch
+
     if processes == 1:
         return []
-    return ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return Launch(processes, cpu=True, port=_free_port()).launcher_args()
 
 
 def _run(script: Path, args: list, env: dict, launcher: list, timeout: float, real: bool,
@@ -294,14 +296,16 @@ def first_rank_failure(proc, output: str | None = None) -> int | None:
 
 def config_command(run_dir: Path, config: str, *overrides: str, env: dict | None = None, script: Path = TRAIN,
                    launch_args: tuple = ()) -> tuple[list[str], dict]:
-    """launch_config's command line and environment (for a test that starts it and signals it)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
-           "--main_process_port", str(_free_port()), *launch_args, str(script)]
+    """launch_config's command line (dist_gacc.launch's, the file's process count unless launch_args give one) and
+    environment (for a test that starts it and signals it)."""
+    from dist_gacc.launch import Launch
+
+    launch = Launch(processes=None, cpu=True, config_file=str(CONF / "accelerate" / f"{config}.yaml"),
+                    args=tuple(launch_args), mixed_precision=None, port=_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            **(env if env is not None else {"ACCELERATE_USE_CPU": "1"})}
-    return [*cmd, *overrides, f"hydra.run.dir={run_dir}"], env
+    return launch.argv(script, *overrides, f"hydra.run.dir={run_dir}"), env
 
 
 def running(pid: int) -> bool:
@@ -441,12 +445,13 @@ def _check_shared_runs(items) -> None:
 
 # Wall seconds of each unit on two workers (measured: M4, a full run at 7b420f1), for the longest-first order
 # (with rough estimates alone, the launcher's and gpu_check's files ran last and the other worker idled ~50 s at
-# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost.
+# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost. The launcher's
+# two files: scaled from a 2-core Xeon's times by the ratio of test_launcher.py's timeout test there and on M4.
 UNIT_SECONDS = {"test_engines_cpu.py": 157, "equivalent_runs": 144, "test_bench.py": 75, "eff16_runs": 72,
-                "test_resume.py": 69, "test_gpu_check.py": 43, "test_forkserver.py": 28, "test_launcher.py": 24,
-                "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16, "test_tasks_runs.py": 14,
-                "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7, "test_data.py": 6,
-                "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
+                "test_resume.py": 69, "test_launcher_engines.py": 65, "test_launcher.py": 52, "test_gpu_check.py": 43,
+                "test_forkserver.py": 28, "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16,
+                "test_tasks_runs.py": 14, "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7,
+                "test_data.py": 6, "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
                 "test_summary.py": 2}
 
 

@@ -181,6 +181,15 @@ def test_decoder_two_ranks_equal_one_process(decoder_runs, kind):
         assert "has no pad token: padding with its eos token '</s>' (id 2" in log
 
 
+@pytest.mark.slow
+def test_the_model_card_describes_the_decoder_that_was_trained(decoder_runs):
+    card = (decoder_runs["plain1"] / "model" / "README.md").read_text()
+    assert ("Fine-tuned with dist-gacc from scratch: a Llama-style decoder of 2 layers, hidden size 32, 2 attention "
+            "heads" in card) and "BERT" not in card
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 " in (
+        decoder_runs["plain2"] / "model" / "README.md").read_text()
+
+
 # A fresh interpreter (nothing of this project imported) runs a pipeline over each model folder: {folder: texts}
 # on stdin, {folder: labels} printed.
 PIPELINE = """

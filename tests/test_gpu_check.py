@@ -30,13 +30,13 @@ def script_env(gpus: int, path_first: str | None = None) -> dict:
     return {**os.environ, "GPU_CHECK_GPUS": str(gpus), "PATH": os.pathsep.join(folders)}
 
 
-# The dry run's `python scripts/<x>.py`, `python - <<heredoc`, `python -m pytest` and `accelerate launch ...
-# scripts/<x>.py` fork from a fork server started with the environment the script gives its steps
+# The dry run's `python scripts/<x>.py`, `python - <<heredoc`, `python -m pytest`, `python -m dist_gacc.launch` and
+# `accelerate launch ... scripts/<x>.py` fork from a fork server started with the environment the script gives its steps
 # (tests/forkclient.py), so they skip ~5 s of imports per process (the forked pytest warns that 2 plugins the
 # server had imported, Hydra's and anyio's, are not assert-rewritten); the rest (python -c, the benchmark's
 # worker: sys.executable) is the real interpreter.
 SHIMS = {
-    "python": 'if [[ "$1" == - || "$1" == *.py && -f "$1" || "$1" == -m && "$2" == pytest ]]; then\n'
+    "python": 'if [[ "$1" == - || "$1" == *.py && -f "$1" || "$1" == -m && "$2" == @(pytest|dist_gacc.launch) ]]; then\n'
               '    exec {python} {client} {socket} "$@"\nfi\n'
               'exec {python} "$@"\n',
     "accelerate": 'if [[ "$1" == launch ]]; then shift; exec {python} {client} {socket} -m accelerate.commands.launch "$@"; fi\n'

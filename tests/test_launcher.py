@@ -119,3 +119,90 @@ def test_a_swept_jobs_objective_is_the_score_of_the_model_in_model_dir(tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"best": {"f1": 0.68}, "eval": {"f1": 0.0}, "model": "final"}))
     assert _job_metric(tmp_path) == 0.0
     assert _job_metric(tmp_path / "absent") is None
+
+
+def signalled_sweep(sweep_dir, sig, processes, *options):
+    """A sweep of one long job (2 ranks, or 1 process) sent `sig` once the job has checkpointed an update,
+    as a CI `timeout` (SIGTERM) or a closed terminal (SIGHUP) would. Returns (the sweep's exit code, its output,
+    the job's processes still running then)."""
+    from conftest import TINY, TRAIN
+
+    env = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(TRAIN), *options, "-m", "hydra/launcher=accelerate",
+           f"hydra.launcher.num_processes={processes}", *TINY, "trainer.micro_batch_size=2", "trainer.epochs=200",
+           "trainer.checkpoint_every=1", "trainer.baseline=false", f"hydra.sweep.dir={sweep_dir}"]
+    output = sweep_dir.parent / f"{sweep_dir.name}.out"
+    try:
+        with open(output, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=CONF.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not list((sweep_dir / "0" / "checkpoints").glob("step-*")):  # (the newest 2 are kept)
+            assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        left = job_pids(str(sweep_dir))
+    finally:
+        for pid in job_pids(str(sweep_dir)):  # only if the test failed: never leave a training running
+            os.kill(pid, signal.SIGKILL)
+    return proc.returncode, output.read_text(), left
+
+
+def check_ended_like_a_timeout(sweep_dir, code, output, left, sig):
+    """The sweep died of `sig` after its job got SIGTERM in every process, checkpointed and ended: none is left."""
+    assert left == [], f"processes of the job outlived the sweep: {left}\n{output[-3000:]}"
+    assert code == -sig, output[-3000:]
+    name = signal.Signals(sig).name
+    assert f"job #0: the sweep got {name}: the job's processes were sent SIGTERM" in output and "none is left" in output
+    newest = max((sweep_dir / "0" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert int(newest.name.split("-")[1]) >= 2  # one more update, finished after the signal
+    assert json.loads((newest / "trainer_state.json").read_text())["position"]["reason"] == "stop signal"
+    assert "stopped by a signal after a finished update" in (sweep_dir / "0" / "launch.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_ends_its_job_as_a_timeout_does(tmp_path):
+    """A CI `timeout` signals the sweep's parent only; its job runs in a session of its own (2 ranks here)."""
+    sweep_dir = tmp_path / "sweep"
+    check_ended_like_a_timeout(sweep_dir, *signalled_sweep(sweep_dir, signal.SIGTERM, 2), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def hangup_sweep(tmp_path_factory):
+    """A closed terminal's SIGHUP to a sweep of one 1-process job, run with its own config: --config-dir (a folder
+    of its own) and --config-name other (train.yaml with a run_name). (sweep dir, exit code, output, pids left)."""
+    folder = tmp_path_factory.mktemp("hangup")
+    (folder / "conf").mkdir()
+    text = (CONF / "train.yaml").read_text()
+    assert "\nrun_name: null\n" in text
+    (folder / "conf" / "other.yaml").write_text(text.replace("\nrun_name: null\n", "\nrun_name: from-other-yaml\n"))
+    sweep_dir = folder / "sweep"
+    return (sweep_dir, *signalled_sweep(sweep_dir, signal.SIGHUP, 1, "--config-dir", str(folder / "conf"),
+                                        "--config-name", "other"))
+
+
+@pytest.mark.slow
+def test_sighup_to_the_sweep_ends_its_job_as_a_timeout_does(hangup_sweep):
+    sweep_dir, code, output, left = hangup_sweep
+    check_ended_like_a_timeout(sweep_dir, code, output, left, signal.SIGHUP)
+
+
+@pytest.mark.slow
+def test_the_sweeps_config_dir_and_name_reach_its_jobs(hangup_sweep):
+    """The job is the same script again: without the sweep's --config-dir/--config-name it would load train.yaml."""
+    import yaml
+
+    sweep_dir = hangup_sweep[0]
+    assert yaml.safe_load((sweep_dir / "0" / ".hydra" / "config.yaml").read_text())["run_name"] == "from-other-yaml"
+
+
+def test_the_sweeps_config_options_are_forwarded_in_any_spelling(tmp_path):
+    from hydra_plugins.dist_gacc_launcher.accelerate_launcher import accelerate_command, config_options
+
+    from dist_gacc.launch import Launch
+
+    options = config_options(["-cn", "other", f"--config-dir={tmp_path}", "-m", "a=1", "hydra.launcher.cpu=true"])
+    assert options == ["--config-dir", str(tmp_path), "--config-name", "other"]
+    cmd = accelerate_command("train.py", ["a=1", "hydra.launcher.cpu=true"], "/run", Launch(2, cpu=True), options)
+    assert cmd[cmd.index("train.py"):] == ["train.py", *options, "a=1", "hydra.run.dir=/run", "hydra.mode=RUN"]

@@ -290,7 +290,8 @@ def test_the_cache_key_is_what_decides_the_answer_not_the_model_string(monkeypat
 
 
 def test_launcher_passes_no_for_auto():
-    from hydra_plugins.dist_gacc_launcher.accelerate_launcher import launcher_precision
+    from dist_gacc.launch import launcher_precision
+
     assert [launcher_precision(p) for p in ("auto", "no", False, "bf16")] == ["no", "no", "no", "bf16"]
 
 

@@ -128,6 +128,7 @@ class Job:
     hooks: Hooks
     trainable_parameters: int = 0   # counted before prepare (LoRA: adapters and head)
     total_parameters: int = 0
+    engine_state: dict | None = None  # the engine that runs, read after prepare (engines.engine_record)
     precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
     eval_forward: oom.EvalForward | None = None          # evaluation logits, sliced on out of memory (None: plain)
 
@@ -218,14 +219,16 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
     if engine_name == "fsdp":
         log.info("FSDP: %d parameter tensors sharded over %d ranks; mixed precision policy %s",
                  engines.check_sharded(accelerator, model), world, accelerator.state.fsdp_plugin.mixed_precision_policy)
+    engine_state = engines.engine_record(accelerator, model)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
         encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",
                                   weighted=task.weighted_normaliser)
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
-              trainable_parameters, total_parameters, choice, oom.EvalForward(oom_policy, t.eval_batch_size))
-    log_plan(job, engine_name)
+              trainable_parameters, total_parameters, engine_state, choice,
+              oom.EvalForward(oom_policy, t.eval_batch_size))
+    log_plan(job)
     return job
 
 
@@ -253,10 +256,11 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     return splits, tokenizer, model, encoded, metric, task
 
 
-def log_plan(job: Job, engine_name: str) -> None:
+def log_plan(job: Job) -> None:
     rc, t, world = job.rc, job.rc.trainer, job.accelerator.num_processes
     log.info("world size %d | micro-batch %d x accumulation %d x world %d = effective batch %d | engine %s%s",
-             world, job.micro_batch_size, job.grad_accum_steps, world, job.effective_batch_size, engine_name,
+             world, job.micro_batch_size, job.grad_accum_steps, world, job.effective_batch_size,
+             engines.describe_engine(job.engine_state),
              " | gradients exchanged every micro-batch (sync_each_batch)" if t.sync_each_batch and world > 1 else "")
     scaling = (f"; {rc.optim.lr_scaling} scaling of {rc.optim.lr:.3g} from reference batch "
                f"{rc.optim.reference_batch_size}" if rc.optim.lr_scaling != "none" else "")

@@ -9,7 +9,6 @@ own card tooling (Trainer.create_model_card) needs a Trainer; huggingface_hub.Mo
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -17,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from . import machine
 from .baseline import display
 from .config import HEADLINE_METRICS, headline_metrics
+from .engines import describe_engine
 from .resolvers import EMBEDDED_MODELS, embedded_model
 
 # The Hub ids of the models shipped in PyPI packages (resolvers.EMBEDDED_MODELS): the card's base_model.
@@ -55,24 +55,42 @@ def data_source(data) -> tuple[list[str] | None, str]:
     return None, f"`data={data.name}`: {EMBEDDED_DATA.get(data.name, data.name)}"
 
 
-def reproduce_command(overrides: list[str], world_size: int, device: str) -> str:
-    """The command line that reruns this job: the launcher for its process count, then Hydra's overrides."""
-    if world_size == 1:
-        launch = "python scripts/train.py"
-    elif device == "cpu":
-        launch = (f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {world_size} "
-                  "--num_machines 1 --mixed_precision no --dynamo_backend no scripts/train.py")
-    else:
-        launch = f"accelerate launch --num_processes {world_size} scripts/train.py"
-    return " ".join([launch, *(shlex.quote(o) for o in overrides)])
+def reproduce_command(overrides: list[str], world_size: int, device: str, engine_state: dict | None = None,
+                      mixed_precision: str | None = "no") -> str:
+    """The command line that reruns this job: the launch that sets up the engine that ran (dist_gacc.launch:
+    a DeepSpeed or FSDP run's config file, its process count, CPU ranks' environment), then Hydra's overrides."""
+    from .errors import ConfigError
+    from .launch import for_run  # not at the top: `python -m dist_gacc.launch` imports this package first
+
+    try:
+        return for_run(engine_state or {}, world_size, device, mixed_precision).shell("scripts/train.py", *overrides)
+    except ConfigError as err:  # no checkout with conf/accelerate/ next to this package
+        return f"# no reproduce command: {err}"
+
+
+def model_origin(model, base: str | None) -> str:
+    """Where the weights started: the Hub id or folder, or the architecture built from scratch (model.from_scratch)."""
+    if base or model.name_or_path:
+        return f"from `{base or model.name_or_path}`"
+    shape = model.from_scratch or {}
+    kind = {"bert": "BERT encoder", "llama": "Llama-style decoder"}.get(shape.get("architecture", "bert"),
+                                                                          shape.get("architecture"))
+    return (f"from scratch: a {kind} of {shape.get('num_hidden_layers')} layers, hidden size {shape.get('hidden_size')}, "
+            f"{shape.get('num_attention_heads')} attention heads, initialised at random")
 
 
 def hydra_overrides(output_dir: str) -> list[str]:
-    """The job's command-line overrides: Hydra's record of this run, else .hydra/overrides.yaml, else none."""
+    """The job's command-line arguments: Hydra's record of this run (its --config-dir and --config-name unless the
+    script's default, then its overrides), else .hydra/overrides.yaml, else none."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
+        hydra = HydraConfig.get()
+        options = [arg for source in hydra.runtime.config_sources if source.provider == "command-line"
+                   for arg in ("--config-dir", source.path)]
+        if hydra.job.config_name != "train":
+            options += ["--config-name", hydra.job.config_name]
+        return [*options, *hydra.overrides.task]
     path = os.path.join(output_dir, ".hydra", "overrides.yaml")
     if os.path.exists(path):
         import yaml
@@ -170,14 +188,14 @@ def build_card(result: dict, rc, split_sizes: dict, command: str, machine_line: 
         f"data: {source}; rows: {', '.join(f'{k} {v}' for k, v in split_sizes.items())}",
         (f"effective batch: {r['world_size']} process(es) x micro-batch {r['micro_batch_size']} x accumulation "
          f"{r['grad_accum_steps']} = {r['effective_batch_size']}; lr {r['lr']:.3g}"),
-        f"precision that ran: {r['mixed_precision']}; engine: {r['engine']}",
+        f"precision that ran: {r['mixed_precision']}; engine: "
+        f"{describe_engine(r.get('engine_state') or {'name': r['engine']})}",
         (f"trained: {r['epochs']} epoch(s), {r['updates']} updates ({r['optimizer_steps']} optimizer steps); "
          f"model/ holds the {r['model']} model"),
         f"machine: {machine_line}",
     ]
-    start = data.base_model or rc.model.name_or_path or "a tiny BERT initialised from scratch"
     body = "\n".join([
-        "", f"# {data.model_name}", "", f"Fine-tuned with dist-gacc from `{start}`.", "",
+        "", f"# {data.model_name}", "", f"Fine-tuned with dist-gacc {model_origin(rc.model, data.base_model)}.", "",
         *(f"- {fact}" for fact in facts), "", "## Scores", "", scores_table(result), "",
         f"Baseline: {baseline_line}.", "", "## Reproduce", "", "```bash", command, "```", ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -186,7 +204,8 @@ def build_card(result: dict, rc, split_sizes: dict, command: str, machine_line: 
 def write_card(path: str, result: dict, rc, split_sizes: dict, overrides: list[str], device: str) -> None:
     """model/README.md, written to a temporary file and renamed (never half-written)."""
     checkout = code_commit()
-    command = reproduce_command(overrides, result["world_size"], device)
+    command = reproduce_command(overrides, result["world_size"], device, result.get("engine_state"),
+                                result["mixed_precision"])
     if checkout:
         command = f"{checkout}\n{command}"
     card = build_card(result, rc, split_sizes, command, machine.label(machine.describe(measure=False)))

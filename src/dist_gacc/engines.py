@@ -54,6 +54,33 @@ def engine_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+def engine_record(accelerator, model) -> dict:
+    """After `accelerator.prepare`: the engine that runs, from Accelerate's state (its distributed type and the
+    engine's plugin) and the prepared model's wrapper class. metrics.json's engine_state; the model card names it
+    and writes the launch that sets it up again (dist_gacc.launch.for_run)."""
+    state = accelerator.state
+    # torchrun's per-machine count: the launch's machines (the reproduce command's --num_machines)
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    record = {"name": engine_name(accelerator), "distributed_type": state.distributed_type.value,
+              "wrapper": type(model).__name__, "machines": machines}
+    if record["name"] == "deepspeed":
+        record["zero_stage"] = state.deepspeed_plugin.zero_stage
+    elif record["name"] == "fsdp":
+        kind = state.fsdp_plugin.state_dict_type
+        record.update(fsdp_version=state.fsdp_plugin.fsdp_version, state_dict_type=getattr(kind, "name", str(kind)))
+    return record
+
+
+def describe_engine(record: dict) -> str:
+    """One line for the card and the log: `deepspeed (ZeRO-2; Accelerate's DEEPSPEED, the model a DeepSpeedEngine)`."""
+    detail = {"deepspeed": f"ZeRO-{record.get('zero_stage')}; ",
+              "fsdp": f"FSDP{record.get('fsdp_version')}, {record.get('state_dict_type')}; "}.get(record["name"], "")
+    if "distributed_type" not in record:  # a record from before engine_state
+        return record["name"]
+    return (f"{record['name']} ({detail}Accelerate's distributed type {record['distributed_type']}, the model a "
+            f"{record['wrapper']})")
+
+
 ACCELERATE_TESTED = ">=1.16,<1.17"  # FSDP on CPU relabels a private field: pinned in pyproject.toml
 FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # the rehearsal switch: FSDP2 on CPU ranks (README, "FSDP and DeepSpeed")
 

@@ -107,7 +107,8 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "mixed_precision": t.mixed_precision,
         "precision": job.precision.record() if job.precision else None,
         "loss_normalisation": t.loss_normalisation,
-        "engine": engines.engine_name(acc),
+        "engine": job.engine_state["name"],  # read after prepare (engines.engine_record)
+        "engine_state": job.engine_state,
         "sync_each_batch": t.sync_each_batch,
         "train_examples_seen": state.examples_seen,
         "label_names": job.task.label_names,

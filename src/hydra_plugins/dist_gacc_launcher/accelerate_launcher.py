@@ -6,27 +6,33 @@
 Hydra's basic launcher runs jobs one after another inside one process, but Accelerate's state is a
 per-process singleton (a job cannot change mixed precision or process count) and a multirun inside
 `accelerate launch` would run every job on every rank. So each job becomes a fresh
-`accelerate launch` of the same script with the job's overrides and its own run directory; a job
-that fails is reported with its overrides and log, and the sweep goes on with the next.
+`accelerate launch` of the same script with the job's overrides, the sweep's --config-path/--config-dir/
+--config-name and its own run directory (the command: dist_gacc.launch); a job that fails is reported with its
+overrides and log, and the sweep goes on with the next. A stop signal to the sweep (SIGTERM, SIGHUP: a CI
+`timeout`, a closed terminal; SIGUSR1) ends the running job as hydra.launcher.timeout_s does, then the sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
+
+if TYPE_CHECKING:
+    from dist_gacc.launch import Launch
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,14 @@ log = logging.getLogger(__name__)
 class AccelerateLauncherConf:
     _target_: str = "hydra_plugins.dist_gacc_launcher.accelerate_launcher.AccelerateLauncher"
     num_processes: int = 1          # processes per job (GPUs, or CPU ranks)
-    # real CPU ranks (gloo): ACCELERATE_USE_CPU=1 with --multi_gpu. null = auto: CPU ranks when no
+    # real CPU ranks (gloo; each engine's environment: dist_gacc.launch). null = auto: CPU ranks when no
     # CUDA device is visible, GPUs otherwise; true/false force it.
     cpu: Optional[bool] = None
-    extra_args: list = field(default_factory=list)  # more `accelerate launch` arguments, e.g. [--config_file, x.yaml]
-    # per job; null = none. On timeout every process of the job gets SIGTERM (the trainer finishes its update,
-    # checkpoints and exits 75: the job resumes with resume=auto), then SIGKILL after timeout_grace_s.
+    # more `accelerate launch` arguments, e.g. [--config_file, conf/accelerate/deepspeed_zero2.yaml]: a DeepSpeed
+    # or FSDP file's distributed_type picks the engine (no --multi_gpu is added next to it)
+    extra_args: list = field(default_factory=list)
+    # per job; null = none. On timeout the job's ranks get SIGTERM (the trainer finishes its update, checkpoints
+    # and exits 75: the job resumes with resume=auto), then whatever is left SIGKILL after timeout_grace_s.
     timeout_s: Optional[int] = None
     timeout_grace_s: int = 30
 
@@ -49,35 +57,48 @@ ConfigStore.instance().store(group="hydra/launcher", name="accelerate", node=Acc
                              provider="dist_gacc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def use_cpu(setting: Optional[bool], cuda_available: bool) -> bool:
     """Whether the jobs run as CPU ranks: `hydra.launcher.cpu` if set, else whenever no CUDA device
     is visible (GPU ranks would fail on such a machine)."""
     return (not cuda_available) if setting is None else bool(setting)
 
 
-def launcher_precision(mixed_precision) -> str:
-    """accelerate launch's --mixed_precision. The trainer passes its own (resolved) precision to the
-    Accelerator, which wins over the launcher's; `auto` is resolved in the job, so the launcher says no."""
-    value = "no" if mixed_precision in (False, None) else str(mixed_precision)
-    return "no" if value == "auto" else value
-
-
-def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, num_processes: int,
-                       mixed_precision: str, extra_args: Sequence[str]) -> list[str]:
-    flags = ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision",
-             mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    if num_processes > 1:
-        flags.insert(0, "--multi_gpu")
-    # hydra.* overrides configure the sweep, not the job; the job runs once, in its own directory.
+def accelerate_command(script: str, overrides: Sequence[str], run_dir: str, launch: "Launch",
+                       hydra_args: Sequence[str] = ()) -> list[str]:
+    """The job's command: `launch`'s argv of the script, with the sweep's config options (`hydra_args`) and the
+    job's overrides. hydra.* overrides configure the sweep, not the job; the job runs once, in its own directory."""
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *extra_args, script, *job_overrides,
-            f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+    return launch.argv(script, *hydra_args, *job_overrides, f"hydra.run.dir={run_dir}", "hydra.mode=RUN")
+
+
+def config_options(argv: Sequence[str]) -> list[str]:
+    """The sweep's --config-path, --config-dir and --config-name (any spelling, read by Hydra's own parser), for
+    each job: the job is the same script, so a relative --config-path means the same folder; --config-dir is made
+    absolute."""
+    from hydra._internal.utils import get_args_parser
+
+    given, _ = get_args_parser().parse_known_args(list(argv))
+    options = []
+    if given.config_path is not None:
+        options += ["--config-path", given.config_path]
+    if given.config_dir is not None:
+        options += ["--config-dir", os.path.abspath(given.config_dir)]
+    if given.config_name is not None:
+        options += ["--config-name", given.config_name]
+    return options
+
+
+class SweepStopped(BaseException):
+    """A stop signal reached the sweep (a BaseException, as KeyboardInterrupt: no `except Exception` keeps it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# The signals that end a sweep as hydra.launcher.timeout_s ends a job: a CI `timeout`, a closed terminal, a
+# batch system's warning. (Ctrl-C's SIGINT reaches the sweep as KeyboardInterrupt, ended the same way.)
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 class AccelerateLauncher(Launcher):
@@ -88,10 +109,14 @@ class AccelerateLauncher(Launcher):
         self.extra_args, self.timeout_s, self.timeout_grace_s = list(extra_args), timeout_s, timeout_grace_s
         self.config: Optional[DictConfig] = None
         self.hydra_context: Any = None
+        self.job: Optional[subprocess.Popen] = None  # the running job's `accelerate launch`
+        self.stop_signal: Optional[int] = None       # a stop signal the sweep got
+        self.ending = False                          # a job's processes are being ended: a signal waits
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.script = os.path.abspath(sys.argv[0])  # the entry script, run again for each job
+        self.hydra_args = config_options(sys.argv[1:])  # its config, as the sweep was given it
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
@@ -103,21 +128,33 @@ class AccelerateLauncher(Launcher):
         self.cpu = use_cpu(self.cpu_setting, cuda)
         why = (f"hydra.launcher.cpu={str(self.cpu_setting).lower()}" if self.cpu_setting is not None
                else f"hydra.launcher.cpu=null: {'a CUDA device is' if cuda else 'no CUDA device'} visible")
-        log.info("Launching %d jobs, each with accelerate launch (%d process%s on %s; %s)", len(job_overrides),
-                 self.num_processes, "es" if self.num_processes > 1 else "", "CPU" if self.cpu else "GPUs", why)
+        # (dist_gacc.launch imported here, not at the top: `python -m dist_gacc.launch` imports this module first)
+        from dist_gacc.launch import Launch
+
+        engine = Launch.from_args(self.extra_args, processes=self.num_processes).engine  # bad arguments: now
+        log.info("Launching %d jobs, each with accelerate launch, engine %s (%d process%s on %s; %s)",
+                 len(job_overrides), engine, self.num_processes, "es" if self.num_processes > 1 else "",
+                 "CPU" if self.cpu else "GPUs", why)
         results, failed = [], []
-        for offset, overrides in enumerate(job_overrides):
-            num = initial_job_idx + offset
-            result = self._launch_one(num, list(overrides))
-            results.append(result)
-            if result.status == JobStatus.FAILED:
-                failed.append(num)
+        with self.ended_by_signals():
+            for offset, overrides in enumerate(job_overrides):
+                num = initial_job_idx + offset
+                if self.stop_signal is not None:  # it came between two jobs
+                    raise SweepStopped(self.stop_signal)
+                result = self._launch_one(num, list(overrides))
+                results.append(result)
+                if result.status == JobStatus.FAILED:
+                    failed.append(num)
+            if self.stop_signal is not None:  # it came after the last job
+                raise SweepStopped(self.stop_signal)
         if failed:
             log.error("%d of %d jobs failed: %s (the others completed)", len(failed), len(job_overrides),
                       ", ".join(f"#{n}" for n in failed))
         return results
 
     def _launch_one(self, num: int, overrides: list[str]) -> JobReturn:
+        from dist_gacc.launch import Launch, free_port, launcher_precision
+
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
@@ -125,26 +162,13 @@ class AccelerateLauncher(Launcher):
         run_dir.mkdir(parents=True, exist_ok=True)
         # A job may ask for its own process count with the task key num_processes (sweepable).
         processes = int(sweep_config.get("num_processes") or sweep_config.hydra.launcher.num_processes)
-        cmd = accelerate_command(self.script, overrides, str(run_dir), processes,
-                                 launcher_precision(sweep_config.trainer.mixed_precision), self.extra_args)
-        env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if self.cpu else {})}
-        log_path = run_dir / "launch.log"
+        launch = Launch.from_args(self.extra_args, processes=processes, cpu=self.cpu, port=free_port(),
+                                  mixed_precision=launcher_precision(sweep_config.trainer.mixed_precision))
+        cmd = accelerate_command(self.script, overrides, str(run_dir), launch, self.hydra_args)
         shown = " ".join(filter_overrides(overrides))
         log.info("\t#%d : %s", num, shown)
-        with open(log_path, "w") as out:
-            # Its own session: the job's processes are signalled without touching the sweep's.
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            try:
-                code = proc.wait(timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                left = end_job(proc, self.timeout_grace_s)
-                log.error("job #%d ran past hydra.launcher.timeout_s=%s: its processes were sent SIGTERM (SIGKILL "
-                          "after %s s)%s", num, self.timeout_s, self.timeout_grace_s,
-                          f"; could not end {[p.pid for p in left]}" if left else "; none is left")
-                code = "timeout"
-            except BaseException:  # Ctrl-C or an error in the sweep: its job (own session) must not outlive it
-                end_job(proc, self.timeout_grace_s)
-                raise
+        log_path = run_dir / "launch.log"
+        code = self._run_job(num, cmd, launch.env(), log_path)
         job = JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
                         task_name=str(sweep_config.hydra.job.name))
         if code == 0:
@@ -154,6 +178,71 @@ class AccelerateLauncher(Launcher):
             job.status = JobStatus.FAILED
             job._return_value = RuntimeError(f"job #{num} ({shown}) failed with exit {code}; log: {log_path}")
         return job
+
+    def _run_job(self, num: int, cmd: list, env: dict, log_path: Path):
+        """Run one job to its end: its exit code, or "timeout"."""
+        with open(log_path, "w") as out:
+            try:
+                # Its own session: the job's processes are signalled without touching the sweep's.
+                self.job = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                if self.stop_signal is not None:  # it came while the job was starting
+                    raise SweepStopped(self.stop_signal)
+                return self.job.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                left = self._end(self.job)
+                log.error("job #%d ran past hydra.launcher.timeout_s=%s: its processes were sent SIGTERM (SIGKILL "
+                          "after %s s)%s", num, self.timeout_s, self.timeout_grace_s, _left(left))
+                return "timeout"
+            except BaseException as err:  # a signal, Ctrl-C or an error in the sweep: its job must not outlive it
+                if self.job is not None:
+                    left = self._end(self.job)
+                    if isinstance(err, SweepStopped):
+                        log.error("job #%d: the sweep got %s: the job's processes were sent SIGTERM (SIGKILL after "
+                                  "%s s)%s", num, err, self.timeout_grace_s, _left(left))
+                raise
+            finally:
+                self.job = None
+
+    def _end(self, proc: subprocess.Popen) -> list:
+        """end_job, which a stop signal arriving meanwhile does not interrupt (it is kept: the sweep then ends)."""
+        self.ending = True
+        try:
+            return end_job(proc, self.timeout_grace_s)
+        finally:
+            self.ending = False
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        if self.job is not None and not self.ending:
+            raise SweepStopped(signum)
+
+    @contextlib.contextmanager
+    def ended_by_signals(self):
+        """While the jobs run, a stop signal ends the running job (SIGTERM to its processes: the trainer
+        checkpoints; SIGKILL after timeout_grace_s) and then the sweep, by the same signal. A signal the sweep
+        ignores (nohup's SIGHUP) stays ignored."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in ENDING_SIGNALS}
+        for sig, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(sig, self._on_signal)
+        try:
+            yield
+        except SweepStopped as stop:
+            log.error("the sweep got %s: it ends here (rerun the stopped job with resume=auto)", stop)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            signal.signal(stop.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), stop.signum)  # ended by the signal, as it would have been without this launcher
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _left(processes: list) -> str:
+    return f"; could not end {[p.pid for p in processes]}" if processes else "; none is left"
 
 
 def process_tree(pid: int) -> list:
@@ -183,8 +272,9 @@ def living(processes: list) -> list:
     return alive
 
 
-def _signal(processes: list, sig: int) -> None:
-    """`sig` to each process and to its process group (a worker's DataLoader workers share its group)."""
+def _signal(processes: list, sig: int, spared_group: Optional[int] = None) -> None:
+    """`sig` to each process and to its process group (a worker's DataLoader workers share its group), except the
+    sweep's own group and `spared_group`."""
     import psutil
 
     own_group = os.getpgrp()
@@ -193,11 +283,18 @@ def _signal(processes: list, sig: int) -> None:
             if not p.is_running():  # ended, its pid maybe reused: not ours to signal
                 continue
             group = os.getpgid(p.pid)
-            if group != own_group:  # never the sweep's own group
+            if group not in (own_group, spared_group):
                 os.killpg(group, sig)
             p.send_signal(sig)
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             pass
+
+
+def _group(pid: int) -> Optional[int]:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _wait_gone(processes: list, seconds: float) -> list:
@@ -210,9 +307,16 @@ def _wait_gone(processes: list, seconds: float) -> list:
 def end_job(proc: subprocess.Popen, grace_s: float) -> list:
     """End every process of a job: SIGTERM (the trainer finishes its update, checkpoints and exits 75), then
     SIGKILL after `grace_s` seconds to whatever is left, and to processes started meanwhile (collected again
-    each round). Returns the processes that could not be ended (none, barring an unkillable state)."""
+    each round). Returns the processes that could not be ended (none, barring an unkillable state).
+
+    SIGTERM goes to the processes below `accelerate launch` (the ranks and what they started), not to it or its
+    group: it ends when they do. Signalled itself, Accelerate's one-process launcher kills its child 5 s later and
+    closes the pipe of the child's stderr, so the run could not finish its update and checkpoint."""
     processes = process_tree(proc.pid)
-    _signal(processes, signal.SIGTERM)
+    if processes[1:]:
+        _signal(processes[1:], signal.SIGTERM, spared_group=_group(proc.pid))
+    else:  # no rank started yet
+        _signal(processes, signal.SIGTERM)
     alive = _wait_gone(processes, grace_s)
     for _ in range(10):
         if not alive:
