@@ -22,11 +22,15 @@ from hydra._internal.utils import get_args_parser  # noqa: E402
 
 import dist_gacc  # noqa: E402
 
+MULTIRUN = get_args_parser().parse_known_args()[0].multirun
+if not MULTIRUN:  # a sweep's parent loads them only if its launcher runs jobs in this process (Hydra's basic one)
+    import dist_gacc.run  # noqa: E402,F401  (a run's libraries: loaded while stop signals are kept)
+
 # Defaults again for Hydra's set-up (~0.3 s, as before); the run's StopSignals keeps them from its start, the kept
 # ones included.
 for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, signal.SIG_DFL)
-if KEPT_SIGNALS and get_args_parser().parse_known_args()[0].multirun:
+if KEPT_SIGNALS and MULTIRUN:
     signal.raise_signal(KEPT_SIGNALS[-1])  # a sweep's parent runs no job itself: it ends, as it did before
 
 

@@ -74,7 +74,7 @@ def launch(run_dir: Path, *overrides: str, processes: int = 1, timeout: int = 30
 # Read by libraries when they are imported (the Hub's offline switch, thread counts, DeepSpeed's accelerator,
 # the paths of tools), so a forked rank inherits the server's values: a launch that sets others runs for real.
 IMPORT_TIME_ENV = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "TORCH", "OMP_", "MKL_", "KMP_", "PYTHON",
-                   "CUDA", "LD_", "XDG_", "PATH", "DIST_GACC_CACHE_DIR")
+                   "CUDA", "LD_", "XDG_", "PATH")
 
 
 class ForkServer:
@@ -238,10 +238,12 @@ def _run(script: Path, args: list, env: dict, launcher: list, timeout: float, re
 
 
 def run_script(script: Path, *args: str, input: str | None = None, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
+               check: bool = True, env: dict | None = None, real: bool = False) -> subprocess.CompletedProcess:
     """`python script args` as a user runs a CLI (scripts/predict.py, ...), forked from the fork server like
-    launch(); `input` is its stdin. With check, a failure raises with its output."""
-    proc = _run(script, [str(a) for a in args], {**os.environ, "OMP_NUM_THREADS": "1"}, [], timeout, False, input)
+    launch(); `input` is its stdin, `env` adds to the environment. With check, a failure raises with its output.
+    `real=True` runs the command itself (tests of the command a user types)."""
+    proc = _run(script, [str(a) for a in args], {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, [], timeout,
+                real, input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -10,6 +10,7 @@ Imports nothing heavy: it starts in ~30 ms where the command's own imports take 
     forkclient.py <server socket> - args...          # the program on standard input, as `python - args`
     forkclient.py <server socket> -m accelerate.commands.launch <launch args> script.py args...
     forkclient.py <server socket> -m module args...  # one process, as `python -m module args` (pytest)
+    forkclient.py <server socket> /path/to/python -m accelerate.commands.launch ...   # the same, interpreter given
 
 The server must have been started with the environment the command has (tests/test_gpu_check.py starts one
 with the dry run's); the caller vouches for that, this client does not compare.
@@ -25,6 +26,8 @@ import tempfile
 
 def main(argv: list[str]) -> int:
     path, command = argv[0], argv[1:]
+    if os.path.basename(command[0]).startswith("python") and not command[0].endswith(".py"):
+        command = command[1:]  # an interpreter first (a command prefix before `python -m ...`): this one's place
     launcher, module = [], None
     if command[:2] == ["-m", "accelerate.commands.launch"]:
         at = next(i for i, arg in enumerate(command) if arg.endswith(".py"))

@@ -37,7 +37,7 @@ PRELOAD = (
     "deepspeed",  # Accelerate's Accelerator imports it when it is installed
     "matplotlib.pyplot", "hydra._internal.logging_config", "omegaconf._impl", "pandas.io.formats.csvs",
     "xml.parsers.expat", "antlr4.LL1Analyzer",
-    "dist_gacc", "dist_gacc.data", "dist_gacc.engines", "dist_gacc.verify",
+    "dist_gacc", "dist_gacc.run", "dist_gacc.data", "dist_gacc.engines", "dist_gacc.verify",
 )
 
 

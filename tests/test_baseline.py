@@ -27,6 +27,7 @@ from dist_gacc.data import load_splits
 from dist_gacc.errors import ConfigError
 from dist_gacc.resolvers import embedded_model
 from dist_gacc.summary import summarize
+from test_resume import children
 
 # A real 3-class task, class-weighted: the baseline must use balanced weights too. Two updates of a tiny BERT
 # from scratch: far below the baseline, so the run must warn.
@@ -340,7 +341,7 @@ def test_bench_time_to_f1_reads_the_evaluator_line_not_the_done_line_with_the_ba
     assert len(done) == 1 and "(baseline " in done[0] and not bench.OURS_F1.search(done[0])
 
 
-@pytest.mark.slow  # a real process, signalled
+@pytest.mark.slow  # a forked run, signalled
 def test_sigterm_during_the_baseline_fit_skips_it_and_the_run_ends_finished_with_its_card(tmp_path):
     """After training the stop handler stays: SIGTERM while the baseline is fitted (on all 10,200 training rows
     of Rotten Tomatoes: a few seconds, so the signal lands in it) abandons the fit; metrics.json says so, the
@@ -349,13 +350,13 @@ def test_sigterm_during_the_baseline_fit_skips_it_and_the_run_ends_finished_with
     overrides = [o for o in TINY if not o.startswith("data.max_train_samples")]
     cmd = [sys.executable, str(TRAIN), *overrides, "trainer.max_steps=1", "trainer.log_with=none",
            f"hydra.run.dir={run_dir}"]
-    proc = start_launch(cmd, {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, TRAIN, str(log),
-                        real=True)
+    proc = start_launch(cmd, {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, TRAIN, str(log))
     deadline = time.monotonic() + 240
     while "baseline: fitting TF-IDF + a linear model on 10200 training rows" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    for rank in children(proc.pid):  # the run: the forked job's one rank
+        os.kill(rank, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     output = log.read_text()
     assert "SIGTERM after training: the TF-IDF baseline is skipped" in output

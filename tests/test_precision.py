@@ -2,15 +2,12 @@
 each kind of machine, the per-machine cache, and a real run that records its choice."""
 
 import json
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, launch, read_metrics
+from conftest import ROOT, TINY, launch, read_metrics, run_script
 from dist_gacc import machine, precision
 
 def fake_machine(seconds_per_step: dict):
@@ -253,7 +250,7 @@ def test_a_verdict_against_the_flags_is_cached_once_a_second_probe_confirms_it(t
     assert precision.cached_probe(measure(0.5), path, native=True)["cached"] is True
 
 
-@pytest.mark.slow  # a real process, importing the package (~10 s)
+@pytest.mark.slow  # the command, forked
 def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the command's key, with OMP_NUM_THREADS=1
@@ -264,9 +261,8 @@ def test_the_cache_command_shows_and_clears_the_cache(tmp_path):
     other = "v3|AVX512|no bf16|threads=4|torch 2.13.0"
     path = tmp_path / "precision_probe.json"
     path.write_text(json.dumps({key: EPYC_GUESS, other: record(0.5)}))
-    env = {**os.environ, "DIST_GACC_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "precision_cache.py"), "--show", "--clear"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_script(ROOT / "scripts" / "precision_cache.py", "--show", "--clear", check=False,
+                      env={"DIST_GACC_CACHE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     shown = proc.stdout.splitlines()
     assert shown[0].startswith(f"{path}: 2 entries; this process's key {key} (CPU flags: ")

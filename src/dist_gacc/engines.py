@@ -38,6 +38,7 @@ from accelerate.utils import (DistributedType, get_distributed_backend, get_torc
                               parse_flag_from_env)
 
 from .errors import ConfigError, TrainingError
+from .launch import FSDP_ON_CPU
 from .oom import is_out_of_memory, update_out_of_memory
 from .step import StepResult
 
@@ -82,7 +83,6 @@ def describe_engine(record: dict) -> str:
 
 
 ACCELERATE_TESTED = ">=1.16,<1.17"  # FSDP on CPU relabels a private field: pinned in pyproject.toml
-FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # the rehearsal switch: FSDP2 on CPU ranks (README, "FSDP and DeepSpeed")
 
 
 def _launched(engine: str) -> bool:

@@ -29,9 +29,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from .engines import FSDP_ON_CPU
 from .errors import ConfigError
 
+FSDP_ON_CPU = "DIST_GACC_FSDP_ON_CPU"  # the rehearsal switch: FSDP2 on CPU ranks (README, "FSDP and DeepSpeed")
 # The project's config file of each sharded engine: the card's reproduce command selects the engine with it.
 ENGINE_CONFIGS = {"deepspeed": "conf/accelerate/deepspeed_zero2.yaml", "fsdp": "conf/accelerate/fsdp.yaml"}
 # What these files set that a run may have changed on the command line (`accelerate launch` flags).

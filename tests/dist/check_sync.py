@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import gather
 
 from conftest import TINY, compose_cfg
-from dist_gacc import run
+from dist_gacc.run import run
 from dist_gacc.loop import Hooks
 
 out_path, run_dir = sys.argv[1], sys.argv[2]

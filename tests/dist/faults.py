@@ -28,7 +28,7 @@ import time
 import torch
 
 from conftest import compose_cfg
-from dist_gacc import run
+from dist_gacc.run import run
 from dist_gacc.loop import Hooks
 from dist_gacc.run import exit_code
 from dist_gacc.verify import verify

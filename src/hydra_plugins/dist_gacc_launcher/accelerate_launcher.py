@@ -51,6 +51,8 @@ class AccelerateLauncherConf:
     # and exits 75: the job resumes with resume=auto), then whatever is left SIGKILL after timeout_grace_s.
     timeout_s: Optional[int] = None
     timeout_grace_s: int = 30
+    # a command each job's `accelerate launch` runs under, e.g. [nice, -n, "10"] or [numactl, --interleave=all]
+    command_prefix: list = field(default_factory=list)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="accelerate", node=AccelerateLauncherConf,
@@ -103,10 +105,12 @@ ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 class AccelerateLauncher(Launcher):
     def __init__(self, num_processes: int = 1, cpu: Optional[bool] = None, extra_args: Sequence[str] = (),
-                 timeout_s: Optional[int] = None, timeout_grace_s: int = 30) -> None:
+                 timeout_s: Optional[int] = None, timeout_grace_s: int = 30,
+                 command_prefix: Sequence[str] = ()) -> None:
         self.num_processes, self.cpu_setting = num_processes, cpu
         self.cpu = False  # decided in launch(), where torch is imported only once a sweep runs
         self.extra_args, self.timeout_s, self.timeout_grace_s = list(extra_args), timeout_s, timeout_grace_s
+        self.command_prefix = [str(word) for word in command_prefix]
         self.config: Optional[DictConfig] = None
         self.hydra_context: Any = None
         self.job: Optional[subprocess.Popen] = None  # the running job's `accelerate launch`
@@ -164,7 +168,7 @@ class AccelerateLauncher(Launcher):
         processes = int(sweep_config.get("num_processes") or sweep_config.hydra.launcher.num_processes)
         launch = Launch.from_args(self.extra_args, processes=processes, cpu=self.cpu, port=free_port(),
                                   mixed_precision=launcher_precision(sweep_config.trainer.mixed_precision))
-        cmd = accelerate_command(self.script, overrides, str(run_dir), launch, self.hydra_args)
+        cmd = [*self.command_prefix, *accelerate_command(self.script, overrides, str(run_dir), launch, self.hydra_args)]
         shown = " ".join(filter_overrides(overrides))
         log.info("\t#%d : %s", num, shown)
         log_path = run_dir / "launch.log"
