@@ -23,24 +23,28 @@ def sweep(sweep_dir, *overrides, timeout=400):
     (hydra.launcher.command_prefix): its ranks fork from the suite's fork server, with the environment Accelerate
     computes from the job's launch arguments. Tests of the processes themselves (signals, timeouts) run real jobs
     (tests/test_launcher.py)."""
-    # No GPU visible and no ACCELERATE_USE_CPU: hydra/launcher=accelerate must pick CPU ranks by itself.
-    env = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = sweep_env()
     prefix = []
-    if "hydra/launcher=accelerate" in overrides and forked_jobs(env):
+    if "hydra/launcher=accelerate" in overrides and forked_jobs():
         words = [sys.executable, str(ROOT / "tests" / "forkclient.py"), _FORK_SERVER.socket]
         prefix = ["hydra.launcher.command_prefix=[" + ",".join(f"'{w}'" for w in words) + "]"]
     return subprocess.run([sys.executable, str(TRAIN), "-m", *overrides, *prefix, f"hydra.sweep.dir={sweep_dir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def forked_jobs(env: dict) -> bool:
+def sweep_env() -> dict:
+    # No GPU visible and no ACCELERATE_USE_CPU: hydra/launcher=accelerate must pick CPU ranks by itself.
+    return {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
+
+
+def forked_jobs() -> bool:
     """Whether the fork server can run a sweep's jobs: it serves their environment (CUDA_VISIBLE_DEVICES="" aside,
     which hides no device on a machine that has none) and this machine has no CUDA device."""
     import torch
 
     return torch.cuda.device_count() == 0 and _FORK_SERVER.serves(
-        {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"})
+        {k: v for k, v in sweep_env().items() if k != "CUDA_VISIBLE_DEVICES"})
 
 
 @pytest.fixture(scope="module")

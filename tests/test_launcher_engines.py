@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import TINY, TRAIN, _free_port, read_metrics, run_config_command
-from test_experiments import sweep
+from test_experiments import forked_jobs, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,9 @@ def test_each_job_of_a_sweep_with_an_engine_file_runs_that_engine(engine, engine
         assert (m["engine"], m["world_size"], m["optimizer_steps"], m["lr"]) == (engine, 2, 1, lr)
         assert m["engine_state"] == {"name": engine, **ENGINES[engine][1]}
     assert f"engine {engine} (2 processes on CPU" in proc.stdout + proc.stderr  # the sweep's log says so too
+    if forked_jobs():  # hydra.launcher.command_prefix: the jobs ran under tests/forkclient.py
+        assert "each job's accelerate launch runs under: " in proc.stdout + proc.stderr and "forkclient.py" in \
+            proc.stdout + proc.stderr
 
 
 def card_command(model_dir) -> tuple[dict, list[str]]:

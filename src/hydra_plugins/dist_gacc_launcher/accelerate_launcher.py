@@ -139,6 +139,8 @@ class AccelerateLauncher(Launcher):
         log.info("Launching %d jobs, each with accelerate launch, engine %s (%d process%s on %s; %s)",
                  len(job_overrides), engine, self.num_processes, "es" if self.num_processes > 1 else "",
                  "CPU" if self.cpu else "GPUs", why)
+        if self.command_prefix:
+            log.info("each job's accelerate launch runs under: %s", " ".join(self.command_prefix))
         results, failed = [], []
         with self.ended_by_signals():
             for offset, overrides in enumerate(job_overrides):
