@@ -77,11 +77,9 @@ def one_process(tmp_path_factory):
     return run
 
 
-# The README's DeepSpeed command, run as written (`accelerate launch --config_file ...`): the other configurations
-# (FSDP's file; a launcher flag on the same file: --zero_stage 1, --fsdp_state_dict_type) fork, with the
-# environment Accelerate's own launcher code computes from them (tests/forkserver.py; test_forkserver.py compares
-# it with a real `accelerate launch` of each file, FSDP's included).
-README_COMMANDS = ("zero2",)
+# Every configuration forks, with the environment Accelerate's own launcher code computes from its arguments
+# (tests/forkserver.py; test_forkserver.py compares it with a real `accelerate launch` of each file). The README's
+# commands of these engines run for real, as written, in tests/test_readme_commands.py.
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,7 @@ def engine_runs(tmp_path_factory):
     def get(name):
         if name not in runs:
             runs[name] = tmp_path_factory.mktemp(name) / "run"
-            launch_engine(runs[name], name, real=name in README_COMMANDS)
+            launch_engine(runs[name], name)
         return runs[name]
     return get
 
