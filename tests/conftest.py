@@ -445,16 +445,15 @@ def _check_shared_runs(items) -> None:
                                 f"units (add their files): {split}")
 
 
-# Wall seconds of each unit on two workers (measured: M4, a full run at 7b420f1), for the longest-first order
-# (with rough estimates alone, the launcher's and gpu_check's files ran last and the other worker idled ~50 s at
-# the end). Only the order depends on them; a unit missing here (a new file) is estimated by _cost. The launcher's
-# two files: scaled from a 2-core Xeon's times by the ratio of test_launcher.py's timeout test there and on M4.
-UNIT_SECONDS = {"test_engines_cpu.py": 157, "equivalent_runs": 144, "test_bench.py": 75, "eff16_runs": 72,
-                "test_resume.py": 69, "test_launcher_engines.py": 65, "test_launcher.py": 52, "test_gpu_check.py": 43,
-                "test_forkserver.py": 28, "test_decoders.py": 21, "test_elastic.py": 20, "test_data_scale.py": 16,
-                "test_tasks_runs.py": 14, "test_precision.py": 10, "test_regression_runs.py": 8, "test_baseline.py": 7,
-                "test_data.py": 6, "test_teardown.py": 5, "test_config.py": 4, "test_regression.py": 4, "test_sync.py": 2,
-                "test_summary.py": 2}
+# Wall seconds of each unit on two workers (the sums of a full run's test durations on M4), for the longest-first
+# order (with rough estimates alone, long files ran last while the other worker idled). Only the order depends on
+# them; a unit missing here (a new file) is estimated by _cost.
+UNIT_SECONDS = {"test_engines_cpu.py": 156, "equivalent_runs": 144, "test_readme_commands.py": 100, "test_bench.py": 79,
+                "eff16_runs": 72, "test_launcher.py": 48, "test_resume.py": 47, "test_gpu_check.py": 35,
+                "test_forkserver.py": 40, "test_launcher_engines.py": 24, "test_decoders.py": 12, "test_elastic.py": 18,
+                "test_data_scale.py": 20, "test_tasks_runs.py": 12, "test_precision.py": 12, "test_regression_runs.py": 7,
+                "test_baseline.py": 8, "test_data.py": 6, "test_teardown.py": 4, "test_config.py": 4,
+                "test_regression.py": 5, "test_sync.py": 2, "test_summary.py": 2}
 
 
 def _cost(unit: str, items: list) -> float:
