@@ -135,7 +135,10 @@ def signalled_sweep(sweep_dir, sig, processes, *options):
     output = sweep_dir.parent / f"{sweep_dir.name}.out"
     try:
         with open(output, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=CONF.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # SIGHUP as a terminal's shell leaves it: handled by default (under nohup the sweep would inherit it
+            # ignored, and an ignored SIGHUP stays ignored)
+            proc = subprocess.Popen(cmd, cwd=CONF.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         deadline = time.time() + 240
         while not list((sweep_dir / "0" / "checkpoints").glob("step-*")):  # (the newest 2 are kept)
             assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
