@@ -62,10 +62,11 @@ def with_overrides(command: str, *overrides: str) -> str:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """`python scripts/train.py [overrides]` with debug=default (the smoke run: a tiny model, 8 updates), to the end."""
+    """`python scripts/train.py [overrides]` with debug=default (the smoke run: a tiny model, 8 updates), to the end
+    (fp32: the precision probe is tests/test_precision.py's)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
     run(with_overrides(readme_command("python scripts/train.py [overrides]"), "debug=default",
-                       f"hydra.run.dir={run_dir}"))
+                       "trainer.mixed_precision=no", f"hydra.run.dir={run_dir}"))
     return run_dir
 
 

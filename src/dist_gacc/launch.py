@@ -82,7 +82,11 @@ class Launch:
 
     @functools.cached_property
     def _parsed(self) -> argparse.Namespace:
-        """These arguments as `accelerate launch`'s own parser reads them (ConfigError where it refuses them)."""
+        """These arguments as `accelerate launch`'s own parser reads them (ConfigError where it refuses them).
+        Without arguments there is nothing to read, and the parser's import (torch's) is skipped: the SLURM
+        scripts call `python -m dist_gacc.launch` on every node start."""
+        if not self.args:
+            return argparse.Namespace(use_deepspeed=False, use_fsdp=False, multi_gpu=False, cpu=False)
         from accelerate.commands.launch import launch_command_parser
 
         given = [*(["--config_file", self.config_file] if self.config_file else []), *self.args]
