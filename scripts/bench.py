@@ -11,6 +11,9 @@ writes them (markdown, JSON, a PNG) to --out.
     python scripts/bench.py --sections precision --repeats 2   # the default job in fp32 vs bf16: does auto pay?
     python scripts/bench.py --sections accumulation_peers      # N=1 vs N=4, same effective batch: this trainer vs
                                                                #   the Trainer on a decoder classifier (~2 min)
+    python scripts/bench.py --sections packing,time_to_f1 --repeats 2   # padding-free micro-batches: tokens per
+                                                               #   epoch, samples/s packed vs padded, the default
+                                                               #   job (packed) vs the Trainer
 
 Each measurement runs in its own process (scripts/bench_worker.py); the variants of a comparison
 are interleaved and repeated, and tables quote medians and ratios to the hand-written loop.
@@ -50,6 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_data_scale import section_data_scale  # noqa: E402
+from bench_packing import section_packing  # noqa: E402
 WORKER = ROOT / "scripts" / "bench_worker.py"
 VARIANTS = ["dist_gacc", "hand", "hf_trainer"]
 LABELS = {"dist_gacc": "(a) dist-gacc loop", "hand": "(b) hand-written loop", "hf_trainer": "(c) transformers Trainer",
@@ -793,7 +797,8 @@ def main():
                "data_scale": lambda: section_data_scale([10_000, 100_000, 1_000_000], work, args.quick),
                "time_to_f1": lambda: section_time_to_f1(args, work),
                "precision": lambda: section_precision(args, work),
-               "accumulation_peers": lambda: section_accumulation_peers(args, work)}
+               "accumulation_peers": lambda: section_accumulation_peers(args, work),
+               "packing": lambda: section_packing(args, work)}
     out.mkdir(parents=True, exist_ok=True)
     text = [f"machine: {results['machine_label']}; threads per process: {args.threads}"]
     print(text[0], flush=True)

@@ -72,7 +72,7 @@ def launch_engine(run_dir, name, *overrides, processes=2, label=None, script=TRA
 def one_process(tmp_path_factory):
     run = tmp_path_factory.mktemp("one") / "run"
     start = time.perf_counter()
-    launch(run, *RAGGED, "trainer.grad_accum_steps=4")
+    launch(run, *RAGGED, "trainer.grad_accum_steps=4", "trainer.packing=false")  # padded: the engines run packed
     TIMES["one process"] = time.perf_counter() - start
     return run
 
@@ -113,6 +113,7 @@ def test_two_cpu_ranks_equal_one_process(name, engine_runs, one_process):
     a, b = read_metrics(one_process), read_metrics(run)
     assert (b["engine"], b["world_size"], b["effective_batch_size"]) == (ENGINES[name][3], 2, 12)
     assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["packing"]["on"] and not a["packing"]["on"]  # packed under the engine = padded on one process
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert max(a["grad_norms"]) > 1.0  # clipping at trainer.max_grad_norm=1.0 mattered
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)  # the norm before clipping
@@ -402,6 +403,7 @@ def test_deepspeed_class_weights_equal_one_process(lifted_runs, one_process):
     assert (b["engine"], b["world_size"], b["class_weights"]) == ("deepspeed", 2, {"rotten": 1.0, "fresh": 3.0})
     assert a["train_window_examples"] == b["train_window_examples"] == [12, 12, 12, 1] * 2
     assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["packing"]["on"] and not a["packing"]["on"]  # packed under the engine = padded on one process
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
     assert max_abs_diff(load_params(lifted_runs("weighted", 1)), load_params(lifted_runs("weighted", 2))) <= 1e-5
@@ -440,6 +442,7 @@ def test_lora_equals_one_process_and_its_merged_model_loads(variant, lifted_runs
     assert (b["engine"], b["world_size"], b["peft"]) == (ENGINES[LIFTED[variant][0]][3], 2, "lora")
     assert b["trainable_parameters"] == a["trainable_parameters"] < b["total_parameters"] / 10
     assert a["optimizer_steps"] == b["optimizer_steps"] == 8
+    assert b["packing"]["on"] and not a["packing"]["on"]  # packed under the engine = padded on one process
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
     assert (b["model"], b["best"]["update"]) == (("best", 2) if variant == "lora_best" else ("final", a["best"]["update"]))

@@ -28,6 +28,7 @@ from accelerate.utils import (GradientAccumulationPlugin, ProjectConfiguration, 
 from omegaconf import DictConfig
 
 from . import checkpoint, data, engines, metrics, models, oom, optim, precision
+from . import packing as packing_
 from .batchnorm import apply_batchnorm_policy
 from .config import DataConfig, RunConfig, batch_plan, check_machine, load_config, scaled_lr
 from .errors import ConfigError, UserError
@@ -131,6 +132,7 @@ class Job:
     engine_state: dict | None = None  # the engine that runs, read after prepare (engines.engine_record)
     precision: precision.PrecisionChoice | None = None   # requested/resolved/reason (auto: measured)
     eval_forward: oom.EvalForward | None = None          # evaluation logits, sliced on out of memory (None: plain)
+    packing: packing_.Packing | None = None              # trainer.packing resolved: the packed collator, or off
 
     @property
     def keep_best(self) -> bool:
@@ -155,8 +157,14 @@ class Job:
         t = self.rc.trainer
         loader = data.train_loader(self.encoded["train"], self.tokenizer, micro_batch_size, t.num_workers,
                                    pin_memory=self.accelerator.device.type == "cuda", seed=self.rc.seed,
-                                   group_by_length=t.group_by_length, group_size=self.effective_batch_size)
+                                   group_by_length=t.group_by_length, group_size=self.effective_batch_size,
+                                   collate=self.collate)
         return self.accelerator.prepare(loader)
+
+    @property
+    def collate(self):
+        """The batches' collator: packed (trainer.packing resolved on), else None (padded per batch)."""
+        return self.packing.collator if self.packing is not None and self.packing.on else None
 
 
 def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
@@ -189,14 +197,14 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
         raise ConfigError(f"num_processes={cfg.num_processes} but this run has {world} process(es): launch it with "
                           f"accelerate launch --num_processes {cfg.num_processes}, or through hydra/launcher=accelerate")
     set_seed(rc.seed)
-    splits, tokenizer, model, encoded, metric, task = build_data_and_model(rc, accelerator, dtype)
+    splits, tokenizer, model, encoded, metric, task, packing = build_data_and_model(rc, accelerator, dtype)
     trainable_parameters, total_parameters = models.parameter_counts(model)  # before prepare (FSDP shards)
 
     # Batch arithmetic: micro-batch (probed if auto), then N from the effective batch.
     micro = t.micro_batch_size
     if micro == "auto":
         micro = oom.probe_micro_batch_size(accelerator, model, t.auto_micro_batch_cap, rc.data.max_length,
-                                           len(tokenizer), hooks)
+                                           len(tokenizer), hooks, packing.collator)
     grad_accum_steps, effective = batch_plan(t, world, micro)
     accelerator.gradient_accumulation_steps = grad_accum_steps
     if engine_name == "deepspeed":
@@ -221,13 +229,14 @@ def build(cfg: DictConfig, hooks: Hooks | None = None, dtype=None) -> Job:
                  engines.check_sharded(accelerator, model), world, accelerator.state.fsdp_plugin.mixed_precision_policy)
     engine_state = engines.engine_record(accelerator, model)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in data.eval_loaders(
-        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed).items()}
+        encoded, tokenizer, t.eval_batch_size, t.num_workers, accelerator.device.type == "cuda", rc.seed,
+        collate=packing.collator).items()}
     engine = engines.build_engine(engine_name, t.loss_normalisation, fp16=t.mixed_precision == "fp16",
                                   weighted=task.weighted_normaliser)
     job = Job(rc, accelerator, splits, encoded, tokenizer, model, optimizer, scheduler, eval_loaders, metric, task,
               micro, grad_accum_steps, effective, total_updates, lr, engine, oom_policy, hooks,
               trainable_parameters, total_parameters, engine_state, choice,
-              oom.EvalForward(oom_policy, t.eval_batch_size))
+              oom.EvalForward(oom_policy, t.eval_batch_size, packing.collator), packing)
     log_plan(job)
     return job
 
@@ -243,6 +252,9 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
     models.check_max_length(model, rc.data.max_length)  # before tokenizing: a longer row would fail mid-run
+    hf_model, head = model, packing_.head_of(model) if rc.trainer.packing is not False else None
+    if head is not None:
+        packing_.enable(model, head)  # on the transformers model itself, before LoRA wraps it
     # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
     # parameters that require grad (LoRA: the adapters and the classification head).
     model = models.apply_memory_levers(model, rc.model, rc.peft)
@@ -253,7 +265,18 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
                  if rc.trainer.cache_tokenized else None)
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache, num_proc=rc.data.num_proc)
         metric = metrics.load_metric(task.multi_label, task.regression)
-    return splits, tokenizer, model, encoded, metric, task
+    packing = choose_packing(rc, accelerator, hf_model, head, model, tokenizer, encoded["train"])
+    return splits, tokenizer, model, encoded, metric, task, packing
+
+
+def choose_packing(rc: RunConfig, accelerator, hf_model, head, model, tokenizer, train) -> packing_.Packing:
+    """trainer.packing, decided before prepare on the whole model: every rank holds the same weights and the same
+    first training texts, so every rank reaches the same verdict without a collective."""
+    cuda = accelerator.device.type == "cuda"
+    features = [train[i] for i in range(min(packing_.CHECK_TEXTS, len(train)))]
+    return packing_.choose(rc.trainer.packing, rc.trainer.packing_max_tokens, hf_model, head, model, tokenizer,
+                           data.collator(tokenizer, cuda), features, models.position_limit(hf_model),
+                           8 if cuda else None)
 
 
 def log_plan(job: Job) -> None:
@@ -269,6 +292,7 @@ def log_plan(job: Job) -> None:
              optim.warmup_updates(rc.optim, job.total_updates), job.total_updates, job.scheduler.get_last_lr()[0],
              describe_precision(job.precision, t.mixed_precision), job.accelerator.device, len(job.splits["train"]),
              len(job.splits["validation"]))
+    log.info("packing %s", job.packing.reason)
     task = job.task
     pairs = " | text pairs" if "text_pair" in job.splits["train"].column_names else ""
     if task.regression:

@@ -110,6 +110,10 @@ class TrainerConfig:
     batchnorm: str = "warn"            # BatchNorm under accumulation: warn | error | freeze
     loss_normalisation: str = "exact"  # exact | naive (Accelerate's divide-by-N; for comparison only)
     group_by_length: bool = False      # micro-batches of similar length: less padding
+    # padding-free micro-batches (packing.py): auto packs where the architecture is known and packed logits equal
+    # padded ones at build; true refuses to run otherwise; false pads every batch to its longest row
+    packing: str | bool = "auto"
+    packing_max_tokens: int = 64       # tokens per packed row, or the longest text (docs/benchmarks.md: measured)
     cache_tokenized: bool = True       # keep tokenized splits in the datasets cache between runs
     compile: bool = False              # torch.compile the model (Accelerate's dynamo plugin, inductor)
     fused_adamw: str | bool = "auto"   # auto: fused AdamW on CUDA and CPU (measured faster) | true | false
@@ -138,6 +142,9 @@ class TrainerConfig:
         for key in ("save_best", "group_by_length", "cache_tokenized", "compile", "sync_each_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"trainer.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.packing not in ("auto", True, False):
+            raise ConfigError(f"trainer.packing must be auto, true or false, got {self.packing!r}")
+        _int(p + "packing_max_tokens", self.packing_max_tokens, 1)
         if self.oom_fallback not in ("auto", True, False):
             raise ConfigError(f"trainer.oom_fallback must be auto, true or false, got {self.oom_fallback!r}")
         if self.baseline not in ("auto", True, False):

@@ -20,6 +20,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
+from . import packing
 from .errors import ConfigError, UserError
 
 log = get_logger(__name__)
@@ -180,8 +181,9 @@ class EvalForward:
     slicing changes no prediction. Under FSDP the forward pass all-gathers parameters, so a rank that failed
     could not rejoin the others mid-pass: the run stops, naming trainer.eval_batch_size."""
 
-    def __init__(self, policy: Policy, eval_batch_size: int):
+    def __init__(self, policy: Policy, eval_batch_size: int, repack=None):
         self.policy, self.configured, self.rows = policy, eval_batch_size, eval_batch_size
+        self.repack = repack  # the packed collator: a packed batch is sliced by texts and packed again
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         while True:
@@ -190,14 +192,20 @@ class EvalForward:
             except RuntimeError as err:
                 if not is_out_of_memory(err):
                     raise
-                self._fall_back(err, len(next(iter(batch.values()))))
+                self._fall_back(err, examples(batch))
 
     def _logits(self, model, batch: dict) -> torch.Tensor:
-        n = len(next(iter(batch.values())))
+        n = examples(batch)
         if n <= self.rows:
             return model(**batch).logits
-        return torch.cat([self._logits(model, {k: v[i:i + self.rows] for k, v in batch.items()})
-                          for i in range(0, n, self.rows)])
+        return torch.cat([self._logits(model, part) for part in self._slices(batch, n)])
+
+    def _slices(self, batch: dict, n: int) -> list[dict]:
+        if not packing.is_packed(batch):
+            return [{k: v[i:i + self.rows] for k, v in batch.items()} for i in range(0, n, self.rows)]
+        features, device = packing.unpack(batch), batch["input_ids"].device
+        return [{k: v.to(device) for k, v in self.repack(features[i:i + self.rows]).items()}
+                for i in range(0, n, self.rows)]
 
     def _fall_back(self, err: BaseException, batch_rows: int) -> None:
         if not self.policy.agree:
@@ -212,6 +220,11 @@ class EvalForward:
         clear_device_cache(garbage_collection=True)
         log.warning("out of memory in evaluation at %d rows per forward pass (trainer.eval_batch_size=%d): "
                     "evaluating %d rows at a time from here on", failed, self.configured, self.rows)
+
+
+def examples(batch: dict) -> int:
+    """The batch's examples: its rows, or its texts when packed."""
+    return len(batch["pool_index"]) if packing.is_packed(batch) else len(next(iter(batch.values())))
 
 
 def resplit(state, accelerator, micro_batch_size: int, reason: str, grad_accum_steps: int | None = None) -> None:
@@ -253,12 +266,14 @@ def fall_back(policy: Policy, accelerator, model, state) -> None:
     resplit(state, accelerator, smaller_micro_batch(state.micro_batch_size), "out of memory")
 
 
-def probe_micro_batch_size(accelerator, model, cap: int, max_length: int, vocab_size: int, hooks) -> int:
+def probe_micro_batch_size(accelerator, model, cap: int, max_length: int, vocab_size: int, hooks,
+                           collate=None) -> int:
     """The largest micro-batch (from `cap`, dividing down) whose worst case fits on every rank.
 
     Worst case: every row at max_length tokens, forward and backward. Accelerate's
     find_executable_batch_size retries a whole function per size on one process; here all ranks
-    must agree on one size, so each try ends in an all-reduce of the failure flag.
+    must agree on one size, so each try ends in an all-reduce of the failure flag. `collate`: the packed
+    collator, which lays the worst case out as training will (rows of packing_max_tokens).
     """
     model.to(accelerator.device).train()
     micro = cap
@@ -267,8 +282,10 @@ def probe_micro_batch_size(accelerator, model, cap: int, max_length: int, vocab_
         try:
             hooks.before_forward(micro, 0)
             ids = torch.randint(0, vocab_size, (micro, max_length), device=accelerator.device)
+            batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)} if collate is None else
+                     {k: v.to(accelerator.device) for k, v in collate([{"input_ids": row} for row in ids.tolist()]).items()})
             with accelerator.autocast():
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                logits = model(**batch).logits
             logits.float().sum().backward()
         except RuntimeError as err:
             if not is_out_of_memory(err):

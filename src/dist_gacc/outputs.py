@@ -109,6 +109,7 @@ def finish(job: Job, state: TrainState, evaluator: Evaluator, keep_best: bool, a
         "loss_normalisation": t.loss_normalisation,
         "engine": job.engine_state["name"],  # read after prepare (engines.engine_record)
         "engine_state": job.engine_state,
+        "packing": job.packing.record() if job.packing is not None else None,
         "sync_each_batch": t.sync_each_batch,
         "train_examples_seen": state.examples_seen,
         "label_names": job.task.label_names,

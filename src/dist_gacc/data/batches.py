@@ -66,22 +66,23 @@ def epoch_order(encoded_train: Dataset, seed: int, epoch: int, group_by_length: 
 
 def train_loader(encoded_train: Dataset, tokenizer, micro_batch_size: int, num_workers: int,
                  pin_memory: bool, seed: int, shuffle: bool = True, group_by_length: bool = False,
-                 group_size: int | None = None) -> DataLoader:
+                 group_size: int | None = None, collate=None) -> DataLoader:
     """Micro-batches in a seeded order (Accelerate swaps in its seeded sampler for a shuffled loader).
 
     group_by_length: rows of similar length are neighbours in the order (sorted within random groups
     of `group_size` x up to 50 rows; group_size: the effective batch), so per-batch padding adds fewer
-    pad tokens, and the order does not depend on the micro-batch.
+    pad tokens, and the order does not depend on the micro-batch. `collate`: the packed collator
+    (packing.PackedCollator); None pads each batch.
     """
     sampler = train_sampler(encoded_train, seed, group_by_length, group_size or micro_batch_size)
     return DataLoader(encoded_train, batch_size=micro_batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, collate_fn=collator(tokenizer, pin_memory), num_workers=num_workers,
+                      sampler=sampler, collate_fn=collate or collator(tokenizer, pin_memory), num_workers=num_workers,
                       pin_memory=pin_memory, generator=_own_generator(seed))
 
 
 def eval_loaders(encoded: DatasetDict, tokenizer, batch_size: int, num_workers: int,
-                 pin_memory: bool, seed: int) -> dict[str, DataLoader]:
+                 pin_memory: bool, seed: int, collate=None) -> dict[str, DataLoader]:
     return {split: DataLoader(encoded[split], batch_size=batch_size, shuffle=False,
-                              collate_fn=collator(tokenizer, pin_memory), num_workers=num_workers,
+                              collate_fn=collate or collator(tokenizer, pin_memory), num_workers=num_workers,
                               pin_memory=pin_memory, generator=_own_generator(seed))
             for split in ("validation", "test") if split in encoded}
