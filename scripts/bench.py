@@ -79,6 +79,8 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed and time_to_f1 comparisons "
                    "(9+ for a paired-ratio spread under 1 %%; quick mode: 1)")
     p.add_argument("--profile", choices=["cprofile", "torch"], help="speed: also profile (a) and (b) once per model")
+    p.add_argument("--precision", choices=["no", "bf16", "auto"], default="no",
+                   help="time_to_f1: trainer.mixed_precision of both sides (equal precision; auto: each side's own)")
     p.add_argument("--accum", type=int, default=4, help="N, micro-batches per update")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     p.add_argument("--out", help="folder for tables, JSON and plot (default: docs/benchmarks/<machine slug>; a folder "
@@ -465,8 +467,11 @@ THEIRS_F1 = re.compile(r"^FINAL_F1 (\S+) (\S+)$")  # scripts/trainer_baseline.py
 def section_time_to_f1(args, work: Path) -> dict:
     """The default job by scripts/train.py and by the Trainer (scripts/trainer_baseline.py), fresh processes,
     interleaved (the order alternates), --repeats times: wall seconds from Popen to the arrival of the child's
-    final validation-F1 line on this side of the pipe (both sides timed the same way), and that F1."""
-    overrides = ["trainer.log_with=none", *(TTF1_QUICK if args.quick else [])]
+    final validation-F1 line on this side of the pipe (both sides timed the same way), and that F1. Both sides
+    at --precision (fp32 by default: the Trainer has no `auto`); ours packs its micro-batches (trainer.packing
+    default) and the Trainer pads them."""
+    overrides = ["trainer.log_with=none", f"trainer.mixed_precision={args.precision}",
+                 *(TTF1_QUICK if args.quick else [])]
     cache_s = warm_tokenize_cache(overrides)  # both sides then load the tokenized splits from the datasets cache
     print(f"  time_to_f1: tokenization cache filled ({cache_s:.1f} s); {' '.join(overrides)}", flush=True)
     repeats = 1 if args.quick else args.repeats

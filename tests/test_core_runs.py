@@ -151,8 +151,10 @@ def test_out_of_memory_in_evaluation_on_one_rank_falls_back_to_smaller_slices(tm
     from transformers import pipeline
 
     run_dir = tmp_path / "run"
+    # Padded: the simulated failure counts a Linear's input rows, which are texts only in padded batches (packed
+    # batches are sliced by texts too: tests/test_packing.py)
     launch_script(FAULTS, str(run_dir), "oom_eval", *TINY, "trainer.micro_batch_size=4", "trainer.epochs=2",
-                  "trainer.log_with=none", processes=2)
+                  "trainer.log_with=none", "trainer.packing=false", processes=2)
     assert (tmp_path / "run.oom_eval").read_text().split() == ["64", "32", "16"]
     m = read_metrics(run_dir)
     assert m["eval"]["num_examples"] == 37 and len(m["history"]) == 2

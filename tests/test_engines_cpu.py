@@ -306,8 +306,8 @@ def test_verify_equivalence_passes(name, tmp_path):
     assert ("split: micro-batch 3 x N 2 x processes 2 = effective 12; 4 updates; windows of 12, 12, 12, 1 examples; "
             "normalisation exact") in out
     deepspeed = ENGINES[name][3] == "deepspeed"
-    assert ("; float64 with DeepSpeed's fp32 master weights (verify.tolerance 1.0e-09 raised to 1e-06)\n" if deepspeed
-            else "; float64\n") in out
+    assert ("; packed micro-batches; float64 with DeepSpeed's fp32 master weights (verify.tolerance 1.0e-09 raised "
+            "to 1e-06)\n" if deepspeed else "; packed micro-batches; float64\n") in out  # packed = padded reference
     worst, tolerance = map(float, re.search(r"max (\S+) vs tolerance (\S+): PASS$", out.strip()).groups())
     assert tolerance == (1e-6 if deepspeed else 1e-9) and worst <= tolerance
     RESULTS[name, "verify_equivalence (max diff vs 1-process float64 reference)"] = worst
@@ -403,7 +403,6 @@ def test_deepspeed_class_weights_equal_one_process(lifted_runs, one_process):
     assert (b["engine"], b["world_size"], b["class_weights"]) == ("deepspeed", 2, {"rotten": 1.0, "fresh": 3.0})
     assert a["train_window_examples"] == b["train_window_examples"] == [12, 12, 12, 1] * 2
     assert a["optimizer_steps"] == b["optimizer_steps"] == 8
-    assert b["packing"]["on"] and not a["packing"]["on"]  # packed under the engine = padded on one process
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
     assert max_abs_diff(load_params(lifted_runs("weighted", 1)), load_params(lifted_runs("weighted", 2))) <= 1e-5
@@ -442,7 +441,6 @@ def test_lora_equals_one_process_and_its_merged_model_loads(variant, lifted_runs
     assert (b["engine"], b["world_size"], b["peft"]) == (ENGINES[LIFTED[variant][0]][3], 2, "lora")
     assert b["trainable_parameters"] == a["trainable_parameters"] < b["total_parameters"] / 10
     assert a["optimizer_steps"] == b["optimizer_steps"] == 8
-    assert b["packing"]["on"] and not a["packing"]["on"]  # packed under the engine = padded on one process
     assert b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-6)
     assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-5)
     assert (b["model"], b["best"]["update"]) == (("best", 2) if variant == "lora_best" else ("final", a["best"]["update"]))

@@ -80,7 +80,11 @@ ARCHITECTURES = {
     "llama": dict(model_type="llama", num_key_value_heads=2),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
     "mistral": dict(model_type="mistral", num_key_value_heads=2),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128),  # learned positions
+    "electra": dict(model_type="electra", embedding_size=32),
+    "xlm-roberta": dict(model_type="xlm-roberta", type_vocab_size=1, pad_token_id=1),
 }
+FIRST_TOKEN = ("bert", "roberta", "electra", "xlm-roberta")
 
 
 def _model(arch: str):
@@ -95,9 +99,9 @@ def _model(arch: str):
 def test_packed_logits_equal_padded_logits(arch):
     model = _model(arch)
     head = packing.head_of(model)
-    assert head.pool == ("first" if arch in ("bert", "roberta") else "last")
+    assert head.pool == ("first" if arch in FIRST_TOKEN else "last")
     packing.enable(model, head)
-    features = _features([7, 3, 12, 1, 5, 9, 2, 11], pairs=arch == "bert")
+    features = _features([7, 3, 12, 1, 5, 9, 2, 11], pairs=arch in ("bert", "electra"))
     pad_id = model.config.pad_token_id
     packed = packing.PackedCollator(16, head.pool, pad_id, packing.position_offset(model), 120)
     padded = DataCollatorWithPadding(_Tokenizer())
@@ -110,14 +114,18 @@ def test_packed_logits_equal_padded_logits(arch):
 
 
 def test_auto_turns_packing_off_with_the_reason_and_true_refuses():
-    model = _model("bert")
     features = _features([4, 6, 3, 8])
     padded = DataCollatorWithPadding(_Tokenizer())
-    # An architecture it does not know: no head -> off (auto), refused (true).
-    off = packing.choose("auto", 64, model, None, model, _Tokenizer(), padded, features, 120, None)
-    assert not off.on and off.reason.startswith("off: BertForSequenceClassification is not an architecture")
+    # An architecture it does not know (DistilBERT: pre_classifier, ReLU, dropout, classifier): off (auto), or
+    # refused (true).
+    config = AutoConfig.for_model("distilbert", **{**SMALL, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64})
+    distilbert = AutoModelForSequenceClassification.from_config(config)
+    assert packing.head_of(distilbert) is None
+    off = packing.choose("auto", 64, distilbert, None, distilbert, _Tokenizer(), padded, features, 120, None)
+    assert not off.on and off.reason.startswith("off: DistilBertForSequenceClassification is not an architecture")
     with pytest.raises(ConfigError, match=r"trainer.packing=true cannot be honoured: .*trainer.packing=auto"):
-        packing.choose(True, 64, model, None, model, _Tokenizer(), padded, features, 120, None)
+        packing.choose(True, 64, distilbert, None, distilbert, _Tokenizer(), padded, features, 120, None)
+    model = _model("bert")
     # A head whose packed logits differ (pooling the wrong token): the check turns it off and says by how much.
     wrong = packing.Head("encoder", "last", packing._bert_head)
     packing.enable(model, wrong)

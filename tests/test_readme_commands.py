@@ -130,7 +130,7 @@ def test_verify_equivalence_prints_the_readmes_table():
     out = run(command, OMP_NUM_THREADS="1").stdout
     shown = re.search(r"^split: .*$", README.read_text(), flags=re.M).group(0)
     assert shown == ("split: micro-batch 4 x N 3 x processes 2 = effective 24; 2 updates; windows of 24, 13 examples; "
-                     "normalisation exact; task single_label_classification; float64")
+                     "normalisation exact; task single_label_classification; packed micro-batches; float64")
     assert shown in out.splitlines() and re.search(r"^max \S+ vs tolerance 1\.0e-09: PASS$", out, flags=re.M)
 
 

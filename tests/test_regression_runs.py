@@ -29,7 +29,7 @@ def test_verify_equivalence_regression_on_two_ranks(tmp_path):
     """Against torch's mse_loss over each whole window (float64); Accelerate's divide-by-N fails it."""
     proc = launch(tmp_path / "v", *REGRESSION, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=3",
                   "verify.updates=2", processes=2, script=VERIFY)
-    assert "windows of 24, 13 examples" in proc.stdout and "task regression; float64" in proc.stdout
+    assert "windows of 24, 13 examples" in proc.stdout and "task regression; packed micro-batches; float64" in proc.stdout
     assert proc.stdout.strip().endswith("PASS")
     naive = launch(tmp_path / "n", *REGRESSION, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
                    "trainer.loss_normalisation=naive", script=VERIFY, check=False)

@@ -82,6 +82,7 @@ def test_verify_equivalence_with_class_weights_on_two_ranks(tmp_path, imbalanced
     proc = launch(tmp_path / "v", *imbalanced, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=3",
                   "trainer.class_weights=balanced", "verify.updates=2", processes=2, script=VERIFY)
     assert "windows of 24, 13 examples" in proc.stdout and "class weights {'fresh': 2.642857, 'rotten': 0.616667}" in proc.stdout
+    assert "packed micro-batches; float64" in proc.stdout  # packed training against the padded definition
     assert proc.stdout.strip().endswith("PASS")
     naive = launch(tmp_path / "n", *imbalanced, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
                    "trainer.class_weights=balanced", "trainer.loss_normalisation=naive", script=VERIFY, check=False)
@@ -220,6 +221,7 @@ def test_verify_equivalence_multi_label_pairs_with_positive_weights_on_two_ranks
     proc = launch(tmp_path / "v", *ragged, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=3",
                   "verify.updates=2", processes=2, script=VERIFY)
     assert "windows of 24, 13 examples" in proc.stdout and "multi_label_classification, text pairs" in proc.stdout
+    assert "packed micro-batches; float64" in proc.stdout
     assert proc.stdout.strip().endswith("PASS")
     naive = launch(tmp_path / "n", *ragged, "trainer.micro_batch_size=3", "trainer.grad_accum_steps=4",
                    "trainer.loss_normalisation=naive", script=VERIFY, check=False)

@@ -49,7 +49,7 @@ def windows(job, updates: int) -> list[list[int]]:
 
 
 def reference_updates(job, initial_state: dict, window_indices: list[list[int]]) -> dict:
-    """One process, one batch per window, the task's loss as torch defines it for one batch (the mean over its
+    """One process, one padded batch per window (whatever trainer.packing gave the run), the task's loss as torch defines it for one batch (the mean over its
     examples; class-weighted: sum of w*loss / sum of w; multi-label: the mean over examples and labels):
     the definition of the update."""
     acc, rc = job.accelerator, job.rc
@@ -164,7 +164,7 @@ def verify(cfg: DictConfig, hooks: Hooks | None = None) -> bool:
               f"normalisation {job.rc.trainer.loss_normalisation}; task {job.task.problem_type}"
               f"{', text pairs' if 'text_pair' in job.splits['train'].column_names else ''}"
               f"{', class weights ' + str(job.task.describe_weights()) if job.task.class_weights else ''}; "
-              f"{arithmetic}")
+              f"{'packed' if job.packing.on else 'padded'} micro-batches; {arithmetic}")
         width = max(len(g) for g in diffs)
         print(f"{'parameter group':<{width}}  max |difference|")
         for group, diff in diffs.items():
