@@ -101,7 +101,7 @@ def speed_rows(work: Path, threads: int, repeats: int, quick: bool, device: str 
     rows, runs = [], []
     for model, model_overrides in SPEED_MODELS.items():
         if quick and model == "minilm":
-            model_overrides = ["model=tiny"]
+            model, model_overrides = "tiny", ["model=tiny"]
         for mp in precisions(device):
             ratios, seen = [], {"true": [], "false": []}
             for rep in range(repeats):
