@@ -448,12 +448,12 @@ def _check_shared_runs(items) -> None:
 # Wall seconds of each unit on two workers (the sums of a full run's test durations on M4), for the longest-first
 # order (with rough estimates alone, long files ran last while the other worker idled). Only the order depends on
 # them; a unit missing here (a new file) is estimated by _cost.
-UNIT_SECONDS = {"test_engines_cpu.py": 156, "equivalent_runs": 144, "test_readme_commands.py": 100, "test_bench.py": 79,
+UNIT_SECONDS = {"test_engines_cpu.py": 140, "equivalent_runs": 144, "test_readme_commands.py": 100, "test_bench.py": 79,
                 "eff16_runs": 72, "test_launcher.py": 48, "test_resume.py": 47, "test_gpu_check.py": 35,
                 "test_forkserver.py": 40, "test_launcher_engines.py": 24, "test_decoders.py": 12, "test_elastic.py": 18,
                 "test_data_scale.py": 20, "test_tasks_runs.py": 12, "test_precision.py": 12, "test_regression_runs.py": 7,
                 "test_baseline.py": 8, "test_data.py": 6, "test_teardown.py": 4, "test_config.py": 4,
-                "test_regression.py": 5, "test_sync.py": 2, "test_summary.py": 2}
+                "test_regression.py": 5, "test_sync.py": 2, "test_summary.py": 2, "test_packing.py": 22}
 
 
 def _cost(unit: str, items: list) -> float:

@@ -160,7 +160,12 @@ def assert_same_run(resumed, reference):
     return a, diff
 
 
-@pytest.mark.parametrize("name", PARAMS)
+# ZeRO-1 saves and loads its checkpoint through the same DeepSpeed calls as ZeRO-2 (the stage changes what is
+# partitioned, not how a checkpoint is written or read); its training, verify and README runs stay above.
+RESUME_PARAMS = [p for p in PARAMS if getattr(p, "values", (p,))[0] != "zero1"]
+
+
+@pytest.mark.parametrize("name", RESUME_PARAMS)
 def test_sigterm_then_sigkill_then_resume_auto_equals_uninterrupted(name, engine_runs, tmp_path):
     """One job, interrupted twice in the same folder (one chain per engine saves two launches; each stage keeps
     its own asserts):

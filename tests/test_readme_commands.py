@@ -66,7 +66,7 @@ def one_process(tmp_path_factory):
     (fp32: the precision probe is tests/test_precision.py's)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
     run(with_overrides(readme_command("python scripts/train.py [overrides]"), "debug=default",
-                       "trainer.mixed_precision=no", f"hydra.run.dir={run_dir}"))
+                       "trainer.mixed_precision=no", f"hydra.run.dir={run_dir}"), OMP_NUM_THREADS="1")
     return run_dir
 
 
