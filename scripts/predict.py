@@ -23,12 +23,14 @@ from the model folder's thresholds.json (trainer.multi_label_threshold=tune), el
 folder, so the same works in Python
 with `transformers.pipeline("text-classification", model="<run>/model")`, pairs passed as
 {"text": a, "text_pair": b}. Texts are truncated (longest first, for pairs) at the tokenizer's
-model_max_length, which a run saves as its data.max_length: where training cut them.
+model_max_length, which a run saves as its data.max_length: where training cut them. Batches are packed
+(dist_gacc.packing: the texts end to end, no pad token computed) where the model's architecture allows and a
+probe shows the same logits as padded batches; stderr says which.
 """
 
 import sys
 
-from transformers import pipeline
+from dist_gacc.packing import packed_pipeline
 
 USAGE = ("usage: predict.py model=<run>/model [file=F] [text_column=C] [text_pair_column=C] "
          "[tsv_quoting=auto|none|csv] [batch_size=N] [device=cpu|cuda] [threshold=0.5 (default: tuned, else 0.5)] "
@@ -125,7 +127,8 @@ def thresholds(model_dir: str, names: list[str], option: str | None) -> dict:
 def main(argv):
     options, texts = parse(argv)
     inputs = read_inputs(options, texts)
-    classify = pipeline("text-classification", model=options["model"], device=options["device"])
+    classify, how = packed_pipeline(options["model"], device=options["device"])
+    print(f"predict.py: {how}", file=sys.stderr)
     problem_type = classify.model.config.problem_type
     multi_label = problem_type == "multi_label_classification"
     # Multi-label: every label's score (the pipeline applies a sigmoid per label, from problem_type); regression:

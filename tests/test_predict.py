@@ -53,6 +53,21 @@ def test_pairs_and_single_texts_from_arguments(saved_model):
     assert abs(float(single[1]) - float(score)) > 1e-3
 
 
+def test_batches_are_packed_and_score_each_text_as_alone(saved_model):
+    """20 texts of 1 to 20 words in batches of 8: each packed batch's rows end in padding and hold several texts,
+    and each text's score is its own (the model on that text alone, padded nowhere)."""
+    path, model, tok = saved_model
+    words = ["a", "fine", "film", "dull", "plot", "acting"]
+    texts = [" ".join(words[(i + k) % 6] for k in range(1 + i % 20)) for i in range(20)]
+    proc = run_script(PREDICT, f"model={path}", "batch_size=8", *texts)
+    assert "predict.py: packed batches (packed = padded logits within" in proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [line[2] for line in lines] == texts
+    for (label, score, text) in lines:
+        want_label, want_score = _expected(model, tok, text)
+        assert label == want_label and float(score) == pytest.approx(want_score, abs=1e-4)
+
+
 def test_pairs_from_files(saved_model, tmp_path):
     path, model, tok = saved_model
     table = tmp_path / "pairs.tsv"

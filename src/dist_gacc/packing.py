@@ -290,3 +290,70 @@ def _off(requested, hf_model, reason: str, error, difference: float | None = Non
         raise error(f"trainer.packing=true cannot be honoured: {reason}. Set trainer.packing=auto (packs where "
                     "it can) or false")
     return Packing(requested, None, f"off: {reason}", difference)
+
+
+# --- prediction: transformers' text-classification pipeline, its batches packed ----------------------------
+
+def packed_pipeline(model: str, device=None):
+    """transformers' text-classification pipeline over a saved model folder (scripts/predict.py), computing
+    packed batches where the architecture is known and packed = padded logits on a few probe texts (the build
+    check); else the plain pipeline. Returns (pipeline, one line saying which). The pipeline pads each batch as
+    usual; its forward step takes the real tokens back out and packs them (padding is cheap, computing it is
+    not). The folder itself stays a plain transformers model folder."""
+    from transformers import DataCollatorWithPadding, pipeline
+
+    classify = pipeline("text-classification", model=model, device=device,
+                        pipeline_class=_packed_pipeline_class())
+    hf_model, tokenizer = classify.model, classify.tokenizer
+    head = head_of(hf_model)
+    if head is None or tokenizer.pad_token_id is None:
+        return classify, f"padded batches: {type(hf_model).__name__} is not an architecture packing knows"
+    enable(hf_model, head)
+    limit = _position_limit(hf_model, tokenizer)
+    collator = PackedCollator(CHECK_ROW_TOKENS, head.pool, tokenizer.pad_token_id, position_offset(hf_model), limit)
+    probe = [dict(tokenizer(text, truncation=True)) for text in _PROBE_TEXTS]
+    difference = max_difference(hf_model, DataCollatorWithPadding(tokenizer), collator, probe)
+    if not difference <= CHECK_TOLERANCE:
+        _off("auto", hf_model, f"packed logits differ by {difference:.2g}", None)
+        return classify, f"padded batches: packed logits differ from padded ones by {difference:.2g}"
+    from .config import TrainerConfig  # rows as long as training's default (measured: docs/benchmarks.md)
+
+    classify.packer = PackedCollator(TrainerConfig.packing_max_tokens, head.pool, tokenizer.pad_token_id, position_offset(hf_model), limit)
+    return classify, f"packed batches (packed = padded logits within {difference:.1g} on {len(probe)} probe texts)"
+
+
+_PROBE_TEXTS = ["a", "an unexpectedly moving film , with a cast that never lets it down", "dull .",
+                "two texts of different lengths make rows that end in padding", "fine", "not bad at all",
+                "the plot wanders but the acting holds it together until the very last scene", "yes"]
+
+
+def _position_limit(hf_model, tokenizer) -> int:
+    from .models import position_limit
+
+    return position_limit(hf_model) or max(tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 0,
+                                           4096)
+
+
+def _packed_pipeline_class():
+    """The text-classification pipeline with a packed forward step (`packer` None: the pipeline's own). Defined on
+    first use: transformers.pipelines is a heavy import that training never needs."""
+    from transformers import TextClassificationPipeline
+
+    class PackedTextClassification(TextClassificationPipeline):
+        packer: PackedCollator | None = None
+
+        def _forward(self, model_inputs):
+            if self.packer is None:
+                return super()._forward(model_inputs)
+            ids, mask = model_inputs["input_ids"], model_inputs["attention_mask"].bool()
+            token_types = model_inputs.get("token_type_ids")
+            features = []
+            for row in range(ids.shape[0]):  # each row's real tokens, whichever side the pipeline padded
+                feature = {"input_ids": ids[row][mask[row]].tolist()}
+                if token_types is not None:
+                    feature["token_type_ids"] = token_types[row][mask[row]].tolist()
+                features.append(feature)
+            batch = {k: v.to(ids.device) for k, v in self.packer(features).items()}
+            return SequenceClassifierOutput(logits=self.model(**batch).logits)
+
+    return PackedTextClassification
