@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, DataCol
 
 from test_tasks_runs import _multi_label, multi_label_files  # noqa: F401  (a module fixture, used below)
 
-from dist_gacc import packing
+from dist_gacc import models, packing
 from dist_gacc.errors import ConfigError
 
 SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -103,7 +103,7 @@ def test_packed_logits_equal_padded_logits(arch):
     packing.enable(model, head)
     features = _features([7, 3, 12, 1, 5, 9, 2, 11], pairs=arch in ("bert", "electra"))
     pad_id = model.config.pad_token_id
-    packed = packing.PackedCollator(16, head.pool, pad_id, packing.position_offset(model), 120)
+    packed = packing.PackedCollator(16, head.pool, pad_id, models.position_offset(model), 120)
     padded = DataCollatorWithPadding(_Tokenizer())
     # rows of 16 tokens: 8 texts (50 tokens) in 4 rows, some ending in padding
     assert packed(features)["input_ids"].shape == (4, 16)
@@ -121,22 +121,22 @@ def test_auto_turns_packing_off_with_the_reason_and_true_refuses():
     config = AutoConfig.for_model("distilbert", **{**SMALL, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64})
     distilbert = AutoModelForSequenceClassification.from_config(config)
     assert packing.head_of(distilbert) is None
-    off = packing.choose("auto", 64, distilbert, None, distilbert, _Tokenizer(), padded, features, 120, None)
+    off = packing.choose("auto", 64, distilbert, distilbert, _Tokenizer(), padded, features)
     assert not off.on and off.reason.startswith("off: DistilBertForSequenceClassification is not an architecture")
     with pytest.raises(ConfigError, match=r"trainer.packing=true cannot be honoured: .*trainer.packing=auto"):
-        packing.choose(True, 64, distilbert, None, distilbert, _Tokenizer(), padded, features, 120, None)
+        packing.choose(True, 64, distilbert, distilbert, _Tokenizer(), padded, features)
     model = _model("bert")
     # A head whose packed logits differ (pooling the wrong token): the check turns it off and says by how much.
     wrong = packing.Head("encoder", "last", packing._bert_head)
     packing.enable(model, wrong)
-    off = packing.choose("auto", 64, model, wrong, model, _Tokenizer(), padded, features, 120, None)
+    off = packing.choose("auto", 64, model, model, _Tokenizer(), padded, features)
     assert not off.on and "packed logits differ from padded ones by" in off.reason
     assert "forward" not in model.__dict__  # the class's own forward is back
     right = packing.head_of(model)
     packing.enable(model, right)
-    on = packing.choose("auto", 64, model, right, model, _Tokenizer(), padded, features, 120, None)
+    on = packing.choose("auto", 64, model, model, _Tokenizer(), padded, features)
     assert on.on and on.collator.max_tokens == 64 and on.max_logit_difference < 1e-6
-    assert packing.choose(False, 64, model, right, model, _Tokenizer(), padded, features, 120, None).reason == \
+    assert packing.choose(False, 64, model, model, _Tokenizer(), padded, features).reason == \
         "off (trainer.packing=false)"
 
 

@@ -252,9 +252,9 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
     tokenizer = models.build_tokenizer(rc.model, data.train_texts(train), rc.data.max_length)
     model = models.build_model(rc.model, task.label_names, tokenizer, task.problem_type)
     models.check_max_length(model, rc.data.max_length)  # before tokenizing: a longer row would fail mid-run
-    hf_model, head = model, packing_.head_of(model) if rc.trainer.packing is not False else None
-    if head is not None:
-        packing_.enable(model, head)  # on the transformers model itself, before LoRA wraps it
+    hf_model = model
+    if rc.trainer.packing is not False:
+        packing_.enable(model)  # on the transformers model itself, before LoRA wraps it (an unknown one: unchanged)
     # LoRA and gradient checkpointing, before accelerator.prepare; the optimizer then keeps the
     # parameters that require grad (LoRA: the adapters and the classification head).
     model = models.apply_memory_levers(model, rc.model, rc.peft)
@@ -265,18 +265,17 @@ def build_data_and_model(rc: RunConfig, accelerator, dtype):
                  if rc.trainer.cache_tokenized else None)
         encoded = data.tokenize(splits, tokenizer, rc.data.max_length, cache_dir=cache, num_proc=rc.data.num_proc)
         metric = metrics.load_metric(task.multi_label, task.regression)
-    packing = choose_packing(rc, accelerator, hf_model, head, model, tokenizer, encoded["train"])
+    packing = choose_packing(rc, accelerator, hf_model, model, tokenizer, encoded["train"])
     return splits, tokenizer, model, encoded, metric, task, packing
 
 
-def choose_packing(rc: RunConfig, accelerator, hf_model, head, model, tokenizer, train) -> packing_.Packing:
+def choose_packing(rc: RunConfig, accelerator, hf_model, model, tokenizer, train) -> packing_.Packing:
     """trainer.packing, decided before prepare on the whole model: every rank holds the same weights and the same
     first training texts, so every rank reaches the same verdict without a collective."""
     cuda = accelerator.device.type == "cuda"
     features = [train[i] for i in range(min(packing_.CHECK_TEXTS, len(train)))]
-    return packing_.choose(rc.trainer.packing, rc.trainer.packing_max_tokens, hf_model, head, model, tokenizer,
-                           data.collator(tokenizer, cuda), features, models.position_limit(hf_model),
-                           8 if cuda else None)
+    return packing_.choose(rc.trainer.packing, rc.trainer.packing_max_tokens, hf_model, model, tokenizer,
+                           data.collator(tokenizer, cuda), features, 8 if cuda else None)
 
 
 def log_plan(job: Job) -> None:

@@ -180,19 +180,29 @@ def scratch_model(cfg: ModelConfig, tokenizer, labels: dict):
     return BertForSequenceClassification(config)
 
 
-def position_limit(model) -> int | None:
-    """The most tokens per row the model's absolute-position table holds (None: it has none, e.g. relative or
-    rotary positions, which do not index a table). Read from the `position_embeddings` Embedding itself, not
-    only config.max_position_embeddings: RoBERTa-style models number positions from padding_idx + 1, so 514
-    rows hold 512 tokens."""
+def _position_table(model):
+    """The model's absolute-position Embedding (position_embeddings: BERT and kin; wpe: GPT-2), or None (relative or
+    rotary positions, which do not index a table)."""
     import torch
 
     for name, module in model.named_modules():
-        # position_embeddings: BERT and kin; wpe: GPT-2 (n_positions)
         if name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe") and isinstance(module, torch.nn.Embedding):
-            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
-            return module.num_embeddings - offset
+            return module
     return None
+
+
+def position_offset(model) -> int:
+    """The first position id: RoBERTa-style tables number positions from padding_idx + 1, others from 0."""
+    table = _position_table(model)
+    return table.padding_idx + 1 if table is not None and table.padding_idx is not None else 0
+
+
+def position_limit(model) -> int | None:
+    """The most tokens per row the model's absolute-position table holds (None: it has none). Read from the
+    Embedding itself, not only config.max_position_embeddings: RoBERTa-style models number positions from
+    padding_idx + 1, so 514 rows hold 512 tokens."""
+    table = _position_table(model)
+    return None if table is None else table.num_embeddings - position_offset(model)
 
 
 def check_max_length(model, max_length: int) -> None:

@@ -101,10 +101,20 @@ def _packed_forward(self, input_ids=None, position_ids=None, token_type_ids=None
     return SequenceClassifierOutput(logits=self._packing_head.logits(self, pooled))
 
 
-def enable(model, head: Head) -> None:
-    """Give `model` (the transformers model, before LoRA wraps it and before prepare) the packed forward."""
-    model._packing_head = head
-    model.forward = types.MethodType(_packed_forward, model)
+def enable(model, head: Head | None = None) -> Head | None:
+    """Give `model` (the transformers model, before LoRA wraps it and before prepare) the packed forward, reading
+    it through `head` (default: `head_of(model)`). Returns the head, or None (an unknown architecture: unchanged)."""
+    head = head or head_of(model)
+    if head is not None:
+        model._packing_head = head
+        model.forward = types.MethodType(_packed_forward, model)
+    return head
+
+
+def disable(model) -> None:
+    """The class's own forward again."""
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_packing_head", None)
 
 
 # --- the data side: the collator ---------------------------------------------------------------------
@@ -131,8 +141,8 @@ def pack_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
 class PackedCollator:
     """Features (tokenized rows, no padding) -> a packed batch (see the module docstring)."""
 
-    def __init__(self, max_tokens: int, pool: str, pad_token_id: int, position_offset: int, position_limit: int,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(self, max_tokens: int, pool: str, pad_token_id: int, position_offset: int,
+                 position_limit: int | None, pad_to_multiple_of: int | None = None):
         self.max_tokens, self.pool, self.pad_id = max_tokens, pool, pad_token_id
         self.offset, self.limit, self.multiple = position_offset, position_limit, pad_to_multiple_of
 
@@ -165,9 +175,10 @@ class PackedCollator:
                 spans[i] = (r * width + column, n)
                 pool_index[i] = r * width + column + self._pool_column(texts[i])
                 column += n
-            # Trailing padding restarts its positions (kept inside the position table), so it is a sequence
-            # of its own and no text attends to it.
-            positions[r, column:] = np.arange(width - column) % self.limit + self.offset
+            # Trailing padding restarts its positions (kept inside the position table, if the model has one), so
+            # it is a sequence of its own and no text attends to it.
+            trailing = np.arange(width - column)
+            positions[r, column:] = (trailing if self.limit is None else trailing % self.limit) + self.offset
         batch = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
                  "pool_index": torch.from_numpy(pool_index), "text_spans": torch.from_numpy(spans)}
         if token_types is not None:
@@ -220,14 +231,6 @@ class Packing:
         return out
 
 
-def position_offset(model) -> int:
-    """The first position id: RoBERTa-style tables number positions from padding_idx + 1, others from 0."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe") and isinstance(module, torch.nn.Embedding):
-            return module.padding_idx + 1 if module.padding_idx is not None else 0
-    return 0
-
-
 def _logits(model, batch: dict) -> torch.Tensor:
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
@@ -253,21 +256,21 @@ def max_difference(model, padded_collate, packed_collate, features: list[dict], 
     return worst
 
 
-def choose(requested, max_tokens: int, hf_model, head: Head | None, model, tokenizer, padded_collate,
-           features: list[dict], position_limit: int | None, pad_to_multiple_of: int | None) -> Packing:
-    """trainer.packing: false -> off; auto/true -> on where the architecture is known and packed logits equal
-    padded ones on `features` (real training texts) within CHECK_TOLERANCE. `hf_model` already has the packed
-    forward (`enable`); `model` is what training runs (a peft model around it under LoRA). On failure
-    `hf_model` gets its class's forward back. A ConfigError for trainer.packing=true that cannot be honoured."""
-    from .errors import ConfigError
+def choose(requested, max_tokens: int, hf_model, model, tokenizer, padded_collate, features: list[dict],
+           pad_to_multiple_of: int | None = None, texts: str = "training texts") -> Packing:
+    """trainer.packing: false -> off; auto/true -> on where `hf_model` has the packed forward (`enable`: an
+    architecture it knows) and packed logits equal padded ones on `features` (real `texts`) within
+    CHECK_TOLERANCE. `model` is what runs (a peft model around `hf_model` under LoRA). On failure `hf_model` gets
+    its class's forward back. A ConfigError for trainer.packing=true that cannot be honoured."""
+    from .models import position_limit, position_offset
 
+    head = getattr(hf_model, "_packing_head", None)
     if requested is False:
         return Packing(requested, None, "off (trainer.packing=false)")
     if head is None:
         reason = f"{type(hf_model).__name__} is not an architecture packing knows (BERT-like, RoBERTa-like, decoders)"
-        return _off(requested, hf_model, reason, ConfigError)
-    offset = position_offset(hf_model)
-    limit = position_limit or max(max_tokens, max(len(f["input_ids"]) for f in features))
+        return _off(requested, hf_model, reason)
+    offset, limit = position_offset(hf_model), position_limit(hf_model)
 
     def collator(tokens: int) -> PackedCollator:
         return PackedCollator(tokens, head.pool, tokenizer.pad_token_id, offset, limit, pad_to_multiple_of)
@@ -275,20 +278,21 @@ def choose(requested, max_tokens: int, hf_model, head: Head | None, model, token
     difference = max_difference(model, padded_collate, collator(CHECK_ROW_TOKENS), features)
     if not difference <= CHECK_TOLERANCE:  # NaN included
         reason = (f"packed logits differ from padded ones by {difference:.2g} (tolerance {CHECK_TOLERANCE:g}) on "
-                  f"{len(features)} training texts: this model or transformers version does not give packed rows a "
+                  f"{len(features)} {texts}: this model or transformers version does not give packed rows a "
                   "block-diagonal attention")
-        return _off(requested, hf_model, reason, ConfigError, difference)
+        return _off(requested, hf_model, reason, difference)
     return Packing(requested, collator(max_tokens), f"on: rows of up to {max_tokens} tokens (or the batch's longest "
-                   f"text), {head.kind}; packed = padded logits within {difference:.1g} on {len(features)} "
-                   "training texts", difference)
+                   f"text), {head.kind}; packed = padded logits within {difference:.1g} on {len(features)} {texts}",
+                   difference)
 
 
-def _off(requested, hf_model, reason: str, error, difference: float | None = None) -> Packing:
-    hf_model.__dict__.pop("forward", None)
-    hf_model.__dict__.pop("_packing_head", None)
+def _off(requested, hf_model, reason: str, difference: float | None = None) -> Packing:
+    from .errors import ConfigError
+
+    disable(hf_model)
     if requested is True:
-        raise error(f"trainer.packing=true cannot be honoured: {reason}. Set trainer.packing=auto (packs where "
-                    "it can) or false")
+        raise ConfigError(f"trainer.packing=true cannot be honoured: {reason}. Set trainer.packing=auto (packs "
+                          "where it can) or false")
     return Packing(requested, None, f"off: {reason}", difference)
 
 
@@ -296,42 +300,32 @@ def _off(requested, hf_model, reason: str, error, difference: float | None = Non
 
 def packed_pipeline(model: str, device=None):
     """transformers' text-classification pipeline over a saved model folder (scripts/predict.py), computing
-    packed batches where the architecture is known and packed = padded logits on a few probe texts (the build
-    check); else the plain pipeline. Returns (pipeline, one line saying which). The pipeline pads each batch as
-    usual; its forward step takes the real tokens back out and packs them (padding is cheap, computing it is
-    not). The folder itself stays a plain transformers model folder."""
+    packed batches where `choose` (the build check, on a few probe texts) allows; else the plain pipeline.
+    Returns (pipeline, one line saying which). The pipeline pads each batch as usual; its forward step takes the
+    real tokens back out and packs them (padding is cheap, computing it is not). The folder stays a plain
+    transformers model folder."""
     from transformers import DataCollatorWithPadding, pipeline
+
+    from .config import TrainerConfig  # rows as long as training's default (measured: docs/benchmarks.md)
 
     classify = pipeline("text-classification", model=model, device=device,
                         pipeline_class=_packed_pipeline_class())
     hf_model, tokenizer = classify.model, classify.tokenizer
-    head = head_of(hf_model)
-    if head is None or tokenizer.pad_token_id is None:
-        return classify, f"padded batches: {type(hf_model).__name__} is not an architecture packing knows"
-    enable(hf_model, head)
-    limit = _position_limit(hf_model, tokenizer)
-    collator = PackedCollator(CHECK_ROW_TOKENS, head.pool, tokenizer.pad_token_id, position_offset(hf_model), limit)
+    if tokenizer.pad_token_id is not None:
+        enable(hf_model)
     probe = [dict(tokenizer(text, truncation=True)) for text in _PROBE_TEXTS]
-    difference = max_difference(hf_model, DataCollatorWithPadding(tokenizer), collator, probe)
-    if not difference <= CHECK_TOLERANCE:
-        _off("auto", hf_model, f"packed logits differ by {difference:.2g}", None)
-        return classify, f"padded batches: packed logits differ from padded ones by {difference:.2g}"
-    from .config import TrainerConfig  # rows as long as training's default (measured: docs/benchmarks.md)
-
-    classify.packer = PackedCollator(TrainerConfig.packing_max_tokens, head.pool, tokenizer.pad_token_id, position_offset(hf_model), limit)
-    return classify, f"packed batches (packed = padded logits within {difference:.1g} on {len(probe)} probe texts)"
+    packing = choose("auto", TrainerConfig.packing_max_tokens, hf_model, hf_model, tokenizer,
+                     DataCollatorWithPadding(tokenizer), probe, texts="probe texts")
+    classify.packer = packing.collator
+    if not packing.on:
+        return classify, f"padded batches ({packing.reason})"
+    return classify, (f"packed batches (packed = padded logits within {packing.max_logit_difference:.1g} on "
+                      f"{len(probe)} probe texts)")
 
 
 _PROBE_TEXTS = ["a", "an unexpectedly moving film , with a cast that never lets it down", "dull .",
                 "two texts of different lengths make rows that end in padding", "fine", "not bad at all",
                 "the plot wanders but the acting holds it together until the very last scene", "yes"]
-
-
-def _position_limit(hf_model, tokenizer) -> int:
-    from .models import position_limit
-
-    return position_limit(hf_model) or max(tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 0,
-                                           4096)
 
 
 def _packed_pipeline_class():
